@@ -1,0 +1,153 @@
+"""The public Python API; the CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtool import backends
+from qtool.checkpoint import (
+    atomic_output_dir, folder_size_bytes, read_record, verify_weights, weights_size_bytes, write_record,
+)
+from qtool.data import load_text
+from qtool.errors import CheckpointError, OutputExistsError, SpecError
+from qtool.evaluate.perplexity import PerplexityResult, token_perplexity
+from qtool.models import ModelSource, quantizable_linears, resolve_model
+from qtool.runtime import (
+    Stopwatch, compute_dtype, configure_cpu, package_versions, peak_memory_mib, resolve_device, seed_everything,
+)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    device: str
+    record: dict[str, Any] | None  # qtool.json when qtool wrote the folder
+    source: str
+
+
+def quantize(
+    model: str,
+    out: str | Path,
+    method: str,
+    bits: int | None = None,
+    group_size: int | None = None,
+    options: dict[str, str] | None = None,
+    device: str = "auto",
+    force: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
+
+    Everything that can be checked without weights is checked first (method, spec, output,
+    device, package, model, layer widths); OUT appears only when the whole run succeeded.
+    """
+    out = Path(out)
+    backend = backends.get(method)
+    spec = backend.make_spec(bits, group_size, options, seed)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    device = resolve_device(device)
+    backend.require_available(device)
+    source = resolve_model(model)
+    config = source.config()
+    if getattr(config, "quantization_config", None):
+        kind = dict(config.quantization_config).get("quant_method", "?")
+        raise SpecError(f"model {model} is already quantized ({kind}); quantize its full-precision original")
+    linears = quantizable_linears(config)
+    backend.check_layers(spec, linears)
+
+    if device == "cpu":
+        configure_cpu()
+    seed_everything(seed)
+    watch = Stopwatch()
+    with atomic_output_dir(out, force) as tmp:
+        with watch.stage("quantize"):
+            qmodel = backend.quantize(source, spec, device)
+        with watch.stage("save"):
+            backend.save(qmodel, tmp)
+            source.load_tokenizer().save_pretrained(tmp)
+        record = {
+            "qtool_format": 1,
+            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "method": method,
+            "spec": spec.as_dict(),
+            "source": source.describe(),
+            "device": device,
+            "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
+            "kernel": backend.kernel(device),
+            "format": backend.capabilities.format,
+            "effective_bits_per_weight": round(backend.effective_bits(spec), 4),
+            "quantized_layers": len(linears),
+            "timings_s": watch.seconds,
+            "peak_memory_mib": round(peak_memory_mib(device), 1),
+            "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process peak RSS",
+            "weights_bytes": weights_size_bytes(tmp),
+            "size_on_disk_bytes": folder_size_bytes(tmp),
+            "versions": package_versions(),
+        }
+        write_record(tmp, record)
+    return record
+
+
+def load(path: str | Path, device: str = "auto") -> LoadedModel:
+    """Load a qtool output folder (any backend) or any model source qtool resolves."""
+    device = resolve_device(device)
+    if device == "cpu":
+        configure_cpu()
+    folder = Path(path).expanduser()
+    record = read_record(folder) if folder.is_dir() else None
+    if record is None:
+        source = resolve_model(str(path))
+        model = _guarded(lambda: source.load_model(device, compute_dtype(device)), path)
+        return LoadedModel(model, source.load_tokenizer(), device, None, str(path))
+    verify_weights(folder)
+    backend = backends.get(record["method"])
+    backend.require_available(device)
+    model = _guarded(lambda: backend.load(folder, device), path)
+    tokenizer = _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
+    return LoadedModel(model, tokenizer, device, record, str(path))
+
+
+def _guarded(load_fn: Any, path: Any) -> Any:
+    # Weights were verified already; what still fails here is a damaged config or tensor layout.
+    try:
+        return load_fn()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} could not be loaded: {first}") from None
+
+
+def evaluate_perplexity(
+    loaded: LoadedModel,
+    source: str,
+    ctx: int = 2048,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    text = load_text(source, purpose="eval")
+    return token_perplexity(loaded.model, loaded.tokenizer, text, ctx, stride, max_tokens, progress)
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int = 64, chat: bool = True) -> str:
+    """Greedy completion of `prompt`, through the model's chat template when it has one."""
+    tok = loaded.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        inputs = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tok(prompt, return_tensors="pt")
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    output = loaded.model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
+    )
+    return tok.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,80 @@
+"""The registry of quantizer backends.
+
+A backend is one module in this package whose class is decorated with @register; every module
+here except base.py is imported on first use, so adding a backend touches one new file. Methods announced but not yet built are
+listed in PLANNED so that `qtool methods` can say so; a registered backend replaces its entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.errors import BackendUnavailableError, UnknownMethodError
+
+_REGISTRY: dict[str, Backend] = {}
+
+# Methods the project will ship, with where the work stands. Kept here (not as stub modules)
+# so that nothing pretends to quantize before it really does.
+PLANNED = {
+    "gptq": "not implemented yet (planned: GPTQ via gptqmodel / llm-compressor)",
+    "awq": "not implemented yet (planned: AWQ via llm-compressor)",
+    "aqlm": "not implemented yet (planned: qtool's own AQLM quantizer, aqlm kernels for inference)",
+    "eetq": "not implemented yet (planned: int8 weight-only, EETQ kernels on CUDA)",
+}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"backend {cls.name} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def known_methods() -> list[str]:
+    _load_all()
+    return sorted(set(_REGISTRY) | set(PLANNED))
+
+
+def get(name: str) -> Backend:
+    """The backend called `name`, or a one-line error saying why there is none."""
+    _load_all()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in PLANNED:
+        raise BackendUnavailableError(f"method {name} is {PLANNED[name]}")
+    raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
+
+
+@dataclass(frozen=True)
+class MethodStatus:
+    name: str
+    ready: bool
+    reason: str  # empty when ready
+    summary: str
+    capabilities: Capabilities | None
+
+
+def available(device: str = "cpu") -> list[MethodStatus]:
+    """Every known method with 'ready' or the exact reason it is not."""
+    _load_all()
+    rows = []
+    for name in known_methods():
+        backend = _REGISTRY.get(name)
+        if backend is None:
+            rows.append(MethodStatus(name, False, PLANNED[name], "", None))
+            continue
+        reason = backend.unavailable_reason(device)
+        rows.append(MethodStatus(name, reason is None, reason or "", backend.summary, backend.capabilities))
+    return rows
+
+
+__all__ = ["Backend", "Capabilities", "QuantSpec", "MethodStatus", "available", "get", "known_methods", "register"]

