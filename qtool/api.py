@@ -12,14 +12,25 @@ from torch import nn
 
 from qtool import backends
 from qtool.checkpoint import (
-    atomic_output_dir, folder_size_bytes, read_record, verify_weights, weights_size_bytes, write_record,
+    atomic_output_dir,
+    folder_size_bytes,
+    read_record,
+    verify_weights,
+    weights_size_bytes,
+    write_record,
 )
 from qtool.data import load_text
 from qtool.errors import CheckpointError, OutputExistsError, SpecError
 from qtool.evaluate.perplexity import PerplexityResult, token_perplexity
 from qtool.models import ModelSource, quantizable_linears, resolve_model
 from qtool.runtime import (
-    Stopwatch, compute_dtype, configure_cpu, package_versions, peak_memory_mib, resolve_device, seed_everything,
+    Stopwatch,
+    compute_dtype,
+    configure_cpu,
+    package_versions,
+    peak_memory_mib,
+    resolve_device,
+    seed_everything,
 )
 
 

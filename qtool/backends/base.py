@@ -106,7 +106,8 @@ class Backend(ABC):
         return spec
 
     def check_spec(self, spec: QuantSpec) -> None:
-        """Backend-specific combinations of bits and options; raise SpecError."""
+        """Backend-specific combinations of bits and options; raise SpecError. Default: none."""
+        return None
 
     def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
         """Check the spec against the model's layer widths (from a weightless skeleton)."""

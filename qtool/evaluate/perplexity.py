@@ -52,10 +52,23 @@ class Tokens:
 def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> Tokens:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-    nbytes = torch.tensor([len(text[a:b].encode("utf-8")) for a, b in enc["offset_mapping"]], dtype=torch.long)
+    nbytes = torch.tensor(_bytes_per_token(text, enc["offset_mapping"]), dtype=torch.long)
     if max_tokens is not None:
         ids, nbytes = ids[:max_tokens], nbytes[:max_tokens]
     return Tokens(ids, nbytes)
+
+
+def _bytes_per_token(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """UTF-8 bytes each token adds to the text, so that they sum to the text's bytes.
+
+    Byte-level BPE splits a multi-byte character over several tokens whose offsets all cover it;
+    the character's bytes go to the first of them (and any gap to the next token).
+    """
+    counts, covered = [], 0
+    for _start, end in offsets:
+        counts.append(len(text[covered:end].encode("utf-8")) if end > covered else 0)
+        covered = max(covered, end)
+    return counts
 
 
 def window_plan(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int]]:

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtool
+from qtool.data import Text
+from qtool.errors import DatasetError
+from qtool.evaluate.perplexity import token_perplexity, tokenize, window_plan
+
+
+def scored_positions(plan, ctx):
+    positions = []
+    for start, first in plan:
+        positions.extend(range(first, start + ctx))
+    return positions
+
+
+@pytest.mark.parametrize(("n", "ctx", "stride"), [(100, 10, 10), (100, 10, 3), (105, 10, 10), (37, 8, 1)])
+def test_every_target_is_scored_at_most_once_and_never_without_context(n, ctx, stride):
+    plan = window_plan(n, ctx, stride)
+    positions = scored_positions(plan, ctx)
+    assert len(positions) == len(set(positions))
+    assert 0 not in positions
+    assert all(start < first <= start + ctx - 1 for start, first in plan)
+    if stride < ctx:  # sliding windows score every token up to the last full window
+        assert positions == list(range(1, plan[-1][0] + ctx))
+
+
+def test_non_overlapping_windows_follow_the_gptq_protocol():
+    assert window_plan(30, 10, 10) == [(0, 1), (10, 11), (20, 21)]
+    assert window_plan(29, 10, 10) == [(0, 1), (10, 11)]  # the partial tail is dropped
+
+
+@pytest.mark.parametrize(("n", "ctx", "stride", "message"), [(5, 10, 10, "fewer than one window"), (50, 10, 11, "stride"), (50, 1, 1, "ctx")])
+def test_bad_windows_are_user_errors(n, ctx, stride, message):
+    with pytest.raises(DatasetError, match=message):
+        window_plan(n, ctx, stride)
+
+
+def test_perplexity_matches_a_hand_computation(tiny_llama):
+    loaded = qtool.load(str(tiny_llama), device="cpu")
+    text = Text("t", "inline", "The quick brown fox jumps over the lazy dog. " * 12)
+    ctx = 16
+    result = token_perplexity(loaded.model, loaded.tokenizer, text, ctx=ctx, progress=False)
+    ids = loaded.tokenizer(text.content, add_special_tokens=False)["input_ids"]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - ctx + 1, ctx):
+            window = torch.tensor([ids[start : start + ctx]])
+            nll += F.cross_entropy(loaded.model(window).logits[0, :-1], window[0, 1:], reduction="sum").item()
+            count += ctx - 1
+    assert result.tokens_scored == count
+    assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+    tokens = tokenize(loaded.tokenizer, text.content)
+    scored_bytes = sum(int(tokens.nbytes[s + 1 : s + ctx].sum()) for s in range(0, len(ids) - ctx + 1, ctx))
+    assert result.bytes_scored == scored_bytes
+    assert result.bpb == pytest.approx(nll / math.log(2) / scored_bytes, rel=1e-6)
+
+
+def test_bytes_counted_per_token_add_up_to_the_text(smollm2):
+    tok = smollm2.load_tokenizer()
+    content = "Café au lait — naïve façade, 東京 and plain ASCII."
+    tokens = tokenize(tok, content)
+    assert int(tokens.nbytes.sum()) == len(content.encode("utf-8"))
+    assert len(tokenize(tok, content, max_tokens=5).ids) == 5
