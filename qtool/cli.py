@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -50,18 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "quantize",
         help="quantize MODEL into a new checkpoint folder OUT",
+        usage="qtool quantize [options] MODEL OUT\n       qtool quantize --recipe YAML [options] [MODEL] OUT",
         description="Quantize MODEL with one backend and write a checkpoint folder OUT (with qtool.json). "
         "OUT is written to a temporary folder and renamed at the end: an interrupted run leaves nothing.",
-        epilog="Backend options (--opt KEY=VALUE) are listed by `qtool methods`.",
+        epilog="Backend options (--opt KEY=VALUE) are listed by `qtool methods`.\n"
+        "example: qtool quantize --recipe quantize-smollm2-hqq4 out/hqq4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="HF folder, .gguf file, built-in alias or Hub id")
-    p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
-    p.add_argument("--method", required=True, help="backend name, e.g. hqq, bnb, rtn (see `qtool methods`)")
+    p.add_argument("targets", nargs="+", metavar="[MODEL] OUT",
+                   help="MODEL: HF folder, .gguf file, built-in alias or Hub id (may come from --recipe); "
+                   "OUT: output folder (must not exist unless --force)")
+    p.add_argument("--recipe", metavar="YAML", help="a quantize recipe (file or bundled name, see `qtool recipes list`); flags override it")
+    p.add_argument("--method", help="backend name, e.g. hqq, bnb, rtn (see `qtool methods`)")
     p.add_argument("--bits", type=int, help="bits per weight (default: the backend's, usually 4)")
     p.add_argument("--group-size", type=int, help="weights per scale group along the input dim; -1 = per channel (default 64)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if present)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda or auto (default: auto, cuda if present)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the qtool.json record instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("recipes", help="list the bundled recipes, or copy one to edit")
+    rsub = p.add_subparsers(dest="recipes_command", metavar="ACTION", parser_class=OneLineParser)
+    rsub.required = True
+    rsub.add_parser("list", help="list bundled recipes")
+    copy = rsub.add_parser("copy", help="copy a bundled recipe to DEST")
+    copy.add_argument("name")
+    copy.add_argument("dest")
+
     p = sub.add_parser("generate", help="greedy completion of a prompt (chat template applied if the model has one)")
     p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
     p.add_argument("prompt", help="the user message")
@@ -93,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    _log_to_stderr(quiet=getattr(args, "quiet", False))
     from qtool.errors import QtoolError
 
     try:
@@ -151,19 +166,44 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import qtool
+    from qtool.errors import SpecError
+    from qtool.recipes import QuantizeRecipe, load_quantize_recipe
 
+    recipe = load_quantize_recipe(args.recipe) if args.recipe else QuantizeRecipe(method="")
+    if len(args.targets) > 2:
+        raise SpecError(f"quantize takes MODEL OUT, got {len(args.targets)} paths")
+    model, out = (args.targets if len(args.targets) == 2 else (recipe.model, args.targets[0]))
+    if not model:
+        raise SpecError("no MODEL given: pass MODEL OUT, or a --recipe with a 'model'")
+    method = args.method or recipe.method
+    if not method:
+        raise SpecError("no method given: pass --method (see `qtool methods`) or a --recipe")
+    options = {k: str(v) for k, v in (recipe.options or {}).items()} | _parse_opts(args.opt)
     _progress(not args.quiet)
     record = qtool.quantize(
-        args.model, args.out, args.method, bits=args.bits, group_size=args.group_size,
-        options=_parse_opts(args.opt), device=args.device, force=args.force, seed=args.seed,
+        model, out, method,
+        bits=_first(args.bits, recipe.bits), group_size=_first(args.group_size, recipe.group_size),
+        options=options, device=_first(args.device, recipe.device, "auto"), force=args.force,
+        seed=_first(args.seed, recipe.seed, 0),
     )
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         spec = record["spec"]
-        print(f"wrote {args.out}: {spec['method']} {spec['bits']}-bit group {spec['group_size']}, "
+        print(f"wrote {out}: {spec['method']} {spec['bits']}-bit group {spec['group_size']}, "
               f"{record['weights_bytes'] / 2**20:.1f} MiB weights, "
               f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from qtool.recipes import copy_recipe, list_recipes
+
+    if args.recipes_command == "copy":
+        print(f"wrote {copy_recipe(args.name, args.dest)}")
+        return 0
+    for name, description in list_recipes():
+        print(f"{name:<32}  {description}")
     return 0
 
 
@@ -198,7 +238,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"methods": cmd_methods, "models": cmd_models, "quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+COMMANDS = {
+    "methods": cmd_methods, "models": cmd_models, "quantize": cmd_quantize, "eval": cmd_eval,
+    "generate": cmd_generate, "recipes": cmd_recipes,
+}
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def _parse_opts(pairs: list[str]) -> dict[str, str]:
@@ -218,6 +265,15 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
+
+
+def _log_to_stderr(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("qtool: %(message)s"))
+    logger = logging.getLogger("qtool")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
 
 def _progress(enabled: bool) -> None:

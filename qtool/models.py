@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import socket
@@ -24,6 +25,8 @@ from torch import nn
 
 from qtool.checkpoint import verify_weights
 from qtool.errors import CheckpointError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ def _gguf_as_folder(gguf: Path) -> Path:
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
+    log.info("converting %s to safetensors once (about 20 s); cached in %s", gguf.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:

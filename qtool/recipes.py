@@ -1,0 +1,90 @@
+"""YAML recipes: a run described in a file that can be versioned, diffed, listed and copied.
+
+A quantize recipe holds the same fields as `qtool quantize`'s flags; flags given on the
+command line override the recipe. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qtool.errors import QtoolError
+
+
+class RecipeError(QtoolError):
+    pass
+
+
+@dataclass
+class QuantizeRecipe:
+    method: str
+    model: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    options: dict[str, Any] | None = None
+    device: str | None = None
+    seed: int | None = None
+    description: str = ""
+
+
+def recipes_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise RecipeError("qtool's bundled recipes are missing from this installation")
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every bundled recipe."""
+    rows = []
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        rows.append((path.stem, str(data.get("description", ""))))
+    return rows
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    bundled = recipes_dir() / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    raise RecipeError(f"recipe {name_or_path} is neither a file nor a bundled recipe (see `qtool recipes list`)")
+
+
+def copy_recipe(name: str, dest: str) -> Path:
+    source = find_recipe(name)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise RecipeError(f"{target} already exists")
+    shutil.copyfile(source, target)
+    return target
+
+
+def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
+    path = find_recipe(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"recipe {path} is not readable YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values")
+    data = dict(data.get("quantize", data))
+    allowed = {f.name for f in fields(QuantizeRecipe)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RecipeError(f"recipe {path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    if "method" not in data:
+        raise RecipeError(f"recipe {path} has no 'method'")
+    if data.get("options") is not None and not isinstance(data["options"], dict):
+        raise RecipeError(f"recipe {path}: 'options' must be a mapping")
+    return QuantizeRecipe(**data)
