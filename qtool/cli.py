@@ -166,26 +166,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import qtool
-    from qtool.errors import SpecError
-    from qtool.recipes import QuantizeRecipe, load_quantize_recipe
+    from qtool.recipes import load_quantize_recipe, quantize_arguments
 
-    recipe = load_quantize_recipe(args.recipe) if args.recipe else QuantizeRecipe(method="")
-    if len(args.targets) > 2:
-        raise SpecError(f"quantize takes MODEL OUT, got {len(args.targets)} paths")
-    model, out = (args.targets if len(args.targets) == 2 else (recipe.model, args.targets[0]))
-    if not model:
-        raise SpecError("no MODEL given: pass MODEL OUT, or a --recipe with a 'model'")
-    method = args.method or recipe.method
-    if not method:
-        raise SpecError("no method given: pass --method (see `qtool methods`) or a --recipe")
-    options = {k: str(v) for k, v in (recipe.options or {}).items()} | _parse_opts(args.opt)
-    _progress(not args.quiet)
-    record = qtool.quantize(
-        model, out, method,
-        bits=_first(args.bits, recipe.bits), group_size=_first(args.group_size, recipe.group_size),
-        options=options, device=_first(args.device, recipe.device, "auto"), force=args.force,
-        seed=_first(args.seed, recipe.seed, 0),
+    kwargs = quantize_arguments(
+        load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
+        method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt),
+        device=args.device, seed=args.seed,
     )
+    _progress(not args.quiet)
+    record = qtool.quantize(**kwargs, force=args.force)
+    out = kwargs["out"]
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -218,9 +208,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     payload = {"model": args.model, "device": loaded.device, "quantization": loaded.record and loaded.record["spec"],
                "perplexity": result.as_dict(), "versions": package_versions()}
-    print(f"{args.model}: token PPL {result.ppl:.3f}, bits/byte {result.bpb:.4f} "
-          f"[{result.protocol}, ctx {result.ctx}, stride {result.stride}, {result.tokens_scored} tokens scored, "
-          f"{Path(result.dataset['origin']).name}]")
+    summary = (f"{args.model}: token PPL {result.ppl:.3f}, bits/byte {result.bpb:.4f} "
+               f"[{result.protocol}, ctx {result.ctx}, stride {result.stride}, {result.tokens_scored} tokens scored, "
+               f"{Path(result.dataset['origin']).name}]")
+    # With --json -, stdout carries only JSON so that scripts can parse it.
+    print(summary, file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(payload, indent=2))
     elif args.json:
@@ -243,9 +235,6 @@ COMMANDS = {
     "generate": cmd_generate, "recipes": cmd_recipes,
 }
 
-
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
 
 
 def _parse_opts(pairs: list[str]) -> dict[str, str]:

@@ -88,3 +88,40 @@ def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
     if data.get("options") is not None and not isinstance(data["options"], dict):
         raise RecipeError(f"recipe {path}: 'options' must be a mapping")
     return QuantizeRecipe(**data)
+
+
+def quantize_arguments(
+    recipe: QuantizeRecipe | None,
+    paths: list[str],
+    *,
+    method: str | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
+    options: dict[str, str] | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for qtool.quantize: explicit values win over the recipe's."""
+    recipe = recipe or QuantizeRecipe(method="")
+    if not 1 <= len(paths) <= 2:
+        raise RecipeError(f"quantize takes MODEL OUT, got {len(paths)} paths")
+    model, out = paths if len(paths) == 2 else (recipe.model, paths[0])
+    if not model:
+        raise RecipeError("no MODEL given: pass MODEL OUT, or a --recipe with a 'model'")
+    if not (method or recipe.method):
+        raise RecipeError("no method given: pass --method (see `qtool methods`) or a --recipe")
+    return {
+        "model": model,
+        "out": out,
+        "method": method or recipe.method,
+        "bits": _first(bits, recipe.bits),
+        "group_size": _first(group_size, recipe.group_size),
+        # YAML gives typed values; backends parse option strings, as from the command line
+        "options": {k: str(v) for k, v in (recipe.options or {}).items()} | (options or {}),
+        "device": _first(device, recipe.device, "auto"),
+        "seed": _first(seed, recipe.seed, 0),
+    }
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)

@@ -65,3 +65,17 @@ def test_bytes_counted_per_token_add_up_to_the_text(smollm2):
     tokens = tokenize(tok, content)
     assert int(tokens.nbytes.sum()) == len(content.encode("utf-8"))
     assert len(tokenize(tok, content, max_tokens=5).ids) == 5
+
+
+def test_eval_json_on_stdout_is_pure_json(tiny_llama):
+    import json
+
+    from tests.conftest import run_qtool
+
+    proc = run_qtool("eval", tiny_llama, "--ppl", "builtin", "--ctx", "64", "--max-tokens", "256", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    assert payload["perplexity"]["protocol"] == "token-ppl"
+    assert payload["perplexity"]["windows"] == 4 and payload["perplexity"]["tokens_scored"] == 4 * 63
+    assert payload["perplexity"]["dataset"]["source"] == "builtin"
+    assert "token PPL" in proc.stderr
