@@ -12,6 +12,12 @@ import qtool
 from tests.conftest import REPO, assert_one_line_error, run_qtool
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm_model_cache(smollm2):
+    """On a cold cache the first use of smollm2-135m logs its one-time GGUF conversion;
+    warm it so that each test sees what a user sees on every later run: only the error."""
+
+
 @pytest.fixture(scope="module")
 def small_checkpoint(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "hqq"
