@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from qtool.errors import DatasetError
+from qtool.resources import bundled_dir
 
 Purpose = Literal["eval", "calibration"]
 
@@ -47,18 +48,9 @@ NAMED_DATASETS: dict[str, dict[str, object]] = {
 }
 
 
-def builtin_text_dir() -> Path:
-    """calib_data/ in a source checkout, or its copy inside an installed wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_calib_data", here.parent / "calib_data"):
-        if candidate.is_dir():
-            return candidate
-    raise DatasetError("qtool's built-in calibration text is missing from this installation")
-
-
 def load_text(source: str, purpose: Purpose = "eval") -> Text:
     if source == "builtin":
-        folder = builtin_text_dir()
+        folder = bundled_dir("calib_data")
         parts = [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))]
         return _non_empty(Text("builtin", str(folder), "\n\n".join(parts)))
     if source in NAMED_DATASETS:

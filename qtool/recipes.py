@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from qtool.errors import QtoolError
+from qtool.resources import bundled_dir
 
 
 class RecipeError(QtoolError):
@@ -32,18 +33,10 @@ class QuantizeRecipe:
     description: str = ""
 
 
-def recipes_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_recipes", here.parent / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    raise RecipeError("qtool's bundled recipes are missing from this installation")
-
-
 def list_recipes() -> list[tuple[str, str]]:
     """(name, description) of every bundled recipe."""
     rows = []
-    for path in sorted(recipes_dir().glob("*.yaml")):
+    for path in sorted(bundled_dir("recipes").glob("*.yaml")):
         data = yaml.safe_load(path.read_text()) or {}
         rows.append((path.stem, str(data.get("description", ""))))
     return rows
@@ -53,7 +46,7 @@ def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    bundled = recipes_dir() / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    bundled = bundled_dir("recipes") / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if bundled.is_file():
         return bundled
     raise RecipeError(f"recipe {name_or_path} is neither a file nor a bundled recipe (see `qtool recipes list`)")

@@ -13,6 +13,7 @@ from torch import nn
 
 from qtool.errors import BackendUnavailableError, SpecError
 from qtool.models import ModelSource
+from qtool.runtime import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,16 @@ class Backend(ABC):
     def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
         """Load the source and return the quantized model (weights on `device`)."""
 
-    @abstractmethod
     def save(self, model: nn.Module, out: Path) -> None:
-        """Write the model's weights and config into `out` (an existing, empty folder)."""
+        """Write the model's weights and config into `out` (an existing, empty folder).
 
-    @abstractmethod
+        Default: the standard Hugging Face checkpoint, for backends transformers can serialize.
+        """
+        model.save_pretrained(out)
+
     def load(self, path: Path, device: str) -> nn.Module:
-        """Load a folder written by `save`."""
+        """Load a folder written by `save`. Default: transformers' from_pretrained."""
+        return ModelSource(str(path), "folder", str(path)).load_model(device, compute_dtype(device))
 
     def kernel(self, device: str) -> str:
         """Which compute path runs this backend's layers on `device`."""

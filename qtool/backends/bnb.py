@@ -8,7 +8,6 @@ installed. bitsandbytes >= 0.45 ships CPU kernels, so this runs here without CUD
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import nn
 
@@ -69,12 +68,6 @@ class BnbBackend(Backend):
 
     def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
         return source.load_model(device, compute_dtype(device), quantization_config=self.bnb_config(spec, device))
-
-    def save(self, model: nn.Module, out: Path) -> None:
-        model.save_pretrained(out)
-
-    def load(self, path: Path, device: str) -> nn.Module:
-        return ModelSource(str(path), "folder", str(path)).load_model(device, compute_dtype(device))
 
     def kernel(self, device: str) -> str:
         return f"bitsandbytes {'CPU' if device == 'cpu' else 'CUDA'} kernels"

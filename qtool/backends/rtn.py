@@ -10,7 +10,6 @@ HF checkpoint: rtn measures quality, it is not a storage format.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -67,12 +66,6 @@ class RtnBackend(Backend):
         for _name, linear in tqdm(linear_layers(model).items(), desc="rtn", unit="layer", leave=False):
             linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits, spec.group_size, spec.options.symmetric))
         return model
-
-    def save(self, model: nn.Module, out: Path) -> None:
-        model.save_pretrained(out)
-
-    def load(self, path: Path, device: str) -> nn.Module:
-        return ModelSource(str(path), "folder", str(path)).load_model(device, compute_dtype(device))
 
     def kernel(self, device: str) -> str:
         return f"dense {'fp32' if device == 'cpu' else 'bf16'} matmul (weights stored dequantized)"
