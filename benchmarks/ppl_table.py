@@ -22,6 +22,7 @@ ROWS = [  # name, method, bits, group size, options
     ("bnb nf4 (dq)", "bnb", 4, 64, {}),
     ("bnb fp4 (dq)", "bnb", 4, 64, {"quant_type": "fp4"}),
     ("bnb int8", "bnb", 8, -1, {}),
+    ("eetq int8 (per channel)", "eetq", 8, -1, {}),
     ("hqq 8-bit g64", "hqq", 8, 64, {}),
     ("rtn 3-bit g64", "rtn", 3, 64, {}),
     ("hqq 3-bit g64", "hqq", 3, 64, {}),

@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    _log_to_stderr(quiet=getattr(args, "quiet", False))
+    quiet = getattr(args, "quiet", False)
+    _quiet_libraries(progress_bars=not quiet and args.command != "generate")
+    _log_to_stderr(quiet)
     from qtool.errors import QtoolError
 
     try:
@@ -173,7 +174,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt),
         device=args.device, seed=args.seed,
     )
-    _progress(not args.quiet)
+    _no_loading_bars()
     record = qtool.quantize(**kwargs, force=args.force)
     out = kwargs["out"]
     if args.json:
@@ -200,7 +201,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import qtool
 
-    _progress(not args.quiet)
+    _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
     result = qtool.evaluate_perplexity(loaded, args.ppl, ctx=args.ctx, stride=args.stride,
                                        max_tokens=args.max_tokens, progress=not args.quiet)
@@ -224,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import qtool
 
-    _progress(False)
+    _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
     print(qtool.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat))
     return 0
@@ -249,10 +250,15 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
     return options
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (deprecation notes, their own progress bars) is not for our users."""
+def _quiet_libraries(progress_bars: bool) -> None:
+    """Library chatter (deprecation notes, their own loading bars) is not for our users.
+
+    Runs before anything imports tqdm: tqdm reads TQDM_DISABLE once, at import.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not progress_bars:
+        os.environ["TQDM_DISABLE"] = "1"
     warnings.filterwarnings("ignore")
 
 
@@ -265,13 +271,11 @@ def _log_to_stderr(quiet: bool) -> None:
     logger.propagate = False
 
 
-def _progress(enabled: bool) -> None:
+def _no_loading_bars() -> None:
     # qtool shows its own bars; transformers' loading bars are noise on a 1-second load.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if not enabled:
-        os.environ["TQDM_DISABLE"] = "1"
 
 
 def _version() -> str:

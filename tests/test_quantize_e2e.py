@@ -78,6 +78,7 @@ def test_bnb_checkpoint_loads_in_plain_transformers(tiny_llama, tmp_path):
         ("hqq", 2, 32, {}),
         ("hqq", 3, 64, {}),
         ("hqq", 8, -1, {"optimize": "false"}),
+        ("eetq", 8, -1, {}),
     ],
 )
 def test_save_and_reload_give_identical_logits(method, bits, group, options, tiny_llama, tmp_path):
@@ -101,3 +102,15 @@ def test_force_replaces_an_existing_output(tiny_llama, tmp_path):
     qtool.quantize(str(tiny_llama), out, "rtn", bits=2, group_size=32, device="cpu", force=True)
     assert json.loads((out / "qtool.json").read_text())["spec"]["bits"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_eetq_int8_is_within_1_percent_of_base(base_ppl, wikitext_test, tmp_path):
+    out = tmp_path / "eetq"
+    proc = run_qtool("quantize", "--method", "eetq", "smollm2-135m", out)
+    assert proc.returncode == 0, proc.stderr
+    loaded = qtool.load(out, device="cpu")
+    assert type(loaded.model.model.layers[0].self_attn.q_proj).__name__ == "Int8WeightOnlyLinear"
+    assert loaded.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+    assert "Paris" in qtool.generate(loaded, PROMPT, max_new_tokens=24)
+    ppl = qtool.evaluate_perplexity(loaded, str(wikitext_test), ctx=512, max_tokens=4096, progress=False).ppl
+    assert abs(ppl / base_ppl - 1) < 0.01, (ppl, base_ppl)

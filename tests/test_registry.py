@@ -13,9 +13,9 @@ from tests.conftest import assert_one_line_error, run_qtool
 def test_all_six_methods_and_rtn_are_listed_with_a_status():
     rows = {r.name: r for r in backends.available("cpu")}
     assert set(rows) == {"gptq", "awq", "aqlm", "bnb", "hqq", "eetq", "rtn"}
-    for ready in ("bnb", "hqq", "rtn"):
+    for ready in ("bnb", "hqq", "rtn", "eetq"):
         assert rows[ready].ready, rows[ready].reason
-    for planned in ("gptq", "awq", "aqlm", "eetq"):
+    for planned in ("gptq", "awq", "aqlm"):
         assert not rows[planned].ready and "not implemented yet" in rows[planned].reason
 
 
@@ -29,7 +29,7 @@ def test_planned_method_says_it_is_not_built():
         backends.get("gptq")
 
 
-@pytest.mark.parametrize(("method", "bits"), [("hqq", 5), ("bnb", 3), ("rtn", 1), ("bnb", 16)])
+@pytest.mark.parametrize(("method", "bits"), [("hqq", 5), ("bnb", 3), ("rtn", 1), ("bnb", 16), ("eetq", 4)])
 def test_bits_outside_the_backend_are_refused(method, bits):
     with pytest.raises(SpecError, match=f"cannot quantize to {bits} bits"):
         backends.get(method).make_spec(bits=bits)

@@ -1,8 +1,9 @@
 """The registry of quantizer backends.
 
 A backend is one module in this package whose class is decorated with @register; every module
-here except base.py is imported on first use, so adding a backend touches one new file. Methods announced but not yet built are
-listed in PLANNED so that `qtool methods` can say so; a registered backend replaces its entry.
+here except base.py and private helpers (_*.py) is imported on first use, so adding a backend
+touches one new file. Methods announced but not yet built are listed in PLANNED so that
+`qtool methods` can say so; a registered backend takes precedence over its entry.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ PLANNED = {
     "gptq": "not implemented yet (planned: GPTQ via gptqmodel / llm-compressor)",
     "awq": "not implemented yet (planned: AWQ via llm-compressor)",
     "aqlm": "not implemented yet (planned: qtool's own AQLM quantizer, aqlm kernels for inference)",
-    "eetq": "not implemented yet (planned: int8 weight-only, EETQ kernels on CUDA)",
 }
 
 
@@ -35,7 +35,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 def _load_all() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name != "base" and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 
