@@ -68,8 +68,9 @@ def quantize(
     backend.require_available(device)
     source = resolve_model(model)
     config = source.config()
-    if getattr(config, "quantization_config", None):
-        kind = dict(config.quantization_config).get("quant_method", "?")
+    prior = read_record(Path(source.location)) if source.kind == "folder" else None
+    if prior or getattr(config, "quantization_config", None):
+        kind = prior["method"] if prior else dict(config.quantization_config).get("quant_method", "?")
         raise SpecError(f"model {model} is already quantized ({kind}); quantize its full-precision original")
     linears = quantizable_linears(config)
     backend.check_layers(spec, linears)

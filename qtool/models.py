@@ -68,7 +68,10 @@ class ModelSource:
     def config(self) -> Any:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.location)
+        try:
+            return AutoConfig.from_pretrained(self.location)
+        except (OSError, ValueError, KeyError) as exc:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{self.name}: config.json is unreadable: {_first_line(exc)}") from None
 
     def load_model(self, device: str, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -80,9 +80,21 @@ def test_existing_output_is_refused_and_untouched(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_already_quantized_input_is_refused(small_checkpoint, tmp_path):
+def test_already_quantized_input_is_refused(small_checkpoint, tiny_llama, tmp_path):
     proc = quantize("--method", "rtn", small_checkpoint, out=tmp_path / "o")
     assert_one_line_error(proc, "already quantized (hqq)")
+    dense = tmp_path / "rtn"  # rtn writes dense weights with no quantization_config
+    qtool.quantize(str(tiny_llama), dense, "rtn", bits=4, group_size=32, device="cpu")
+    proc = quantize("--method", "hqq", dense, out=tmp_path / "o")
+    assert_one_line_error(proc, "already quantized (rtn)")
+
+
+def test_corrupt_config_in_a_source_folder(tiny_llama, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_llama, broken)
+    (broken / "config.json").write_text('{"model_type": "llama", ')
+    proc = quantize("--method", "rtn", broken, out=tmp_path / "o")
+    assert_one_line_error(proc, "config.json is unreadable")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "drop-config", "bad-record"])
