@@ -21,6 +21,7 @@ from qtool.checkpoint import (
 )
 from qtool.data import load_text
 from qtool.errors import CheckpointError, OutputExistsError, SpecError
+from qtool.evaluate.divergence import DivergenceResult, perplexity_and_divergence
 from qtool.evaluate.perplexity import PerplexityResult, token_perplexity
 from qtool.models import ModelSource, quantizable_linears, resolve_model
 from qtool.runtime import (
@@ -146,6 +147,22 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     text = load_text(source, purpose="eval")
     return token_perplexity(loaded.model, loaded.tokenizer, text, ctx, stride, max_tokens, progress)
+
+
+def evaluate_divergence(
+    loaded: LoadedModel,
+    base: LoadedModel,
+    source: str,
+    ctx: int = 2048,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> tuple[PerplexityResult, DivergenceResult]:
+    """The model's token perplexity and its next-token KL from `base`, on the same windows."""
+    text = load_text(source, purpose="eval")
+    return perplexity_and_divergence(
+        loaded.model, base.model, base.source, loaded.tokenizer, text, ctx, stride, max_tokens, progress
+    )
 
 
 @torch.no_grad()

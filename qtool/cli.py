@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
+    p.add_argument("--base", metavar="MODEL", help="also measure next-token KL from this model and top-1 agreement with it, on the same windows")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -202,16 +203,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import qtool
 
     _no_loading_bars()
-    loaded = qtool.load(args.model, device=args.device)
-    result = qtool.evaluate_perplexity(loaded, args.ppl, ctx=args.ctx, stride=args.stride,
-                                       max_tokens=args.max_tokens, progress=not args.quiet)
     from qtool.runtime import package_versions
 
+    loaded = qtool.load(args.model, device=args.device)
+    window_args = {"ctx": args.ctx, "stride": args.stride, "max_tokens": args.max_tokens, "progress": not args.quiet}
+    divergence = None
+    if args.base:
+        base = qtool.load(args.base, device=loaded.device)
+        result, divergence = qtool.evaluate_divergence(loaded, base, args.ppl, **window_args)
+    else:
+        result = qtool.evaluate_perplexity(loaded, args.ppl, **window_args)
     payload = {"model": args.model, "device": loaded.device, "quantization": loaded.record and loaded.record["spec"],
-               "perplexity": result.as_dict(), "versions": package_versions()}
+               "perplexity": result.as_dict(), "divergence": divergence and divergence.as_dict(),
+               "versions": package_versions()}
     summary = (f"{args.model}: token PPL {result.ppl:.3f}, bits/byte {result.bpb:.4f} "
                f"[{result.protocol}, ctx {result.ctx}, stride {result.stride}, {result.tokens_scored} tokens scored, "
                f"{Path(result.dataset['origin']).name}]")
+    if divergence:
+        summary += (f"\n  vs {args.base}: KL mean {divergence.kl_mean:.4f} nats, p99 {divergence.kl_p99:.4f}, "
+                    f"top-1 agreement {100 * divergence.top1_agreement:.2f} % (base PPL {divergence.base_ppl:.3f})")
     # With --json -, stdout carries only JSON so that scripts can parse it.
     print(summary, file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":

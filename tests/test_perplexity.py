@@ -72,10 +72,38 @@ def test_eval_json_on_stdout_is_pure_json(tiny_llama):
 
     from tests.conftest import run_qtool
 
-    proc = run_qtool("eval", tiny_llama, "--ppl", "builtin", "--ctx", "64", "--max-tokens", "256", "--json", "-")
+    proc = run_qtool("eval", tiny_llama, "--ppl", "builtin", "--ctx", "64", "--max-tokens", "256", "--json", "-",
+                     "--base", tiny_llama)
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["perplexity"]["protocol"] == "token-ppl"
     assert payload["perplexity"]["windows"] == 4 and payload["perplexity"]["tokens_scored"] == 4 * 63
     assert payload["perplexity"]["dataset"]["source"] == "builtin"
-    assert "token PPL" in proc.stderr
+    assert payload["divergence"]["kl_mean"] == 0 and payload["divergence"]["top1_agreement"] == 1.0
+    assert "token PPL" in proc.stderr and "KL mean 0.0000" in proc.stderr
+
+
+def test_kl_of_a_model_against_itself_is_zero_and_positive_after_quantization(tiny_llama, tmp_path):
+    from qtool.evaluate.divergence import perplexity_and_divergence
+
+    base = qtool.load(str(tiny_llama), device="cpu")
+    text = Text("t", "inline", "A short text about rivers, bridges and the sea. " * 10)
+    ppl, div = perplexity_and_divergence(base.model, base.model, "self", base.tokenizer, text, ctx=32, progress=False)
+    assert div.kl_mean == 0 and div.kl_max == 0 and div.top1_agreement == 1.0
+    assert div.base_ppl == pytest.approx(ppl.ppl)
+    assert ppl.ppl == pytest.approx(token_perplexity(base.model, base.tokenizer, text, ctx=32, progress=False).ppl)
+
+    out = tmp_path / "rtn2"
+    qtool.quantize(str(tiny_llama), out, "rtn", bits=2, group_size=32, device="cpu")
+    quant = qtool.load(out, device="cpu")
+    qppl, qdiv = perplexity_and_divergence(quant.model, base.model, "base", quant.tokenizer, text, ctx=32, progress=False)
+    assert qdiv.kl_mean > 0 and qdiv.kl_p99 >= qdiv.kl_mean and qdiv.kl_max >= qdiv.kl_p99
+    assert qdiv.tokens == qppl.tokens_scored == ppl.tokens_scored
+    assert qdiv.base_ppl == pytest.approx(ppl.ppl)
+    # KL is the expectation under the base of log p_base - log p_model: check one position by hand
+    window = torch.tensor([base.tokenizer(text.content, add_special_tokens=False)["input_ids"][:32]])
+    with torch.no_grad():
+        lp_base = F.log_softmax(base.model(window).logits[0, 0], -1)
+        lp_quant = F.log_softmax(quant.model(window).logits[0, 0], -1)
+    by_hand = (lp_base.exp() * (lp_base - lp_quant)).sum().item()
+    assert 0 < by_hand <= qdiv.kl_max + 1e-6

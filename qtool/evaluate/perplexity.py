@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -87,7 +88,52 @@ def window_plan(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int]]:
     return plan
 
 
+@dataclass(frozen=True)
+class ScoredWindow:
+    logprobs: torch.Tensor  # (n, vocab) float32 log-probabilities at the n scored positions
+    targets: torch.Tensor  # (n,) the tokens that actually came next
+    nbytes: int  # UTF-8 bytes of those n tokens
+
+
 @torch.no_grad()
+def scored_windows(model: torch.nn.Module, tokens: Tokens, plan: list[tuple[int, int]], ctx: int) -> Iterator[ScoredWindow]:
+    device = next(model.parameters()).device
+    for start, first in plan:
+        window = tokens.ids[start : start + ctx].to(device)
+        logits = model(window.unsqueeze(0)).logits[0].float()
+        # logits[i] predicts window[i + 1]; score targets at absolute positions [first, start+ctx).
+        offset = first - start
+        yield ScoredWindow(
+            logprobs=F.log_softmax(logits[offset - 1 : -1], dim=-1),
+            targets=window[offset:],
+            nbytes=int(tokens.nbytes[first : start + ctx].sum()),
+        )
+
+
+class PerplexityMeter:
+    """Accumulates NLL over scored windows; `result()` applies the protocol's formulas."""
+
+    def __init__(self) -> None:
+        self.nll_sum, self.tokens, self.nbytes, self.windows = 0.0, 0, 0, 0
+
+    def add(self, window: ScoredWindow) -> None:
+        self.nll_sum += -window.logprobs.gather(1, window.targets.unsqueeze(1)).sum().item()
+        self.tokens += window.targets.numel()
+        self.nbytes += window.nbytes
+        self.windows += 1
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.tokens)
+
+    def result(self, ctx: int, stride: int, dataset: dict[str, Any], seconds: float) -> PerplexityResult:
+        return PerplexityResult(
+            protocol=PROTOCOL, ctx=ctx, stride=stride, windows=self.windows, tokens_scored=self.tokens,
+            bytes_scored=self.nbytes, nll_sum=self.nll_sum, ppl=self.ppl,
+            bpb=self.nll_sum / math.log(2) / max(self.nbytes, 1), dataset=dataset, seconds=round(seconds, 3),
+        )
+
+
 def token_perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -100,29 +146,9 @@ def token_perplexity(
     stride = ctx if stride is None else stride
     tokens = tokenize(tokenizer, text.content, max_tokens)
     plan = window_plan(len(tokens.ids), ctx, stride)
-    device = next(model.parameters()).device
     started = time.perf_counter()
-    nll_sum, scored, nbytes = 0.0, 0, 0
-    for start, first in tqdm(plan, desc="perplexity", unit="window", disable=not progress, leave=False):
-        window = tokens.ids[start : start + ctx].to(device)
-        logits = model(window.unsqueeze(0)).logits[0].float()
-        # logits[i] predicts window[i + 1]; score targets at absolute positions [first, start+ctx).
-        offset = first - start
-        targets = window[offset:]
-        logprobs = F.log_softmax(logits[offset - 1 : -1], dim=-1)
-        nll_sum += -logprobs.gather(1, targets.unsqueeze(1)).sum().item()
-        scored += targets.numel()
-        nbytes += int(tokens.nbytes[first : start + ctx].sum())
-    return PerplexityResult(
-        protocol=PROTOCOL,
-        ctx=ctx,
-        stride=stride,
-        windows=len(plan),
-        tokens_scored=scored,
-        bytes_scored=nbytes,
-        nll_sum=nll_sum,
-        ppl=math.exp(nll_sum / scored),
-        bpb=nll_sum / math.log(2) / max(nbytes, 1),
-        dataset={**text.describe(), "max_tokens": max_tokens},
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    meter = PerplexityMeter()
+    for window in tqdm(scored_windows(model, tokens, plan, ctx), total=len(plan), desc="perplexity",
+                       unit="window", disable=not progress, leave=False):
+        meter.add(window)
+    return meter.result(ctx, stride, {**text.describe(), "max_tokens": max_tokens}, time.perf_counter() - started)
