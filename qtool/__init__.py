@@ -10,7 +10,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("LoadedModel", "evaluate_divergence", "evaluate_perplexity", "generate", "load", "quantize")
+_API = (
+    "LoadedModel", "evaluate_divergence", "evaluate_perplexity", "evaluate_speed", "generate", "load",
+    "memory_footprint", "quantize",
+)
 __all__ = [*_API, "QtoolError", "__version__"]
 
 

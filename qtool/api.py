@@ -20,9 +20,11 @@ from qtool.checkpoint import (
     write_record,
 )
 from qtool.data import load_text
-from qtool.errors import CheckpointError, OutputExistsError, SpecError
+from qtool.errors import CheckpointError, DatasetError, OutputExistsError, SpecError
 from qtool.evaluate.divergence import DivergenceResult, perplexity_and_divergence
-from qtool.evaluate.perplexity import PerplexityResult, token_perplexity
+from qtool.evaluate.memory import tensor_bytes
+from qtool.evaluate.perplexity import PerplexityResult, token_perplexity, tokenize
+from qtool.evaluate.speed import SpeedResult, measure_speed
 from qtool.models import ModelSource, quantizable_linears, resolve_model
 from qtool.runtime import (
     Stopwatch,
@@ -163,6 +165,37 @@ def evaluate_divergence(
     return perplexity_and_divergence(
         loaded.model, base.model, base.source, loaded.tokenizer, text, ctx, stride, max_tokens, progress
     )
+
+
+def evaluate_speed(
+    loaded: LoadedModel,
+    batches: tuple[int, ...] = (1, 8),
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    prompt_source: str = "builtin",
+) -> list[SpeedResult]:
+    """Prefill/decode throughput and time to first token at each batch size; see evaluate.speed."""
+    ids = tokenize(loaded.tokenizer, load_text(prompt_source).content, max_tokens=prompt_tokens).ids
+    if len(ids) < prompt_tokens:
+        raise DatasetError(f"{prompt_source} has {len(ids)} tokens, fewer than --prompt-len {prompt_tokens}")
+    return [measure_speed(loaded.model, ids, batch, new_tokens, repeats) for batch in batches]
+
+
+def memory_footprint(loaded: LoadedModel) -> dict[str, Any]:
+    """Size of the weights in memory and on disk, and what producing them cost (from qtool.json)."""
+    folder = Path(loaded.source)
+    footprint: dict[str, Any] = {
+        "in_memory_bytes": tensor_bytes(loaded.model),
+        "on_disk_weights_bytes": weights_size_bytes(folder) if folder.is_dir() else None,
+    }
+    if loaded.record:
+        footprint["quantization_cost"] = {
+            "timings_s": loaded.record["timings_s"],
+            "peak_memory_mib": loaded.record["peak_memory_mib"],
+            "peak_memory_kind": loaded.record["peak_memory_kind"],
+        }
+    return footprint
 
 
 @torch.no_grad()

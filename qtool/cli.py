@@ -74,15 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="token perplexity and bits-per-byte of a model on a text",
-        description="Token perplexity (GPTQ-paper protocol: text tokenised once, windows of --ctx tokens "
-        "every --stride tokens, exp of mean NLL over scored tokens) and bits per byte.",
+        help="perplexity, KL from a base model, speed and memory of a model",
+        description="Quality: token perplexity (GPTQ-paper protocol: text tokenised once, windows of --ctx "
+        "tokens every --stride tokens, exp of mean NLL over scored tokens), bits per byte, and with --base the "
+        "next-token KL and top-1 agreement. Speed (--speed): prefill and decode tokens/s and time to first "
+        "token per batch size, with per-phase peak memory. Every run reports the weights' size in memory and "
+        "on disk, and what quantizing cost (from qtool.json).",
     )
     p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
-    p.add_argument("--ppl", required=True, metavar="SOURCE", help="text file (.txt/.jsonl/.json), 'builtin', or wikitext2/c4/pile (online)")
+    p.add_argument("--ppl", metavar="SOURCE", help="text file (.txt/.jsonl/.json), 'builtin', or wikitext2/c4/pile (online)")
     p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
+    p.add_argument("--speed", action="store_true", help="measure prefill/decode speed and time to first token")
+    p.add_argument("--batch", default="1,8", help="batch sizes for --speed, comma-separated (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for --speed (default 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="generated tokens for --speed (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions for --speed after one warm-up (default 3)")
     p.add_argument("--base", metavar="MODEL", help="also measure next-token KL from this model and top-1 agreement with it, on the same windows")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
@@ -201,29 +209,48 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import qtool
-
-    _no_loading_bars()
+    from qtool.errors import SpecError
     from qtool.runtime import package_versions
 
+    if not (args.ppl or args.speed):
+        raise SpecError("nothing to measure: give --ppl SOURCE and/or --speed")
+    if args.base and not args.ppl:
+        raise SpecError("--base compares predictions on a text: give --ppl SOURCE too")
+    batches = _int_list(args.batch, "--batch")
+    _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
-    window_args = {"ctx": args.ctx, "stride": args.stride, "max_tokens": args.max_tokens, "progress": not args.quiet}
-    divergence = None
-    if args.base:
-        base = qtool.load(args.base, device=loaded.device)
-        result, divergence = qtool.evaluate_divergence(loaded, base, args.ppl, **window_args)
-    else:
-        result = qtool.evaluate_perplexity(loaded, args.ppl, **window_args)
-    payload = {"model": args.model, "device": loaded.device, "quantization": loaded.record and loaded.record["spec"],
-               "perplexity": result.as_dict(), "divergence": divergence and divergence.as_dict(),
-               "versions": package_versions()}
-    summary = (f"{args.model}: token PPL {result.ppl:.3f}, bits/byte {result.bpb:.4f} "
-               f"[{result.protocol}, ctx {result.ctx}, stride {result.stride}, {result.tokens_scored} tokens scored, "
-               f"{Path(result.dataset['origin']).name}]")
-    if divergence:
-        summary += (f"\n  vs {args.base}: KL mean {divergence.kl_mean:.4f} nats, p99 {divergence.kl_p99:.4f}, "
-                    f"top-1 agreement {100 * divergence.top1_agreement:.2f} % (base PPL {divergence.base_ppl:.3f})")
+    payload: dict[str, Any] = {
+        "model": args.model, "device": loaded.device, "quantization": loaded.record and loaded.record["spec"],
+        "memory": qtool.memory_footprint(loaded), "perplexity": None, "divergence": None, "speed": None,
+    }
+    lines = [f"{args.model}: weights {payload['memory']['in_memory_bytes'] / 2**20:.1f} MiB in memory"]
+    if args.ppl:
+        window_args = {"ctx": args.ctx, "stride": args.stride, "max_tokens": args.max_tokens, "progress": not args.quiet}
+        if args.base:
+            base = qtool.load(args.base, device=loaded.device)
+            result, divergence = qtool.evaluate_divergence(loaded, base, args.ppl, **window_args)
+            payload["divergence"] = divergence.as_dict()
+        else:
+            result = qtool.evaluate_perplexity(loaded, args.ppl, **window_args)
+        payload["perplexity"] = result.as_dict()
+        lines.append(f"  token PPL {result.ppl:.3f}, bits/byte {result.bpb:.4f} [{result.protocol}, ctx {result.ctx}, "
+                     f"stride {result.stride}, {result.tokens_scored} tokens scored, {Path(result.dataset['origin']).name}]")
+        if args.base:
+            lines.append(f"  vs {args.base}: KL mean {divergence.kl_mean:.4f} nats, p99 {divergence.kl_p99:.4f}, "
+                         f"top-1 agreement {100 * divergence.top1_agreement:.2f} % (base PPL {divergence.base_ppl:.3f})")
+    if args.speed:
+        speeds = qtool.evaluate_speed(loaded, batches, args.prompt_len, args.new_tokens, args.repeats,
+                                      prompt_source=args.ppl or "builtin")
+        payload["speed"] = [s.as_dict() for s in speeds]
+        for s in speeds:
+            lines.append(f"  batch {s.batch}: prefill {s.prefill_tokens_per_s.median:.0f} tok/s, decode "
+                         f"{s.decode_tokens_per_s.median:.1f} tok/s (min {s.decode_tokens_per_s.min:.1f}, max "
+                         f"{s.decode_tokens_per_s.max:.1f}), first token {1000 * s.time_to_first_token_s.median:.0f} ms, "
+                         f"peak {s.peak_memory_generate_mib:.0f} MiB [{s.device}, {s.prompt_tokens}+{s.new_tokens} tokens, "
+                         f"median of {s.repeats}]")
+    payload["versions"] = package_versions()
     # With --json -, stdout carries only JSON so that scripts can parse it.
-    print(summary, file=sys.stderr if args.json == "-" else sys.stdout)
+    print("\n".join(lines), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(payload, indent=2))
     elif args.json:
@@ -246,6 +273,18 @@ COMMANDS = {
     "generate": cmd_generate, "recipes": cmd_recipes,
 }
 
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    from qtool.errors import SpecError
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SpecError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SpecError(f"{flag} takes positive integers, got {text!r}")
+    return values
 
 
 def _parse_opts(pairs: list[str]) -> dict[str, str]:
