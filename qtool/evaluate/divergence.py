@@ -18,13 +18,7 @@ from tqdm.auto import tqdm
 
 from qtool.data import Text
 from qtool.errors import QtoolError
-from qtool.evaluate.perplexity import (
-    PerplexityMeter,
-    PerplexityResult,
-    scored_windows,
-    tokenize,
-    window_plan,
-)
+from qtool.evaluate.perplexity import PerplexityMeter, PerplexityResult, scored_windows, windowed
 
 PROTOCOL = "next-token KL(base || model) and top-1 agreement on the token-ppl windows"
 
@@ -56,14 +50,12 @@ def perplexity_and_divergence(
     progress: bool = True,
 ) -> tuple[PerplexityResult, DivergenceResult]:
     """One pass over the windows: the model's perplexity and its divergence from `base`."""
-    stride = ctx if stride is None else stride
-    tokens = tokenize(tokenizer, text.content, max_tokens)
-    plan = window_plan(len(tokens.ids), ctx, stride)
+    windows = windowed(tokenizer, text, ctx, stride, max_tokens)
     started = time.perf_counter()
     meter, base_meter = PerplexityMeter(), PerplexityMeter()
     kl_parts, agree, total = [], 0, 0
-    pairs = zip(scored_windows(model, tokens, plan, ctx), scored_windows(base, tokens, plan, ctx), strict=True)
-    for ours, theirs in tqdm(pairs, total=len(plan), desc="perplexity + KL", unit="window", disable=not progress, leave=False):
+    pairs = zip(scored_windows(model, windows), scored_windows(base, windows), strict=True)
+    for ours, theirs in tqdm(pairs, total=len(windows.plan), desc="perplexity + KL", unit="window", disable=not progress, leave=False):
         if ours.logprobs.shape != theirs.logprobs.shape:
             raise QtoolError(
                 f"the base model predicts over {theirs.logprobs.shape[-1]} tokens and the model over"
@@ -76,8 +68,7 @@ def perplexity_and_divergence(
         agree += int((theirs_lp.argmax(-1) == ours.logprobs.argmax(-1)).sum())
         total += ours.targets.numel()
     kl = torch.cat(kl_parts).double()
-    seconds = time.perf_counter() - started
-    perplexity = meter.result(ctx, stride, {**text.describe(), "max_tokens": max_tokens}, seconds)
+    perplexity = meter.result(windows, time.perf_counter() - started)
     divergence = DivergenceResult(
         protocol=PROTOCOL,
         base=base_name,

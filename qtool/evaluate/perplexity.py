@@ -89,6 +89,23 @@ def window_plan(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class WindowedText:
+    tokens: Tokens
+    plan: list[tuple[int, int]]
+    ctx: int
+    stride: int
+    dataset: dict[str, Any]  # the text's description plus the token cap, recorded with results
+
+
+def windowed(tokenizer: Any, text: Text, ctx: int, stride: int | None, max_tokens: int | None) -> WindowedText:
+    """Tokenise once and plan the windows; the same for every evaluator on this text."""
+    stride = ctx if stride is None else stride
+    tokens = tokenize(tokenizer, text.content, max_tokens)
+    return WindowedText(tokens, window_plan(len(tokens.ids), ctx, stride), ctx, stride,
+                        {**text.describe(), "max_tokens": max_tokens})
+
+
+@dataclass(frozen=True)
 class ScoredWindow:
     logprobs: torch.Tensor  # (n, vocab) float32 log-probabilities at the n scored positions
     targets: torch.Tensor  # (n,) the tokens that actually came next
@@ -96,9 +113,10 @@ class ScoredWindow:
 
 
 @torch.no_grad()
-def scored_windows(model: torch.nn.Module, tokens: Tokens, plan: list[tuple[int, int]], ctx: int) -> Iterator[ScoredWindow]:
+def scored_windows(model: torch.nn.Module, text: WindowedText) -> Iterator[ScoredWindow]:
     device = next(model.parameters()).device
-    for start, first in plan:
+    tokens, ctx = text.tokens, text.ctx
+    for start, first in text.plan:
         window = tokens.ids[start : start + ctx].to(device)
         logits = model(window.unsqueeze(0)).logits[0].float()
         # logits[i] predicts window[i + 1]; score targets at absolute positions [first, start+ctx).
@@ -126,11 +144,11 @@ class PerplexityMeter:
     def ppl(self) -> float:
         return math.exp(self.nll_sum / self.tokens)
 
-    def result(self, ctx: int, stride: int, dataset: dict[str, Any], seconds: float) -> PerplexityResult:
+    def result(self, text: WindowedText, seconds: float) -> PerplexityResult:
         return PerplexityResult(
-            protocol=PROTOCOL, ctx=ctx, stride=stride, windows=self.windows, tokens_scored=self.tokens,
+            protocol=PROTOCOL, ctx=text.ctx, stride=text.stride, windows=self.windows, tokens_scored=self.tokens,
             bytes_scored=self.nbytes, nll_sum=self.nll_sum, ppl=self.ppl,
-            bpb=self.nll_sum / math.log(2) / max(self.nbytes, 1), dataset=dataset, seconds=round(seconds, 3),
+            bpb=self.nll_sum / math.log(2) / max(self.nbytes, 1), dataset=text.dataset, seconds=round(seconds, 3),
         )
 
 
@@ -143,12 +161,10 @@ def token_perplexity(
     max_tokens: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
-    stride = ctx if stride is None else stride
-    tokens = tokenize(tokenizer, text.content, max_tokens)
-    plan = window_plan(len(tokens.ids), ctx, stride)
+    windows = windowed(tokenizer, text, ctx, stride, max_tokens)
     started = time.perf_counter()
     meter = PerplexityMeter()
-    for window in tqdm(scored_windows(model, tokens, plan, ctx), total=len(plan), desc="perplexity",
+    for window in tqdm(scored_windows(model, windows), total=len(windows.plan), desc="perplexity",
                        unit="window", disable=not progress, leave=False):
         meter.add(window)
-    return meter.result(ctx, stride, {**text.describe(), "max_tokens": max_tokens}, time.perf_counter() - started)
+    return meter.result(windows, time.perf_counter() - started)
