@@ -26,6 +26,7 @@ ROWS = [  # name, method, bits, group size, options
     ("hqq 8-bit g64", "hqq", 8, 64, {}),
     ("rtn 3-bit g64", "rtn", 3, 64, {}),
     ("hqq 3-bit g64", "hqq", 3, 64, {}),
+    ("hqq 3-bit g64 (optimize=false)", "hqq", 3, 64, {"optimize": "false"}),
     ("hqq 2-bit g64", "hqq", 2, 64, {}),
 ]
 
