@@ -24,13 +24,15 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="folder names under --folders to measure (default: all)")
     parser.add_argument("--report", default="reports/smollm2-cpu-speed")
     args = parser.parse_args()
 
     batches = tuple(int(b) for b in args.batch.split(","))
     targets = [("base fp32", args.model)] + [
         (json.loads((f / "qtool.json").read_text())["method"] + " " + f.name, str(f))
-        for f in sorted(Path(args.folders).iterdir()) if (f / "qtool.json").exists()
+        for f in sorted(Path(args.folders).iterdir())
+        if (f / "qtool.json").exists() and (not args.only or f.name in args.only)
     ]
     rows = []
     for name, path in targets:

@@ -7,9 +7,9 @@ own Int8WeightOnlyLinear, which converts the int8 weight for each matmul and app
 per-row scale to the output. PyTorch's fused CPU kernel `torch._weight_int8pack_mm` was measured
 here on an idle AVX2 CPU (576 -> 1536 layer): 246 ms for a 512-token window against 7.0 ms
 (fp32 matmul alone: 6.4 ms), and 0.57 against 0.64 ms for one token, so it is not used.
-Checkpoints are qtool's own
-safetensors (int8 weight + per-row scale), reloaded with qtool.load(). Running them through
-EETQ's CUDA kernels is left to the GPU work: it is not verifiable on this project's machines.
+Checkpoints are qtool's own safetensors (int8 weight + per-row scale), reloaded with qtool.load().
+Running them through EETQ's CUDA kernels is left to the GPU work: it is not verifiable on this
+project's machines.
 """
 
 from __future__ import annotations
