@@ -309,6 +309,9 @@ def _quiet_libraries(progress_bars: bool) -> None:
     if not progress_bars:
         os.environ["TQDM_DISABLE"] = "1"
     warnings.filterwarnings("ignore")
+    # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." once per int8 matmul (840 lines
+    # for a 4-window eval); the fact is documented in qtool/backends/bnb.py instead.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _log_to_stderr(quiet: bool) -> None:

@@ -2,7 +2,8 @@
 
 Uses transformers' BitsAndBytesConfig, so OUT is the standard bitsandbytes-serialized HF
 checkpoint: `AutoModelForCausalLM.from_pretrained(OUT)` reloads it wherever bitsandbytes is
-installed. bitsandbytes >= 0.45 ships CPU kernels, so this runs here without CUDA.
+installed. bitsandbytes >= 0.45 ships CPU kernels, so this runs here without CUDA. On CPU,
+LLM.int8 casts fp32 activations to fp16 inside each matmul (bitsandbytes' own behaviour).
 """
 
 from __future__ import annotations
