@@ -20,10 +20,10 @@ RECORDED_PACKAGES = (
 )
 
 
-def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     """Versions of the packages that can change a result; missing ones are left out."""
     versions = {"python": platform.python_version()}
-    for name in RECORDED_PACKAGES + extra:
+    for name in RECORDED_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -83,7 +83,3 @@ class Stopwatch:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
-
-    @property
-    def total(self) -> float:
-        return round(sum(self.seconds.values()), 3)

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,7 +31,7 @@ def save_state_checkpoint(model: nn.Module, out: Path, quant_method: str) -> Non
 
 
 def load_state_checkpoint(
-    path: Path, device: str, dtype, marker: str, make_layer: Callable[[nn.Linear], nn.Module]
+    path: Path, device: str, dtype: torch.dtype, marker: str, make_layer: Callable[[nn.Linear], nn.Module]
 ) -> nn.Module:
     """Rebuild the model: every Linear whose state holds `<name>.<marker>` becomes make_layer(linear)."""
     from accelerate import init_empty_weights
