@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qtool import backends
+from qtool.calibration import CalibrationSpec, build_calibration
 from qtool.checkpoint import (
     atomic_output_dir,
     folder_size_bytes,
@@ -56,15 +57,20 @@ def quantize(
     device: str = "auto",
     force: bool = False,
     seed: int = 0,
+    calib: str | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
     Everything that can be checked without weights is checked first (method, spec, output,
-    device, package, model, layer widths); OUT appears only when the whole run succeeded.
+    device, package, model, layer widths, calibration text); OUT appears only when the whole
+    run succeeded. `calib`, `nsamples` and `seqlen` are for the methods that calibrate
+    (default: qtool's built-in text, 128 samples of 2048 tokens capped to the model's context).
     """
     out = Path(out)
     backend = backends.get(method)
-    spec = backend.make_spec(bits, group_size, options, seed)
+    spec = backend.make_spec(bits, group_size, options, seed, _calibration_spec(calib, nsamples, seqlen))
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
     device = resolve_device(device)
@@ -77,17 +83,26 @@ def quantize(
         raise SpecError(f"model {model} is already quantized ({kind}); quantize its full-precision original")
     linears = quantizable_linears(config)
     backend.check_layers(spec, linears)
+    watch = Stopwatch()
+    calibration = None
+    if spec.calibration:
+        with watch.stage("calibration_data"):
+            calibration = build_calibration(spec.calibration, source.load_tokenizer(), config, seed)
 
     if device == "cpu":
         configure_cpu()
     seed_everything(seed)
-    watch = Stopwatch()
     with atomic_output_dir(out, force) as tmp:
         with watch.stage("quantize"):
-            qmodel = backend.quantize(source, spec, device)
+            qmodel = backend.quantize(source, spec, device, calibration)
         with watch.stage("save"):
             backend.save(qmodel, tmp)
             source.load_tokenizer().save_pretrained(tmp)
+        peak_mib = peak_memory_mib(device)
+        layer_losses = getattr(qmodel, "qtool_losses", None)
+        del qmodel
+        with watch.stage("reload_check"):
+            reload_check = backend.reload_check(tmp, device)
         record = {
             "qtool_format": 1,
             "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -101,14 +116,26 @@ def quantize(
             "effective_bits_per_weight": round(backend.effective_bits(spec), 4),
             "quantized_layers": len(linears),
             "timings_s": watch.seconds,
-            "peak_memory_mib": round(peak_memory_mib(device), 1),
+            "peak_memory_mib": round(peak_mib, 1),
             "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process peak RSS",
             "weights_bytes": weights_size_bytes(tmp),
             "size_on_disk_bytes": folder_size_bytes(tmp),
             "versions": package_versions(),
         }
+        if calibration:
+            record["calibration"] = calibration.record
+        if layer_losses:
+            record["layer_losses"] = layer_losses
+        if reload_check:
+            record["reload_check"] = reload_check
         write_record(tmp, record)
     return record
+
+
+def _calibration_spec(calib: str | None, nsamples: int | None, seqlen: int | None) -> CalibrationSpec | None:
+    if calib is None and nsamples is None and seqlen is None:
+        return None
+    return CalibrationSpec(source=CalibrationSpec().source if calib is None else calib, nsamples=nsamples, seqlen=seqlen)
 
 
 def load(path: str | Path, device: str = "auto") -> LoadedModel:

@@ -15,6 +15,8 @@ EPILOG = """examples:
   qtool methods                                   which backends are ready here, and why not
   qtool quantize --method hqq --bits 4 --group-size 64 smollm2-135m out/hqq4
   qtool quantize --method bnb --bits 4 --opt quant_type=fp4 smollm2-135m out/bnb-fp4
+  qtool quantize --method gptq --bits 4 --group-size 64 --calib ../shared/data/wikitext-2/valid.txt \
+        --nsamples 128 --seqlen 512 smollm2-135m out/gptq4
   qtool eval out/hqq4 --ppl ../shared/data/wikitext-2/test.txt --ctx 512 --max-tokens 40000
   qtool generate out/hqq4 "What is the capital of France?"
 
@@ -66,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, help="bits per weight (default: the backend's, usually 4)")
     p.add_argument("--group-size", type=int, help="weights per scale group along the input dim; -1 = per channel (default 64)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
+    p.add_argument("--calib", metavar="SOURCE", help="calibration text for gptq/awq: .txt/.jsonl/.json file, 'builtin', "
+                   "or wikitext2/c4/pile (online) (default: builtin)")
+    p.add_argument("--nsamples", type=int, help="calibration samples (default 128, as in the GPTQ and AWQ papers)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
     p.add_argument("--device", help="cpu, cuda or auto (default: auto, cuda if present)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, help="random seed; also picks the calibration samples (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the qtool.json record instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -181,7 +187,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     kwargs = quantize_arguments(
         load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
         method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt),
-        device=args.device, seed=args.seed,
+        device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
     )
     _no_loading_bars()
     record = qtool.quantize(**kwargs, force=args.force)

@@ -30,6 +30,9 @@ class QuantizeRecipe:
     options: dict[str, Any] | None = None
     device: str | None = None
     seed: int | None = None
+    calib: str | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
     description: str = ""
 
 
@@ -93,6 +96,9 @@ def quantize_arguments(
     options: dict[str, str] | None = None,
     device: str | None = None,
     seed: int | None = None,
+    calib: str | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for qtool.quantize: explicit values win over the recipe's."""
     recipe = recipe or QuantizeRecipe(method="")
@@ -113,6 +119,9 @@ def quantize_arguments(
         "options": {k: str(v) for k, v in (recipe.options or {}).items()} | (options or {}),
         "device": _first(device, recipe.device, "auto"),
         "seed": _first(seed, recipe.seed, 0),
+        "calib": _first(calib, recipe.calib),
+        "nsamples": _first(nsamples, recipe.nsamples),
+        "seqlen": _first(seqlen, recipe.seqlen),
     }
 
 

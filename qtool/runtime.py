@@ -16,7 +16,7 @@ from qtool.errors import DeviceError
 
 RECORDED_PACKAGES = (
     "qtool", "torch", "transformers", "accelerate", "safetensors", "tokenizers",
-    "bitsandbytes", "hqq", "gguf", "datasets", "peft",
+    "bitsandbytes", "hqq", "gguf", "datasets", "peft", "gptqmodel", "optimum",
 )
 
 

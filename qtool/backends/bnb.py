@@ -44,10 +44,10 @@ class BnbBackend(Backend):
     )
     Options = BnbOptions
 
-    def make_spec(self, bits=None, group_size=None, options=None, seed=0) -> QuantSpec:
+    def make_spec(self, bits=None, group_size=None, options=None, seed=0, calibration=None) -> QuantSpec:
         if group_size is None and bits == 8:
             group_size = -1  # LLM.int8 scales each row
-        return super().make_spec(bits, group_size, options, seed)
+        return super().make_spec(bits, group_size, options, seed, calibration)
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.bits == 4 and spec.group_size != BLOCK_SIZE_4BIT:
@@ -67,7 +67,7 @@ class BnbBackend(Backend):
             bnb_4bit_compute_dtype=compute_dtype(device),
         )
 
-    def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
+    def quantize(self, source: ModelSource, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
         return source.load_model(device, compute_dtype(device), quantization_config=self.bnb_config(spec, device))
 
     def kernel(self, device: str) -> str:

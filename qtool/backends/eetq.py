@@ -79,7 +79,7 @@ class EetqBackend(Backend):
     default_group_size = -1
 
     @torch.no_grad()
-    def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
+    def quantize(self, source: ModelSource, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
         model = source.load_model(device, compute_dtype(device))
         for name, linear in tqdm(linear_layers(model).items(), desc="eetq", unit="layer", leave=False):
             parent, child = name.rsplit(".", 1)

@@ -39,7 +39,7 @@ class HqqBackend(Backend):
     )
     Options = HqqOptions
 
-    def quantize(self, source, spec: QuantSpec, device: str) -> nn.Module:
+    def quantize(self, source, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
         from hqq.core.quantize import BaseQuantizeConfig
         from hqq.models.hf.base import AutoHQQHFModel
 

@@ -61,7 +61,7 @@ class RtnBackend(Backend):
     Options = RtnOptions
 
     @torch.no_grad()
-    def quantize(self, source: ModelSource, spec: QuantSpec, device: str) -> nn.Module:
+    def quantize(self, source: ModelSource, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
         model = source.load_model(device, compute_dtype(device))
         for _name, linear in tqdm(linear_layers(model).items(), desc="rtn", unit="layer", leave=False):
             linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits, spec.group_size, spec.options.symmetric))

@@ -1,0 +1,145 @@
+"""What the gptq and awq backends share: running GPTQModel quietly, with qtool's own progress.
+
+GPTQModel (the maintained successor of auto-gptq, which also carries AutoAWQ's algorithm) draws
+its own multi-line terminal UI and prints a table per module. qtool sends that output to
+`quantize.log` next to the run and shows one progress bar over the quantized modules, whose
+postfix is the last module's reconstruction loss; the per-module losses go into qtool.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from qtool.calibration import CalibrationSet
+from qtool.models import ModelSource
+from qtool.runtime import compute_dtype
+
+
+def prepare_environment() -> None:
+    """Settings GPTQModel reads at import time."""
+    # On a 2-core machine its default asks for more CPU workers than the pool has and fails.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 4))))
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+
+
+def import_quietly() -> None:
+    """Import GPTQModel (banner, torchao and kernel notices) without printing to the terminal.
+
+    A failing import is left for the caller to repeat: Python does not cache the failure, so
+    the second import raises the same error, which then reaches the user.
+    """
+    prepare_environment()
+    with contextlib.suppress(Exception), library_output_to(Path(os.devnull)):
+        import gptqmodel  # noqa: F401
+
+
+@contextlib.contextmanager
+def library_output_to(log_path: Path) -> Iterator[Any]:
+    """Send everything written to fds 1 and 2 into `log_path`; yield a stream to the real stderr.
+
+    GPTQModel's UI writes to the file descriptors directly, so sys.stdout swaps would not catch it.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+    with open(log_path, "ab") as log:
+        for fd in (1, 2):
+            os.dup2(log.fileno(), fd)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            terminal.close()
+
+
+@contextlib.contextmanager
+def module_progress(total: int, desc: str, stream: Any, losses: list[dict[str, Any]]) -> Iterator[None]:
+    """One bar over the quantized modules, fed by GPTQModel's per-module log rows."""
+    from gptqmodel.looper.loop_processor import LoopProcessor
+
+    bar = tqdm(total=total, desc=desc, unit="module", file=stream, dynamic_ncols=True)
+    original = LoopProcessor.log_new_row
+
+    def record_row(processor: Any, stat: dict[str, Any]) -> None:
+        loss = _as_float(stat.get("loss"))
+        losses.append({"layer": stat.get("layer"), "module": stat.get("module"), "loss": loss})
+        bar.update(1)
+        bar.set_postfix_str(f"layer {stat.get('layer')} {stat.get('module')} loss {loss:.3g}" if loss is not None else "")
+
+    LoopProcessor.log_new_row = record_row  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LoopProcessor.log_new_row = original  # type: ignore[method-assign]
+        bar.close()
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def quantize_with_gptqmodel(
+    source: ModelSource, make_config: Callable[[], Any], calibration: CalibrationSet, device: str, desc: str,
+    modules: int,
+) -> Any:
+    """Load `source` into GPTQModel, calibrate layer by layer, and return the quantized wrapper.
+
+    `make_config` builds the GPTQModel config; it runs inside the redirection, as it logs too.
+
+    The wrapper keeps the per-module losses in `qtool_losses` and the library log path in
+    `qtool_log` for the backend's save().
+    """
+    prepare_environment()
+    log_path = Path(tempfile.mkstemp(prefix="qtool-gptqmodel-", suffix=".log")[1])
+    losses: list[dict[str, Any]] = []
+    with library_output_to(log_path) as terminal:
+        from gptqmodel import GPTQModel
+
+        model = GPTQModel.load(source.location, make_config(), dtype=compute_dtype(device), device=device)
+        with module_progress(modules, desc, terminal, losses):
+            model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
+    model.qtool_losses = losses
+    model.qtool_log = log_path
+    return model
+
+
+def save_gptqmodel(model: Any, out: Path) -> None:
+    with library_output_to(model.qtool_log):
+        model.save(str(out))
+    log = Path(model.qtool_log)
+    if log.exists():
+        log.replace(out / "quantize.log")
+
+
+def loaded_kernels(model: torch.nn.Module) -> list[str]:
+    """Class names of the quantized linear layers a loaded model runs (the kernel in use)."""
+    return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+
+
+def quiet_load(load: Callable[[], Any]) -> Any:
+    """Run a GPTQModel-backed load with its banner and kernel chatter kept off the terminal."""
+    with library_output_to(Path(os.devnull)):
+        return load()
+
+
+def reload_and_name_kernels(backend: Any, out: Path, device: str) -> dict[str, Any]:
+    """Reload OUT the way users will (plain transformers) and name the layer classes it picked."""
+    model = backend.load(out, device)
+    return {"loader": "transformers.AutoModelForCausalLM.from_pretrained", "kernel_classes": loaded_kernels(model)}

@@ -1,0 +1,109 @@
+"""AWQ (Lin et al., 2024): activation-aware per-channel scaling before group quantization.
+
+AutoAWQ is deprecated and broken under transformers 5; its algorithm lives on in GPTQModel
+and in llm-compressor. qtool uses GPTQModel's AWQ for the same reason as its gptq backend:
+llm-compressor 0.14 pins transformers <= 5.17 (qtool runs 5.23) and, on CPU, fails in
+`pin_memory()` without a patch. GPTQModel searches the per-channel scales and the clipping
+range layer by layer on the calibration activations, then writes the standard AWQ GEMM layout
+(`quant_method: awq`, int32-packed qweight/qzeros/scales) that transformers (through
+GPTQModel), vLLM and SGLang load.
+
+Two adjustments for the CPU, both scoped to qtool's calls: GPTQModel's AWQ clip search is
+replaced by an equivalent one that does not thrash memory (see _awq_clip.py), and its CPU AWQ
+layer, whose code handles fp32 activations (scales are stored fp16 either way), is allowed to run
+in fp32, because bf16 matmuls are ~5x slower on CPUs without bf16 units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtool.backends import register
+from qtool.backends._awq_clip import batched_clip_search
+from qtool.backends._gptqmodel import (
+    import_quietly,
+    quantize_with_gptqmodel,
+    quiet_load,
+    reload_and_name_kernels,
+    save_gptqmodel,
+)
+from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.calibration import CalibrationSet
+from qtool.models import ModelSource, quantizable_linears
+
+
+@dataclass
+class AwqOptions:
+    sym: bool = field(default=False, metadata={"help": "symmetric grid; AWQ's default is a zero point per group (false)"})
+    offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
+
+
+@register
+class AwqBackend(Backend):
+    name = "awq"
+    summary = "AWQ via GPTQModel: activation-aware scaling, calibrated, standard AWQ GEMM checkpoint (transformers, vLLM)"
+    capabilities = Capabilities(
+        bits=(2, 3, 4, 8),
+        needs_calibration=True,
+        devices=("cpu", "cuda"),
+        serializable=True,
+        peft_trainable=True,
+        packages={"gptqmodel": "gptq"},
+        format="AWQ GEMM (int32-packed, zero points; quant_method awq in config.json): transformers + gptqmodel, vLLM, SGLang, TGI",
+    )
+    Options = AwqOptions
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        import_quietly()
+        return super().unavailable_reason(device)
+
+    def quantize(
+        self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
+    ) -> nn.Module:
+        from gptqmodel.quantization.config import AWQConfig
+
+        def config():
+            return AWQConfig(
+                bits=spec.bits, group_size=spec.group_size, sym=spec.options.sym,
+                offload_to_disk=spec.options.offload_to_disk,
+            )
+
+        modules = len(quantizable_linears(source.config()))
+        with batched_clip_search(), fp32_awq_layers():
+            return quantize_with_gptqmodel(source, config, calibration, device, "awq", modules)
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        with fp32_awq_layers():
+            save_gptqmodel(model, out)
+
+    def load(self, path: Path, device: str) -> nn.Module:
+        with fp32_awq_layers():
+            return quiet_load(lambda: super(AwqBackend, self).load(path, device))
+
+    def reload_check(self, out: Path, device: str) -> dict:
+        return reload_and_name_kernels(self, out, device)
+
+    def kernel(self, device: str) -> str:
+        if device == "cpu":
+            return "gptqmodel AWQ torch kernel on CPU, picked at load"
+        return "fastest GPTQModel AWQ CUDA kernel (Marlin, GEMM/GEMV, ExLlama), picked at load"
+
+
+@contextlib.contextmanager
+def fp32_awq_layers() -> Iterator[None]:
+    """Let GPTQModel's torch AWQ layer take fp32 (it converts scales to fp16 and casts the
+    dequantized weight to the input's dtype; only its declared dtype list says fp16/bf16)."""
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    declared = AwqTorchLinear.SUPPORTS_DTYPES
+    AwqTorchLinear.SUPPORTS_DTYPES = [*declared, torch.float32]
+    try:
+        yield
+    finally:
+        AwqTorchLinear.SUPPORTS_DTYPES = declared

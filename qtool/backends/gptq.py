@@ -1,0 +1,102 @@
+"""GPTQ (Frantar et al., 2023): second-order, layer-by-layer weight quantization from calibration data.
+
+Built on GPTQModel, the maintained successor of the archived auto-gptq. Chosen over
+llm-compressor because llm-compressor 0.14 pins transformers <= 5.17 and torch <= 2.14, while
+qtool runs transformers 5.23; GPTQModel 7.7 quantizes here in fp32 on the CPU (its bf16
+default is ~6x slower on a CPU without bf16 units) and writes the standard GPTQ layout
+(`quantization_config` in config.json, int32-packed qweight/qzeros/scales/g_idx) that
+transformers (through optimum + GPTQModel) and vLLM/SGLang load.
+
+GPTQModel quantizes one decoder layer at a time and offloads finished layers to disk, so only
+one layer's activations are resident; see the README for models larger than memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from qtool.backends import register
+from qtool.backends._gptqmodel import (
+    import_quietly,
+    quantize_with_gptqmodel,
+    quiet_load,
+    reload_and_name_kernels,
+    save_gptqmodel,
+)
+from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.calibration import CalibrationSet
+from qtool.errors import SpecError
+from qtool.models import ModelSource, quantizable_linears
+
+
+@dataclass
+class GptqOptions:
+    sym: bool = field(default=True, metadata={"help": "symmetric grid (no zero point); false adds a zero point per group"})
+    desc_act: bool = field(default=False, metadata={"help": "act-order: quantize columns by decreasing Hessian diagonal (slower kernels when grouped)"})
+    act_group_aware: bool = field(default=True, metadata={"help": "GPTQModel's group-aware act-order: its benefit, kernel-friendly layout (ignored with desc_act)"})
+    true_sequential: bool = field(default=True, metadata={"help": "quantize q/k/v, then o, then up/gate, then down, each seeing the already-quantized ones"})
+    damp_percent: float = field(default=0.05, metadata={"help": "Hessian damping, fraction of its mean diagonal (paper: 0.01)"})
+    offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
+
+
+@register
+class GptqBackend(Backend):
+    name = "gptq"
+    summary = "GPTQ via GPTQModel: calibrated 2/3/4/8-bit, standard GPTQ checkpoint (transformers, vLLM, SGLang)"
+    capabilities = Capabilities(
+        bits=(2, 3, 4, 8),
+        needs_calibration=True,
+        devices=("cpu", "cuda"),
+        serializable=True,
+        peft_trainable=True,
+        packages={"gptqmodel": "gptq", "optimum": "gptq"},
+        format="GPTQ (int32-packed; quantization_config in config.json): transformers + optimum + gptqmodel, vLLM, SGLang, TGI",
+    )
+    Options = GptqOptions
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        if not 0 < spec.options.damp_percent < 1:
+            raise SpecError(f"gptq option damp_percent must be in (0, 1), got {spec.options.damp_percent}")
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        import_quietly()
+        return super().unavailable_reason(device)
+
+    def quantize(
+        self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
+    ) -> nn.Module:
+        from gptqmodel import QuantizeConfig
+
+        o = spec.options
+
+        def config():
+            return QuantizeConfig(
+                bits=spec.bits,
+                group_size=spec.group_size,
+                sym=o.sym,
+                desc_act=o.desc_act,
+                act_group_aware=o.act_group_aware and not o.desc_act,
+                true_sequential=o.true_sequential,
+                damp_percent=o.damp_percent,
+                offload_to_disk=o.offload_to_disk,
+            )
+
+        modules = len(quantizable_linears(source.config()))
+        return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules)
+
+    def save(self, model: nn.Module, out: Path) -> None:
+        save_gptqmodel(model, out)
+
+    def load(self, path: Path, device: str) -> nn.Module:
+        return quiet_load(lambda: super(GptqBackend, self).load(path, device))
+
+    def reload_check(self, out: Path, device: str) -> dict:
+        return reload_and_name_kernels(self, out, device)
+
+    def kernel(self, device: str) -> str:
+        if device == "cpu":
+            return "gptqmodel torch kernels on CPU (TorchAtenLinear for 4-bit, TorchLinear otherwise), picked at load"
+        return "fastest GPTQModel CUDA kernel for the format (Marlin, Machete, ExLlama v2, Triton), picked at load"
