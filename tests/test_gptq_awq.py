@@ -124,11 +124,19 @@ def valid_txt():
     return path
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_real_model_4bit_g64_answers_and_keeps_its_perplexity(method, valid_txt, wikitext_test, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("gptq", ["--opt", "sym=false"]),
+        # ~6 min on 2 cores (AWQ's scale search runs ~20 forwards of the calibration set per layer);
+        # the default suite covers AWQ's mechanics on the tiny model above.
+        pytest.param("awq", [], marks=pytest.mark.slow),
+    ],
+)
+def test_real_model_4bit_g64_answers_and_keeps_its_perplexity(method, options, valid_txt, wikitext_test, tmp_path):
     out = tmp_path / method
-    proc = run_qtool("quantize", "--method", method, "--bits", "4", "--group-size", "64", "--calib", valid_txt,
-                     "--nsamples", "16", "--seqlen", "256", "smollm2-135m", out, timeout=900)
+    proc = run_qtool("quantize", "--method", method, "--bits", "4", "--group-size", "64", *options, "--calib",
+                     valid_txt, "--nsamples", "16", "--seqlen", "256", "smollm2-135m", out, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     from transformers import AutoModelForCausalLM
 
@@ -143,6 +151,29 @@ def test_real_model_4bit_g64_answers_and_keeps_its_perplexity(method, valid_txt,
         assert result.returncode == 0, result.stderr
         ppl[str(name)] = json.loads(result.stdout)["perplexity"]["ppl"]
     base, quantized = ppl["smollm2-135m"], ppl[str(out)]
-    # Measured on 40k tokens: 4-bit g64 gptq/awq stay within 8 % of the base (README); 4k tokens and
-    # 16 x 256 calibration tokens here, so the bound is looser, and still far inside rtn's +27 %.
-    assert base < quantized < 1.15 * base, (method, quantized, base)
+    # Measured with these settings (README): +11 to +12 % on WikiText-2 test, where rtn 4-bit g64
+    # costs +27 % and hqq +21 %; 4k tokens here, so the bound leaves room for the shorter text.
+    assert base < quantized < 1.16 * base, (method, quantized, base)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_awq_clip_search_picks_what_the_library_picks(sym):
+    from gptqmodel.looper.awq_processor import AWQProcessor
+    from gptqmodel.quantization.config import AWQConfig
+
+    from qtool.backends._awq_clip import best_clip_batched
+
+    class Processor:  # the library's own quantizer and clip search, without a model around them
+        _pseudo_quantize_tensor_into = AWQProcessor._pseudo_quantize_tensor_into
+        _compute_best_clip = AWQProcessor._compute_best_clip
+
+    processor = Processor()
+    processor.qcfg = AWQConfig(bits=4, group_size=64, sym=sym, offload_to_disk=False)
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(320, 192, generator=generator)
+    x = torch.randn(700, 192, generator=generator) * torch.linspace(0.1, 3, 192)  # uneven channels
+    expected = processor._compute_best_clip(w, x)
+    got = best_clip_batched(processor, w, x)
+    assert got.shape == expected.shape
+    assert (got != expected).float().mean() < 0.01  # summation order may flip a near-tie
+    assert (got < w.reshape(320, 3, 64).abs().amax(-1, keepdim=True)).any()  # it does clip

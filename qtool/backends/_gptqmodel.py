@@ -143,3 +143,8 @@ def reload_and_name_kernels(backend: Any, out: Path, device: str) -> dict[str, A
     """Reload OUT the way users will (plain transformers) and name the layer classes it picked."""
     model = backend.load(out, device)
     return {"loader": "transformers.AutoModelForCausalLM.from_pretrained", "kernel_classes": loaded_kernels(model)}
+
+
+def packed_bits_per_weight(bits: int, group_size: int) -> float:
+    """GPTQ/AWQ layouts: `bits` per weight, plus per group a fp16 scale and a `bits`-wide packed zero."""
+    return float(bits) if group_size == -1 else bits + (16 + bits) / group_size

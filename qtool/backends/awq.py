@@ -28,6 +28,7 @@ from qtool.backends import register
 from qtool.backends._awq_clip import batched_clip_search
 from qtool.backends._gptqmodel import (
     import_quietly,
+    packed_bits_per_weight,
     quantize_with_gptqmodel,
     quiet_load,
     reload_and_name_kernels,
@@ -88,6 +89,9 @@ class AwqBackend(Backend):
 
     def reload_check(self, out: Path, device: str) -> dict:
         return reload_and_name_kernels(self, out, device)
+
+    def effective_bits(self, spec: QuantSpec) -> float:
+        return packed_bits_per_weight(spec.bits, spec.group_size)
 
     def kernel(self, device: str) -> str:
         if device == "cpu":

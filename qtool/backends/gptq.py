@@ -21,6 +21,7 @@ from torch import nn
 from qtool.backends import register
 from qtool.backends._gptqmodel import (
     import_quietly,
+    packed_bits_per_weight,
     quantize_with_gptqmodel,
     quiet_load,
     reload_and_name_kernels,
@@ -95,6 +96,9 @@ class GptqBackend(Backend):
 
     def reload_check(self, out: Path, device: str) -> dict:
         return reload_and_name_kernels(self, out, device)
+
+    def effective_bits(self, spec: QuantSpec) -> float:
+        return packed_bits_per_weight(spec.bits, spec.group_size)
 
     def kernel(self, device: str) -> str:
         if device == "cpu":
