@@ -318,6 +318,10 @@ def _quiet_libraries(progress_bars: bool) -> None:
     # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." once per int8 matmul (840 lines
     # for a 4-window eval); the fact is documented in qtool/backends/bnb.py instead.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao (installed with GPTQModel, imported by hqq and transformers when present) logs that
+    # its CUDA-only extensions do not load, and torch logs a deprecation per torchao enum.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def _log_to_stderr(quiet: bool) -> None:
