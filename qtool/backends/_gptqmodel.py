@@ -148,3 +148,23 @@ def reload_and_name_kernels(backend: Any, out: Path, device: str) -> dict[str, A
 def packed_bits_per_weight(bits: int, group_size: int) -> float:
     """GPTQ/AWQ layouts: `bits` per weight, plus per group a fp16 scale and a `bits`-wide packed zero."""
     return float(bits) if group_size == -1 else bits + (16 + bits) / group_size
+
+
+class GptqModelBackend:
+    """What the gptq and awq backends share: quiet import, save, quiet load, reload check, size."""
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        import_quietly()
+        return super().unavailable_reason(device)  # type: ignore[misc]
+
+    def save(self, model: Any, out: Path) -> None:
+        save_gptqmodel(model, out)
+
+    def load(self, path: Path, device: str) -> Any:
+        return quiet_load(lambda: super(GptqModelBackend, self).load(path, device))  # type: ignore[misc]
+
+    def reload_check(self, out: Path, device: str) -> dict[str, Any]:
+        return reload_and_name_kernels(self, out, device)
+
+    def effective_bits(self, spec: Any) -> float:
+        return packed_bits_per_weight(spec.bits, spec.group_size)

@@ -26,14 +26,7 @@ from torch import nn
 
 from qtool.backends import register
 from qtool.backends._awq_clip import batched_clip_search
-from qtool.backends._gptqmodel import (
-    import_quietly,
-    packed_bits_per_weight,
-    quantize_with_gptqmodel,
-    quiet_load,
-    reload_and_name_kernels,
-    save_gptqmodel,
-)
+from qtool.backends._gptqmodel import GptqModelBackend, quantize_with_gptqmodel
 from qtool.backends.base import Backend, Capabilities, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.models import ModelSource, quantizable_linears
@@ -46,7 +39,7 @@ class AwqOptions:
 
 
 @register
-class AwqBackend(Backend):
+class AwqBackend(GptqModelBackend, Backend):
     name = "awq"
     summary = "AWQ via GPTQModel: activation-aware scaling, calibrated, standard AWQ GEMM checkpoint (transformers, vLLM)"
     capabilities = Capabilities(
@@ -59,10 +52,6 @@ class AwqBackend(Backend):
         format="AWQ GEMM (int32-packed, zero points; quant_method awq in config.json): transformers + gptqmodel, vLLM, SGLang, TGI",
     )
     Options = AwqOptions
-
-    def unavailable_reason(self, device: str = "cpu") -> str | None:
-        import_quietly()
-        return super().unavailable_reason(device)
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
@@ -81,17 +70,11 @@ class AwqBackend(Backend):
 
     def save(self, model: nn.Module, out: Path) -> None:
         with fp32_awq_layers():
-            save_gptqmodel(model, out)
+            super().save(model, out)
 
     def load(self, path: Path, device: str) -> nn.Module:
         with fp32_awq_layers():
-            return quiet_load(lambda: super(AwqBackend, self).load(path, device))
-
-    def reload_check(self, out: Path, device: str) -> dict:
-        return reload_and_name_kernels(self, out, device)
-
-    def effective_bits(self, spec: QuantSpec) -> float:
-        return packed_bits_per_weight(spec.bits, spec.group_size)
+            return super().load(path, device)
 
     def kernel(self, device: str) -> str:
         if device == "cpu":

@@ -14,19 +14,11 @@ one layer's activations are resident; see the README for models larger than memo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import nn
 
 from qtool.backends import register
-from qtool.backends._gptqmodel import (
-    import_quietly,
-    packed_bits_per_weight,
-    quantize_with_gptqmodel,
-    quiet_load,
-    reload_and_name_kernels,
-    save_gptqmodel,
-)
+from qtool.backends._gptqmodel import GptqModelBackend, quantize_with_gptqmodel
 from qtool.backends.base import Backend, Capabilities, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -44,7 +36,7 @@ class GptqOptions:
 
 
 @register
-class GptqBackend(Backend):
+class GptqBackend(GptqModelBackend, Backend):
     name = "gptq"
     summary = "GPTQ via GPTQModel: calibrated 2/3/4/8-bit, standard GPTQ checkpoint (transformers, vLLM, SGLang)"
     capabilities = Capabilities(
@@ -61,10 +53,6 @@ class GptqBackend(Backend):
     def check_spec(self, spec: QuantSpec) -> None:
         if not 0 < spec.options.damp_percent < 1:
             raise SpecError(f"gptq option damp_percent must be in (0, 1), got {spec.options.damp_percent}")
-
-    def unavailable_reason(self, device: str = "cpu") -> str | None:
-        import_quietly()
-        return super().unavailable_reason(device)
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
@@ -87,18 +75,6 @@ class GptqBackend(Backend):
 
         modules = len(quantizable_linears(source.config()))
         return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules)
-
-    def save(self, model: nn.Module, out: Path) -> None:
-        save_gptqmodel(model, out)
-
-    def load(self, path: Path, device: str) -> nn.Module:
-        return quiet_load(lambda: super(GptqBackend, self).load(path, device))
-
-    def reload_check(self, out: Path, device: str) -> dict:
-        return reload_and_name_kernels(self, out, device)
-
-    def effective_bits(self, spec: QuantSpec) -> float:
-        return packed_bits_per_weight(spec.bits, spec.group_size)
 
     def kernel(self, device: str) -> str:
         if device == "cpu":
