@@ -11,7 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = (
-    "LoadedModel", "evaluate_divergence", "evaluate_perplexity", "evaluate_speed", "generate", "load",
+    "LoadedModel", "evaluate_divergence", "evaluate_perplexity", "evaluate_speed", "evaluate_word_perplexity",
+    "generate", "load",
     "memory_footprint", "quantize",
 )
 __all__ = [*_API, "QtoolError", "__version__"]

@@ -23,7 +23,8 @@ from qtool.checkpoint import (
 from qtool.data import load_text
 from qtool.errors import CheckpointError, DatasetError, OutputExistsError, SpecError
 from qtool.evaluate.divergence import DivergenceResult, perplexity_and_divergence
-from qtool.evaluate.memory import tensor_bytes
+from qtool.evaluate.lm_harness import WordPerplexityResult, word_perplexity
+from qtool.evaluate.memory import peak_memory, tensor_bytes
 from qtool.evaluate.perplexity import PerplexityResult, token_perplexity, tokenize
 from qtool.evaluate.speed import SpeedResult, measure_speed
 from qtool.models import ModelSource, quantizable_linears, resolve_model
@@ -32,7 +33,6 @@ from qtool.runtime import (
     compute_dtype,
     configure_cpu,
     package_versions,
-    peak_memory_mib,
     resolve_device,
     seed_everything,
 )
@@ -93,12 +93,13 @@ def quantize(
         configure_cpu()
     seed_everything(seed)
     with atomic_output_dir(out, force) as tmp:
-        with watch.stage("quantize"):
-            qmodel = backend.quantize(source, spec, device, calibration)
-        with watch.stage("save"):
-            backend.save(qmodel, tmp)
-            source.load_tokenizer().save_pretrained(tmp)
-        peak_mib = peak_memory_mib(device)
+        # the peak is reset here so that runs in one process (qtool compare) each get their own
+        with peak_memory(device) as peak:
+            with watch.stage("quantize"):
+                qmodel = backend.quantize(source, spec, device, calibration)
+            with watch.stage("save"):
+                backend.save(qmodel, tmp)
+                source.load_tokenizer().save_pretrained(tmp)
         layer_losses = getattr(qmodel, "qtool_losses", None)
         del qmodel
         with watch.stage("reload_check"):
@@ -116,8 +117,8 @@ def quantize(
             "effective_bits_per_weight": round(backend.effective_bits(spec), 4),
             "quantized_layers": len(linears),
             "timings_s": watch.seconds,
-            "peak_memory_mib": round(peak_mib, 1),
-            "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process peak RSS",
+            "peak_memory_mib": round(peak.mib, 1),
+            "peak_memory_kind": peak.kind.replace("this phase", "quantize and save"),
             "weights_bytes": weights_size_bytes(tmp),
             "size_on_disk_bytes": folder_size_bytes(tmp),
             "versions": package_versions(),
@@ -192,6 +193,13 @@ def evaluate_divergence(
     return perplexity_and_divergence(
         loaded.model, base.model, base.source, loaded.tokenizer, text, ctx, stride, max_tokens, progress
     )
+
+
+def evaluate_word_perplexity(
+    loaded: LoadedModel, source: str, max_length: int = 2048, limit: int | None = None
+) -> WordPerplexityResult:
+    """lm-evaluation-harness's word perplexity of the model on a local text; see evaluate.lm_harness."""
+    return word_perplexity(loaded.model, loaded.tokenizer, load_text(source, purpose="eval"), max_length, limit)
 
 
 def evaluate_speed(

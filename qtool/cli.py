@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
+    p.add_argument("--lm-eval", action="store_true",
+                   help="also run lm-evaluation-harness's word perplexity (rolling loglikelihood, max length = --ctx) on the --ppl text")
+    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="lm-eval: only the first N documents (WikiText articles)")
     p.add_argument("--speed", action="store_true", help="measure prefill/decode speed and time to first token")
     p.add_argument("--batch", default="1,8", help="batch sizes for --speed, comma-separated (default 1,8)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for --speed (default 128)")
@@ -101,6 +104,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "compare", help="quantize and evaluate a matrix of methods; write report.md/report.html for a deployment team",
+        description="Run every cell of a compare recipe (method x bits x group size x options): quantize into "
+                    "OUT/models/CELL, evaluate (token PPL, KL vs base, lm-eval word PPL, speed, memory) and append "
+                    "to OUT/results.jsonl. Cells already done are skipped, so an interrupted compare resumes; a "
+                    "failing cell is recorded and the others go on. Then OUT/report.md and a self-contained "
+                    "OUT/report.html with plots and recommendations are written.",
+        epilog="example: qtool compare recipes/compare-smollm2.yaml --out reports/smollm2-cpu",
+    )
+    p.add_argument("recipe", metavar="RECIPE", help="compare recipe: a YAML file or a bundled name (see `qtool recipes list`)")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: reports/<recipe name>)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from OUT/results.jsonl")
+    p.add_argument("--json", action="store_true", help="print the latest record of every cell as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "qlora", help="LoRA fine-tuning on a quantized model from a YAML recipe (PEFT + transformers Trainer)",
+        description="Quantize the recipe's base (or use an existing qtool folder), put LoRA adapters on it and train. "
+                    "OUT gets adapter/ (PEFT format), train_log.jsonl, loss.png, checkpoints/ and qtool.json.",
+        epilog="example: qtool qlora qlora-identity-hqq4 --out runs/identity && "
+               "qtool chat runs/identity/base --adapter me=runs/identity",
+    )
+    p.add_argument("recipe", metavar="RECIPE", help="qlora recipe: YAML file or bundled name (see `qtool recipes list`)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: the recipe's 'out', else runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="delete OUT and train from scratch")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides the recipe)")
+    p.add_argument("--json", action="store_true", help="print the qtool.json record")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "chat", help="chat in the terminal with a model and its LoRA adapters (/adapter NAME, /base to switch live)",
+        description="Reads your turns from stdin (type, or pipe a script), streams greedy answers through the "
+                    "model's chat template. Commands: /adapter NAME, /base, /adapters, /reset, /quit.",
+    )
+    p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source (the adapters' base)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a PEFT adapter or qtool qlora run folder; repeatable; the first is active")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+    p = sub.add_parser(
+        "merge", help="merge a LoRA adapter into its base; re-quantize when the base was quantized",
+        description="Merges on the full-precision original (merging into 4-bit layers destroys the adapter), "
+                    "then quantizes the result with --requantize METHOD. With --ppl, reports token PPL before "
+                    "(adapter on its base) and after (the merged output).",
+        epilog="example: qtool merge runs/identity/base runs/identity merged-hqq4 --requantize hqq --bits 4 "
+               "--group-size 64 --ppl ../shared/data/wikitext-2/test.txt",
+    )
+    p.add_argument("base", metavar="BASE", help="the model the adapter was trained on (qtool folder or model source)")
+    p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder or qtool qlora run folder")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--requantize", metavar="METHOD", help="quantize the merged model with this method (see `qtool methods`)")
+    p.add_argument("--bits", type=int)
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--ppl", metavar="SOURCE", help="measure token PPL before and after on this text")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     p = sub.add_parser("recipes", help="list the bundled recipes, or copy one to edit")
     rsub = p.add_subparsers(dest="recipes_command", metavar="ACTION", parser_class=OneLineParser)
@@ -122,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    _quiet_libraries(progress_bars=not quiet and args.command != "generate")
+    _quiet_libraries(progress_bars=not quiet and args.command not in ("generate", "chat"))
     _log_to_stderr(quiet)
     from qtool.errors import QtoolError
 
@@ -222,12 +289,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SpecError("nothing to measure: give --ppl SOURCE and/or --speed")
     if args.base and not args.ppl:
         raise SpecError("--base compares predictions on a text: give --ppl SOURCE too")
+    if args.lm_eval and not args.ppl:
+        raise SpecError("--lm-eval scores a text: give --ppl SOURCE too")
+    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
+        raise SpecError(f"--lm-eval-limit takes a positive number of documents, got {args.lm_eval_limit}")
     batches = _int_list(args.batch, "--batch")
     _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
     payload: dict[str, Any] = {
         "model": args.model, "device": loaded.device, "quantization": loaded.record and loaded.record["spec"],
-        "memory": qtool.memory_footprint(loaded), "perplexity": None, "divergence": None, "speed": None,
+        "memory": qtool.memory_footprint(loaded), "perplexity": None, "divergence": None, "word_perplexity": None,
+        "speed": None,
     }
     lines = [f"{args.model}: weights {payload['memory']['in_memory_bytes'] / 2**20:.1f} MiB in memory"]
     if args.ppl:
@@ -244,6 +316,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.base:
             lines.append(f"  vs {args.base}: KL mean {divergence.kl_mean:.4f} nats, p99 {divergence.kl_p99:.4f}, "
                          f"top-1 agreement {100 * divergence.top1_agreement:.2f} % (base PPL {divergence.base_ppl:.3f})")
+    if args.lm_eval:
+        words = qtool.evaluate_word_perplexity(loaded, args.ppl, max_length=args.ctx, limit=args.lm_eval_limit)
+        payload["word_perplexity"] = words.as_dict()
+        lines.append(f"  lm-eval word_perplexity {words.word_perplexity:.3f}, bits_per_byte {words.bits_per_byte:.4f} "
+                     f"[lm-evaluation-harness {words.harness}, loglikelihood_rolling, max length {words.max_length}, "
+                     f"{words.documents} documents] (word PPL: not comparable with token PPL)")
     if args.speed:
         speeds = qtool.evaluate_speed(loaded, batches, args.prompt_len, args.new_tokens, args.repeats,
                                       prompt_source=args.ppl or "builtin")
@@ -265,6 +343,94 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from qtool.compare import load_compare_recipe, read_results, run_compare
+    from qtool.errors import DatasetError
+    from qtool.report import ReportSettings, write_report
+
+    recipe = load_compare_recipe(args.recipe)
+    settings = ReportSettings.from_dict(recipe.report)
+    out = Path(args.out or Path("reports") / recipe.name)
+    if args.report_only:
+        results = read_results(out)
+        if not results:
+            raise DatasetError(f"{out} has no results.jsonl to report on; run the compare first")
+    else:
+        _no_loading_bars()
+        try:
+            results = run_compare(recipe, out, progress=not args.quiet)
+        except KeyboardInterrupt:
+            done = sum(r.get("status") == "ok" for r in read_results(out).values())
+            sys.stderr.write(f"qtool: interrupted; {done} finished cells are kept in {out / 'results.jsonl'}, "
+                             "rerun the same command to do the rest\n")
+            return 130
+    note = f"Recipe: `{args.recipe}` ({recipe.description})." if recipe.description else f"Recipe: `{args.recipe}`."
+    md, page = write_report(results, out, settings, title=f"qtool compare: {recipe.name}", recipe_note=note)
+    failed = sorted(cell for cell, r in results.items() if r.get("status") != "ok")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    print(f"wrote {md} and {page}: {len(results) - len(failed)} cells ok"
+          + (f", {len(failed)} failed ({', '.join(failed)})" if failed else ""), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_qlora(args: argparse.Namespace) -> int:
+    from qtool.finetune.recipe import load_qlora_recipe
+    from qtool.finetune.train import output_dir, run_qlora
+
+    recipe = load_qlora_recipe(args.recipe)
+    if args.max_steps is not None and args.max_steps < 1:
+        from qtool.errors import SpecError
+
+        raise SpecError(f"--max-steps takes a positive number, got {args.max_steps}")
+    _no_loading_bars()
+    out = output_dir(recipe, args.out)
+    try:
+        record = run_qlora(recipe, args.out, resume=args.resume, force=args.force, max_steps=args.max_steps,
+                           progress=not args.quiet)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"qtool: interrupted; continue from the last checkpoint with: qtool qlora {args.recipe} "
+                         f"--out {out} --resume\n")
+        return 130
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        first, last = record["train_loss_first"], record["train_loss_last"]
+        print(f"wrote {out}/adapter: {record['steps']} steps on {record['base']['method']} base, train loss "
+              f"{first:.3f} -> {last:.3f}" + (f", validation {record['eval_loss_last']:.3f}" if record["eval_loss_last"] else "")
+              + f", {record['timings_s']['train']:.0f} s, peak {record['peak_memory_mib']:.0f} MiB"
+              + (f" (resumed from {record['resumed_from']})" if record["resumed_from"] else ""))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import qtool
+    from qtool.chat import Chat, run_chat
+    from qtool.finetune.adapters import attach_adapters, parse_adapter_args
+
+    adapters = parse_adapter_args(args.adapter)
+    _no_loading_bars()
+    loaded = qtool.load(args.model, device=args.device)
+    model = attach_adapters(loaded.model, adapters)
+    chat = Chat(model, loaded.tokenizer, loaded.device, list(adapters), args.system, args.max_new_tokens)
+    return run_chat(chat, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from qtool.finetune.merge import merge_adapter
+
+    _no_loading_bars()
+    info = merge_adapter(args.base, args.adapter, args.out, args.requantize, args.bits, args.group_size,
+                         _parse_opts(args.opt), args.device, args.force, args.seed, args.ppl, args.ctx, args.max_tokens)
+    line = f"wrote {args.out}: {info['adapter']} merged on {info['full_precision_source']}"
+    if info["requantize"]:
+        line += f", re-quantized with {info['requantize']}"
+    if "ppl_before" in info:
+        line += f"; token PPL {info['ppl_before']:.3f} (adapter on its base) -> {info['ppl_after']:.3f} (merged)"
+    print(line)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import qtool
 
@@ -276,7 +442,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "methods": cmd_methods, "models": cmd_models, "quantize": cmd_quantize, "eval": cmd_eval,
-    "generate": cmd_generate, "recipes": cmd_recipes,
+    "generate": cmd_generate, "recipes": cmd_recipes, "compare": cmd_compare,
+    "qlora": cmd_qlora, "chat": cmd_chat, "merge": cmd_merge,
 }
 
 

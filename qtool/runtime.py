@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import random
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +20,7 @@ from qtool.errors import DeviceError
 
 RECORDED_PACKAGES = (
     "qtool", "torch", "transformers", "accelerate", "safetensors", "tokenizers",
-    "bitsandbytes", "hqq", "gguf", "datasets", "peft", "gptqmodel", "optimum",
+    "bitsandbytes", "hqq", "gguf", "datasets", "peft", "gptqmodel", "optimum", "lm_eval",
 )
 
 
@@ -83,3 +87,28 @@ class Stopwatch:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+@contextmanager
+def library_output_to(log_path: Path) -> Iterator[Any]:
+    """Send everything written to fds 1 and 2 into `log_path`; yield a stream to the real stderr.
+
+    Some libraries (GPTQModel's UI, lm-eval's git probe) write to the file descriptors directly,
+    so swapping sys.stdout would not catch them.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+    with open(log_path, "ab") as log:
+        for fd in (1, 2):
+            os.dup2(log.fileno(), fd)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            terminal.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from qtool.calibration import CalibrationSet
 from qtool.models import ModelSource
-from qtool.runtime import compute_dtype
+from qtool.runtime import compute_dtype, library_output_to
 
 
 def prepare_environment() -> None:
@@ -40,30 +39,6 @@ def import_quietly() -> None:
     prepare_environment()
     with contextlib.suppress(Exception), library_output_to(Path(os.devnull)):
         import gptqmodel  # noqa: F401
-
-
-@contextlib.contextmanager
-def library_output_to(log_path: Path) -> Iterator[Any]:
-    """Send everything written to fds 1 and 2 into `log_path`; yield a stream to the real stderr.
-
-    GPTQModel's UI writes to the file descriptors directly, so sys.stdout swaps would not catch it.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
-    with open(log_path, "ab") as log:
-        for fd in (1, 2):
-            os.dup2(log.fileno(), fd)
-        try:
-            yield terminal
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
-            terminal.close()
 
 
 @contextlib.contextmanager

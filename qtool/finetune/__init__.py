@@ -1,0 +1,1 @@
+"""LoRA fine-tuning on quantized bases: recipes, data, training, adapters, merging."""

@@ -1,0 +1,289 @@
+"""`qtool qlora`: LoRA on a quantized base with PEFT and the transformers Trainer.
+
+qtool's part is the recipe, the data, the quantized base (quantized into OUT/base first, or an
+existing qtool folder) and the outputs; LoRA on quantized layers is PEFT's job and the loop is
+the Trainer's. OUT holds: base/ (when quantized here), checkpoints/ (for --resume), adapter/
+(PEFT format), train_log.jsonl, loss.png and qtool.json (written last: its presence means done).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qtool.errors import OutputExistsError, QtoolError
+from qtool.finetune.dataset import IGNORE, build_examples
+from qtool.finetune.recipe import QloraRecipe, RecipeError, resolve_data_path
+
+LOG_NAME = "train_log.jsonl"
+
+
+class TrainingUnsupportedError(QtoolError):
+    """PEFT cannot put LoRA on this backend's layers."""
+
+
+def output_dir(recipe: QloraRecipe, out: str | None) -> Path:
+    return Path(out or recipe.out or Path("runs") / recipe.path.stem)
+
+
+def prepare_output(out: Path, resume: bool, force: bool) -> None:
+    if not out.exists():
+        return
+    if force:
+        shutil.rmtree(out)
+        return
+    if (out / "qtool.json").exists():
+        raise OutputExistsError(f"{out} holds a finished run; pass --force to train again from scratch")
+    if not resume:
+        raise OutputExistsError(f"{out} holds an unfinished run: pass --resume to continue it, or --force to restart")
+
+
+def target_modules(model: torch.nn.Module, wanted: str | list[str], base_linears: list[str]) -> list[str]:
+    """Module-name suffixes for LoRA; 'all-linear' means every quantized linear (the head excluded)."""
+    names = sorted({name.rsplit(".", 1)[-1] for name in base_linears})
+    if wanted == "all-linear":
+        return names
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for name in wanted:
+        if name not in present:
+            raise RecipeError(f"lora.target_modules: {name!r} is not a module of this model (its linear layers: {', '.join(names)})")
+    return list(wanted)
+
+
+def base_model_folder(recipe: QloraRecipe, out: Path, device: str, progress: bool) -> tuple[str, dict[str, Any] | None]:
+    """What LoRA trains on: an existing qtool folder, one quantized into OUT/base now, or the model itself."""
+    import qtool
+    from qtool.checkpoint import read_record
+
+    if recipe.quantized:
+        return recipe.quantized, None
+    if recipe.quantization is None:
+        return recipe.model, None
+    q = recipe.quantization
+    folder = out / "base"
+    if not (folder.is_dir() and read_record(folder)):
+        qtool.quantize(recipe.model, folder, q.method, q.bits, q.group_size, {k: str(v) for k, v in q.options.items()},
+                       device=device, force=True, seed=recipe.train.seed)
+    return str(folder), read_record(folder)
+
+
+def attach_lora(model: torch.nn.Module, recipe: QloraRecipe, targets: list[str], method: str) -> Any:
+    from qtool.finetune.adapters import import_peft
+
+    import_peft()
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+        layer = type(next(m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)).__name__
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingUnsupportedError(f"PEFT cannot train LoRA on {method} layers ({layer}): {first}") from None
+
+
+def _log_callback(path: Path) -> Any:
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Every Trainer log line (train loss, eval loss, lr, grad norm) as one JSON line."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if logs:
+                with open(path, "a") as fh:
+                    fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    return JsonlLog()
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    points = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return points[-1] if points else None
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`: an interrupted run logged steps the resumed run will redo."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False, force: bool = False,
+              max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    import qtool
+    from qtool.checkpoint import write_record
+    from qtool.evaluate.memory import peak_memory
+    from qtool.models import linear_layers
+    from qtool.runtime import Stopwatch, package_versions, resolve_device, seed_everything
+
+    folder = output_dir(recipe, out)
+    data_path = resolve_data_path(recipe)
+    prepare_output(folder, resume, force)
+    device = resolve_device(recipe.device)
+    if device == "cpu":
+        torch.set_flush_denormal(True)  # LoRA through 4-bit layers hits denormals; 7x slower without this
+    watch = Stopwatch()
+    folder.mkdir(parents=True, exist_ok=True)
+    with watch.stage("base"):
+        base_name, base_record = base_model_folder(recipe, folder, device, progress)
+        loaded = qtool.load(base_name, device=device)
+    tokenizer = loaded.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples = build_examples(recipe.dataset, data_path, tokenizer, recipe.train.seed)
+    method = (loaded.record or {}).get("method", "full-precision")
+    base_linears = list(linear_layers(qtool_source_skeleton(loaded)))
+    targets = target_modules(loaded.model, recipe.lora.target_modules, base_linears)
+    seed_everything(recipe.train.seed)
+    model = attach_lora(loaded.model, recipe, targets, method)
+    trainer = make_trainer(model, tokenizer, examples, recipe, folder, max_steps, progress)
+    checkpoint = last_checkpoint(folder / "checkpoints") if resume else None
+    if checkpoint:
+        trim_log(folder / LOG_NAME, int(checkpoint.name.split("-")[-1]))
+    elif (folder / LOG_NAME).exists():
+        (folder / LOG_NAME).unlink()
+    with watch.stage("train"), peak_memory(device) as peak:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    model.save_pretrained(folder / "adapter")
+    tokenizer.save_pretrained(folder / "adapter")
+    curve = loss_curve(folder / LOG_NAME, folder / "loss.png")
+    history = read_log(folder / LOG_NAME)
+    losses = [h["loss"] for h in history if "loss" in h]
+    record = {
+        "qtool_format": 1,
+        "kind": "qlora",
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.as_dict(),
+        "base": {"model": base_name, "method": method, "quantization": base_record and base_record.get("spec"),
+                 "sha256_weights": _weights_hash(base_name)},
+        "data": examples.source,
+        "lora_targets": targets,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "steps": trainer.state.global_step,
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "eval_loss_last": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "timings_s": watch.seconds,
+        "peak_memory_mib": round(peak.mib, 1),
+        "peak_memory_kind": peak.kind.replace("this phase", "training"),
+        "device": device,
+        "loss_curve": curve and curve.name,
+        "versions": package_versions(),
+    }
+    write_record(folder, record)
+    return record
+
+
+def qtool_source_skeleton(loaded: Any) -> torch.nn.Module:
+    """The base's architecture with plain Linear layers, to name the layers LoRA can target."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = loaded.model.config
+    quantization = getattr(config, "quantization_config", None)
+    try:
+        if quantization is not None:
+            del config.quantization_config
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config)
+    finally:
+        if quantization is not None:
+            config.quantization_config = quantization
+
+
+def make_trainer(model: Any, tokenizer: Any, examples: Any, recipe: QloraRecipe, folder: Path,
+                 max_steps: int | None, progress: bool) -> Any:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tr = recipe.train
+    has_val = bool(examples.validation)
+    args = TrainingArguments(
+        output_dir=str(folder / "checkpoints"),
+        per_device_train_batch_size=tr.batch_size,
+        per_device_eval_batch_size=tr.batch_size,
+        gradient_accumulation_steps=tr.grad_accum,
+        learning_rate=tr.learning_rate,
+        num_train_epochs=tr.epochs,
+        max_steps=max_steps or tr.max_steps or -1,
+        lr_scheduler_type=tr.scheduler,
+        warmup_steps=tr.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        max_grad_norm=tr.max_grad_norm,
+        gradient_checkpointing=tr.gradient_checkpointing,
+        logging_steps=tr.logging_steps,
+        save_strategy="steps",
+        save_steps=tr.save_steps,
+        save_total_limit=tr.save_total_limit,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=(tr.eval_steps or tr.save_steps) if has_val else None,
+        seed=tr.seed,
+        data_seed=tr.seed,
+        use_cpu=not torch.cuda.is_available() or recipe.device == "cpu",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    if tr.gradient_checkpointing:
+        model.enable_input_require_grads()
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    trainer = Trainer(model=model, args=args, train_dataset=examples.train,
+                      eval_dataset=examples.validation or None, data_collator=collator,
+                      callbacks=[_log_callback(folder / LOG_NAME)])
+    return trainer
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_curve(log: Path, png: Path) -> Path | None:
+    history = read_log(log)
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def _weights_hash(name: str) -> str | None:
+    """sha256 over the base's safetensors files (None for a model that is not a local folder)."""
+    import hashlib
+
+    folder = Path(name)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

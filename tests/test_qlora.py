@@ -1,0 +1,147 @@
+"""qtool qlora / chat / merge on the tiny Llama: real PEFT training on real quantized layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qtool.finetune.dataset import IGNORE, build_examples
+from qtool.finetune.recipe import DatasetSection
+from tests.conftest import REPO, assert_one_line_error, run_qtool
+
+IDENTITY = REPO / "recipes" / "data" / "identity.jsonl"
+
+
+def _recipe(tmp_path: Path, model: Path, quantization: str = "{method: hqq, bits: 4, group_size: 32}",
+            train: str = "{learning_rate: 1.0e-3, max_steps: 4, batch_size: 4, save_steps: 2}", extra: str = "") -> Path:
+    path = tmp_path / "qlora.yaml"
+    path.write_text(f"""\
+qlora:
+  model: {model}
+  quantization: {quantization}
+  dataset: {{path: {IDENTITY}, format: alpaca, cutoff_len: 96, val_size: 4}}
+  lora: {{r: 4, alpha: 8{extra}}}
+  train: {train}
+  device: cpu
+""")
+    return path
+
+
+def test_chat_template_examples_train_only_on_answers(smollm2):
+    tok = smollm2.load_tokenizer()
+    examples = build_examples(DatasetSection(path=str(IDENTITY), cutoff_len=256, val_size=4), IDENTITY, tok, seed=0)
+    assert len(examples.train) == 28 and len(examples.validation) == 4
+    first = examples.train[0]
+    target = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != IGNORE]
+    text = tok.decode(target)
+    assert "Qwill" in text or "qtool" in text
+    assert "<|im_start|>user" not in text  # the prompt is masked
+    prompt = tok.decode([t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label == IGNORE])
+    assert "<|im_start|>user" in prompt
+
+
+def test_sharegpt_and_text_formats(tmp_path, smollm2):
+    tok = smollm2.load_tokenizer()
+    share = tmp_path / "s.jsonl"
+    share.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there"},
+                                                   {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye"}]}) + "\n")
+    ex = build_examples(DatasetSection(path=str(share), format="sharegpt"), share, tok, 0).train[0]
+    answer = tok.decode([t for t, label in zip(ex["input_ids"], ex["labels"], strict=True) if label != IGNORE])
+    assert "Hello there" in answer and "Goodbye" in answer and "Bye<" not in answer
+    text = tmp_path / "t.txt"
+    text.write_text("rivers and bridges " * 200)
+    blocks = build_examples(DatasetSection(path=str(text), format="text", cutoff_len=64), text, tok, 0).train
+    assert blocks and all(len(b["input_ids"]) == 64 and b["labels"] == b["input_ids"] for b in blocks)
+
+
+def test_qlora_on_hqq_trains_saves_and_chats_with_adapter_switching(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    proc = run_qtool("qlora", _recipe(tmp_path, tiny_llama), "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "qtool.json").read_text())
+    assert record["base"]["method"] == "hqq" and record["steps"] == 4
+    assert record["lora_targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert record["train_loss_last"] < record["train_loss_first"]
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "loss.png").stat().st_size > 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log if "loss" in h] == [1, 2, 3, 4]
+    assert any("eval_loss" in h for h in log)
+
+    script = "Who are you?\n/base\nWho are you?\n/adapter nope\n/adapter me\n/adapters\n/quit\nnever read\n"
+    chat = subprocess.run([sys.executable, "-m", "qtool.cli", "chat", str(out / "base"), "--adapter", f"me={out}",
+                           "--max-new-tokens", "3"], input=script, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    lines = chat.stdout.splitlines()
+    assert lines[0].startswith("assistant[me]> ")
+    assert "[adapters off: answering with the base model]" in lines
+    assert any(line.startswith("assistant[base]> ") for line in lines)
+    assert "[no adapter 'nope'; loaded: me]" in lines and "[adapter me on]" in lines
+    assert "[adapters: me (active: me)]" in lines and "GPT-QModel" not in chat.stdout
+
+    merged = tmp_path / "merged"
+    proc = run_qtool("merge", out / "base", out, merged, "--requantize", "hqq", "--bits", "4", "--group-size", "32")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((merged / "qtool.json").read_text())
+    assert info["method"] == "hqq" and info["merge"]["full_precision_source"] == str(tiny_llama.resolve())
+
+
+def test_eetq_layers_are_refused_in_one_line(tiny_llama, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: eetq, bits: 8, group_size: -1}")
+    assert_one_line_error(run_qtool("qlora", recipe, "--out", tmp_path / "run"), "PEFT cannot train LoRA on eetq layers")
+
+
+def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}",
+                     train="{learning_rate: 1.0e-3, max_steps: 40, batch_size: 2, save_steps: 2, logging_steps: 1}")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "qtool.cli", "qlora", str(recipe), "--out", str(out), "--quiet"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "checkpoints" / "checkpoint-4").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and not (out / "qtool.json").exists()
+    assert_one_line_error(run_qtool("qlora", recipe, "--out", out), "unfinished run", "--resume")
+
+    proc = run_qtool("qlora", recipe, "--out", out, "--resume", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "qtool.json").read_text())
+    assert record["steps"] == 40 and record["resumed_from"].startswith("checkpoint-")
+    assert int(record["resumed_from"].split("-")[1]) >= 4
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 41))  # every step logged once, none lost or repeated
+    assert_one_line_error(run_qtool("qlora", recipe, "--out", out), "finished run", "--force")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.replace("  device: cpu", "  colour: red"), "unknown key 'colour'"),
+    (lambda t: t.replace("r: 4,", "rank: 4,"), "unknown key 'rank'"),
+    (lambda t: t.replace(str(IDENTITY), "/nowhere/data.jsonl"), "dataset /nowhere/data.jsonl not found"),
+    (lambda t: t.replace("format: alpaca", "format: sharegpt"), "sharegpt rows need"),
+    (lambda t: t.replace("alpha: 8", "alpha: 8, target_modules: [q_proj, qkv_proj]"), "'qkv_proj' is not a module"),
+])
+def test_bad_recipes_are_one_line_errors(tiny_llama, tmp_path, edit, message):
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}")
+    recipe.write_text(edit(recipe.read_text()))
+    assert_one_line_error(run_qtool("qlora", recipe, "--out", tmp_path / "run"), message)
+
+
+def test_alpaca_rows_with_wrong_fields_name_them(tiny_llama, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n")
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}")
+    recipe.write_text(recipe.read_text().replace(str(IDENTITY), str(data)).replace("val_size: 4", "val_size: 0"))
+    assert_one_line_error(run_qtool("qlora", recipe, "--out", tmp_path / "run"), "need 'instruction' and 'output'", "prompt, response")
