@@ -105,7 +105,9 @@ def _log_callback(path: Path) -> Any:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    points = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    # The Trainer writes trainer_state.json last: a checkpoint without it was cut off mid-save.
+    points = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                    key=lambda p: int(p.name.split("-")[-1]))
     return points[-1] if points else None
 
 
