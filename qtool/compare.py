@@ -20,10 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qtool.errors import QtoolError
-from qtool.recipes import RecipeError, find_recipe
+from qtool.recipes import RecipeError, check_keys, read_recipe_section
 
 BASE = "base"
 RESULTS = "results.jsonl"
@@ -85,29 +83,20 @@ class CompareRecipe:
 
 
 def load_compare_recipe(name_or_path: str) -> CompareRecipe:
-    path = find_recipe(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RecipeError(f"recipe {path} is not readable YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("compare"), dict):
-        raise RecipeError(f"recipe {path} has no 'compare' mapping (see `qtool recipes copy compare-smollm2 .`)")
-    body = dict(data["compare"])
+    path, body, description = read_recipe_section(name_or_path, "compare")
     where = f"recipe {path}"
-    _check_keys(body, CompareRecipe, where, required=("model", "cells"))
+    _check(body, CompareRecipe, where, required=("model", "cells"))
     eval_data = body.get("eval") or {}
-    _check_keys(eval_data, EvalSettings, f"{where}, eval")
-    speed = eval_data.get("speed")
-    lm_eval = eval_data.get("lm_eval")
+    _check(eval_data, EvalSettings, f"{where}, eval")
+    speed, lm_eval = eval_data.get("speed"), eval_data.get("lm_eval")
     if speed:
-        _check_keys(speed, SpeedSettings, f"{where}, eval.speed")
+        _check(speed, SpeedSettings, f"{where}, eval.speed")
     if lm_eval:
-        _check_keys(lm_eval, LmEvalSettings, f"{where}, eval.lm_eval")
+        _check(lm_eval, LmEvalSettings, f"{where}, eval.lm_eval")
     settings = EvalSettings(**{**eval_data, "speed": SpeedSettings(**speed) if speed else None,
                                "lm_eval": LmEvalSettings(**lm_eval) if lm_eval else None})
-    cells = expand_cells(body["cells"], where)
-    return CompareRecipe(**{**body, "name": body.get("name") or path.stem, "cells": cells, "eval": settings,
-                            "description": str(data.get("description", body.get("description", "")))})
+    return CompareRecipe(**{**body, "name": body.get("name") or path.stem, "cells": expand_cells(body["cells"], where),
+                            "eval": settings, "description": description or str(body.get("description", ""))})
 
 
 def expand_cells(entries: Any, where: str) -> list[Cell]:
@@ -118,7 +107,7 @@ def expand_cells(entries: Any, where: str) -> list[Cell]:
     for entry in entries:
         if not isinstance(entry, dict) or "method" not in entry:
             raise RecipeError(f"{where}: each cell needs a 'method', got {entry!r}")
-        _check_keys(entry, Cell, f"{where}, cell {entry['method']}")
+        _check(entry, Cell, f"{where}, cell {entry['method']}")
         options = entry.get("options") or {}
         if not isinstance(options, dict):
             raise RecipeError(f"{where}, cell {entry['method']}: 'options' must be a mapping")
@@ -135,16 +124,8 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _check_keys(data: Any, cls: type, where: str, required: tuple[str, ...] = ()) -> None:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where} must be a mapping")
-    allowed = {f.name for f in fields(cls)} - {"name"} | ({"name"} if cls is CompareRecipe else set())
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise RecipeError(f"{where}: missing {missing[0]!r}")
+def _check(data: Any, cls: type, where: str, required: tuple[str, ...] = ()) -> None:
+    check_keys(data, [f.name for f in fields(cls)], where, required)
 
 
 def read_results(out: Path) -> dict[str, dict[str, Any]]:

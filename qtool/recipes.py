@@ -66,7 +66,11 @@ def copy_recipe(name: str, dest: str) -> Path:
     return target
 
 
-def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
+def read_recipe_section(name_or_path: str, section: str) -> tuple[Path, dict[str, Any], str]:
+    """(path, the `section` mapping, the file's description) of a recipe file or bundled name.
+
+    Quantize recipes may also be flat (their keys at the top level).
+    """
     path = find_recipe(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -74,13 +78,27 @@ def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
         raise RecipeError(f"recipe {path} is not readable YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values")
-    data = dict(data.get("quantize", data))
-    allowed = {f.name for f in fields(QuantizeRecipe)}
-    unknown = sorted(set(data) - allowed)
+    body = data.get(section, data if section == "quantize" else None)
+    if not isinstance(body, dict):
+        raise RecipeError(f"recipe {path} has no '{section}' mapping (see `qtool recipes list`)")
+    return path, dict(body), str(data.get("description", ""))
+
+
+def check_keys(data: Any, allowed: list[str], where: str, required: tuple[str, ...] = ()) -> None:
+    """Unknown keys and missing required keys are errors that name the key."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise RecipeError(f"recipe {path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    if "method" not in data:
-        raise RecipeError(f"recipe {path} has no 'method'")
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    missing = [key for key in required if data.get(key) is None]
+    if missing:
+        raise RecipeError(f"{where}: missing {missing[0]!r}")
+
+
+def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
+    path, data, _ = read_recipe_section(name_or_path, "quantize")
+    check_keys(data, sorted(f.name for f in fields(QuantizeRecipe)), f"recipe {path}", required=("method",))
     if data.get("options") is not None and not isinstance(data["options"], dict):
         raise RecipeError(f"recipe {path}: 'options' must be a mapping")
     return QuantizeRecipe(**data)

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qtool.errors import QtoolError
-
 PLOTS = {"quality_vs_size": "quality_vs_size.png", "speed": "speed.png", "memory": "memory.png"}
 
 
@@ -26,11 +24,10 @@ class ReportSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ReportSettings:
+        from qtool.recipes import check_keys
+
         data = data or {}
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise QtoolError(f"report settings: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        check_keys(data, [f.name for f in fields(cls)], "recipe, report")
         return cls(**data)
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def interrupt_qtool_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> tuple[int, str]:
+    """Start the CLI, press Ctrl-C once `ready()` holds; return (exit code, stderr).
+
+    SIGINT's default is restored in the child: a shell's background job starts with it ignored.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "qtool.cli", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr

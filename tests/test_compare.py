@@ -6,18 +6,22 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from qtool.compare import Cell, expand_cells, load_compare_recipe, read_results
+from qtool.compare import expand_cells, load_compare_recipe, read_results
 from qtool.recipes import RecipeError
-from qtool.report import ReportSettings, Row, pareto_front, recommendations, rows_from_results, write_report
-from tests.conftest import REPO, assert_one_line_error, run_qtool
+from qtool.report import (
+    ReportSettings,
+    Row,
+    pareto_front,
+    recommendations,
+    rows_from_results,
+    write_report,
+)
+from tests.conftest import assert_one_line_error, interrupt_qtool_when, run_qtool
 
 FIXED_RESULTS = Path(__file__).parent / "data" / "compare-results.jsonl"
 
@@ -119,16 +123,8 @@ def test_interrupted_compare_finishes_only_the_missing_cells(tiny_llama, wikitex
     cells = "    - {method: rtn, bits: [8, 7, 6, 5, 4, 3, 2], group_size: 32}\n"
     recipe = _recipe(tmp_path, tiny_llama, wikitext_test, cells)
     out = tmp_path / "report"
-    proc = subprocess.Popen([sys.executable, "-m", "qtool.cli", "compare", str(recipe), "--out", str(out), "--quiet"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(read_results(out)) < 3 and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    code, stderr = interrupt_qtool_when(["compare", recipe, "--out", out, "--quiet"], lambda: len(read_results(out)) >= 3)
+    assert code == 130, stderr
     assert "rerun the same command" in stderr
     first = read_results(out)
     assert 3 <= len(first) < 8, first.keys()

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from qtool.finetune.dataset import IGNORE, build_examples
 from qtool.finetune.recipe import DatasetSection
-from tests.conftest import REPO, assert_one_line_error, run_qtool
+from tests.conftest import REPO, assert_one_line_error, interrupt_qtool_when, run_qtool
 
 IDENTITY = REPO / "recipes" / "data" / "identity.jsonl"
 
@@ -101,17 +98,9 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, tmp_p
     recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}",
                      train="{learning_rate: 1.0e-3, max_steps: 40, batch_size: 2, save_steps: 2, logging_steps: 1}")
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "qtool.cli", "qlora", str(recipe), "--out", str(out), "--quiet"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (out / "checkpoints" / "checkpoint-4").exists() and proc.poll() is None:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    saved = out / "checkpoints" / "checkpoint-4" / "trainer_state.json"  # written last: checkpoint 4 is complete
+    code, stderr = interrupt_qtool_when(["qlora", recipe, "--out", out, "--quiet"], saved.exists)
+    assert code == 130, stderr
     assert "--resume" in stderr and not (out / "qtool.json").exists()
     assert_one_line_error(run_qtool("qlora", recipe, "--out", out), "unfinished run", "--resume")
 

@@ -113,7 +113,7 @@ def word_perplexity(model: Any, tokenizer: Any, text: Text, max_length: int = 20
             )
     metrics = output["results"][TASK]
     return WordPerplexityResult(
-        protocol=PROTOCOL, harness=lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version("lm_eval"),
+        protocol=PROTOCOL, harness=_version("lm_eval"),
         metric="word_perplexity,none", word_perplexity=float(metrics["word_perplexity,none"]),
         byte_perplexity=float(metrics["byte_perplexity,none"]), bits_per_byte=float(metrics["bits_per_byte,none"]),
         documents=len(documents), max_length=max_length, dataset={**text.describe(), "documents": len(documents)},

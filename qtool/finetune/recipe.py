@@ -11,9 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from qtool.recipes import RecipeError, find_recipe
+from qtool.recipes import RecipeError, check_keys, read_recipe_section
 
 FORMATS = ("alpaca", "sharegpt", "text")
 TEMPLATES = ("chat", "alpaca", "none")
@@ -88,35 +86,15 @@ class QloraRecipe:
 
 
 def _section(cls: type, data: Any, where: str, required: tuple[str, ...] = ()) -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
-    allowed = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    for key in required:
-        if data.get(key) is None:
-            raise RecipeError(f"{where}: missing {key!r}")
+    check_keys(data, [f.name for f in fields(cls)], where, required)
     return cls(**data)
 
 
 def load_qlora_recipe(name_or_path: str) -> QloraRecipe:
-    path = find_recipe(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RecipeError(f"recipe {path} is not readable YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("qlora"), dict):
-        raise RecipeError(f"recipe {path} has no 'qlora' mapping (see `qtool recipes copy qlora-identity-hqq4 .`)")
-    body = dict(data["qlora"])
+    path, body, description = read_recipe_section(name_or_path, "qlora")
     where = f"recipe {path.name}"
-    allowed = [f.name for f in fields(QloraRecipe) if f.name not in ("path", "description")]
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    for key in ("model", "dataset"):
-        if key not in body:
-            raise RecipeError(f"{where}: missing {key!r}")
+    check_keys(body, [f.name for f in fields(QloraRecipe) if f.name not in ("path", "description")], where,
+               required=("model", "dataset"))
     if body.get("quantization") and body.get("quantized"):
         raise RecipeError(f"{where}: give either 'quantization' (quantize first) or 'quantized' (an existing folder), not both")
     recipe = QloraRecipe(
@@ -130,7 +108,7 @@ def load_qlora_recipe(name_or_path: str) -> QloraRecipe:
         train=_section(TrainSection, body.get("train") or {}, f"{where}, train"),
         device=str(body.get("device", "auto")),
         out=body.get("out"),
-        description=str(data.get("description", "")),
+        description=description,
     )
     _check_values(recipe, where)
     return recipe

@@ -123,7 +123,6 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     import qtool
     from qtool.checkpoint import write_record
     from qtool.evaluate.memory import peak_memory
-    from qtool.models import linear_layers
     from qtool.runtime import Stopwatch, package_versions, resolve_device, seed_everything
 
     folder = output_dir(recipe, out)
@@ -142,8 +141,7 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
         tokenizer.pad_token = tokenizer.eos_token
     examples = build_examples(recipe.dataset, data_path, tokenizer, recipe.train.seed)
     method = (loaded.record or {}).get("method", "full-precision")
-    base_linears = list(linear_layers(qtool_source_skeleton(loaded)))
-    targets = target_modules(loaded.model, recipe.lora.target_modules, base_linears)
+    targets = target_modules(loaded.model, recipe.lora.target_modules, base_linear_names(loaded.model.config))
     seed_everything(recipe.train.seed)
     model = attach_lora(loaded.model, recipe, targets, method)
     trainer = make_trainer(model, tokenizer, examples, recipe, folder, max_steps, progress)
@@ -186,18 +184,15 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     return record
 
 
-def qtool_source_skeleton(loaded: Any) -> torch.nn.Module:
-    """The base's architecture with plain Linear layers, to name the layers LoRA can target."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+def base_linear_names(config: Any) -> list[str]:
+    """The base's quantizable linears by name (qtool.models), read past its quantization_config."""
+    from qtool.models import quantizable_linears
 
-    config = loaded.model.config
     quantization = getattr(config, "quantization_config", None)
     try:
         if quantization is not None:
             del config.quantization_config
-        with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config)
+        return list(quantizable_linears(config))
     finally:
         if quantization is not None:
             config.quantization_config = quantization
