@@ -134,3 +134,33 @@ def test_alpaca_rows_with_wrong_fields_name_them(tiny_llama, tmp_path):
     recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}")
     recipe.write_text(recipe.read_text().replace(str(IDENTITY), str(data)).replace("val_size: 4", "val_size: 0"))
     assert_one_line_error(run_qtool("qlora", recipe, "--out", tmp_path / "run"), "need 'instruction' and 'output'", "prompt, response")
+
+
+QLORA_RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if "\nqlora:" in p.read_text())
+
+
+@pytest.mark.parametrize("name", QLORA_RECIPES)
+def test_bundled_qlora_recipes_are_valid_and_find_their_data_after_a_copy(name, tmp_path, monkeypatch):
+    from qtool import backends
+    from qtool.finetune.recipe import load_qlora_recipe, resolve_data_path
+    from qtool.recipes import copy_recipe
+
+    monkeypatch.chdir(tmp_path)  # neither the checkout nor the recipe's folder: the bundled data must still be found
+    recipe = load_qlora_recipe(str(copy_recipe(name, str(tmp_path))))
+    data = resolve_data_path(recipe)
+    assert data == "builtin" if recipe.dataset.format == "text" else Path(data).is_file()
+    q = recipe.quantization
+    backends.get(q.method).make_spec(q.bits, q.group_size, {k: str(v) for k, v in q.options.items()}, 0)
+
+
+def test_continued_pretraining_on_builtin_text(tiny_llama, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}",
+                     train="{learning_rate: 1.0e-3, max_steps: 3, batch_size: 2, save_steps: 3}")
+    recipe.write_text(recipe.read_text().replace(
+        f"{{path: {IDENTITY}, format: alpaca, cutoff_len: 96, val_size: 4}}", "{path: builtin, format: text, cutoff_len: 64, val_size: 2}"))
+    out = tmp_path / "run"
+    proc = run_qtool("qlora", recipe, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "qtool.json").read_text())
+    assert record["data"]["format"] == "text" and record["data"]["path"].endswith("calib_data")
+    assert record["data"]["train"] > 50 and record["steps"] == 3

@@ -11,6 +11,7 @@ everything else is masked with -100, unless `train_on_prompt`. Files are .json (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -125,8 +126,17 @@ def encode_text(tokenizer: Any, rows: list[Any], cutoff: int, path: Path) -> lis
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
-def build_examples(section: DatasetSection, path: Path, tokenizer: Any, seed: int) -> Examples:
-    rows = read_rows(path)
+def build_examples(section: DatasetSection, path: Path | str, tokenizer: Any, seed: int) -> Examples:
+    """`path` is a file, or (format text) a source name such as builtin or wikitext2 read through qtool.data."""
+    if isinstance(path, str):
+        from qtool.data import load_text
+
+        text = load_text(path, "calibration")
+        rows, origin, digest = [text.content], text.origin, text.sha256
+        path = Path(path)
+    else:
+        rows = read_rows(path)
+        origin, digest = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
     if not rows:
         raise DatasetError(f"dataset {path} has no rows")
     template = section.template or ("none" if section.format == "text" else "chat")
@@ -154,8 +164,6 @@ def build_examples(section: DatasetSection, path: Path, tokenizer: Any, seed: in
         raise DatasetError(f"val_size {section.val_size} leaves no training examples out of {len(examples)}")
     validation = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
-    import hashlib
-
-    source = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "format": section.format,
+    source = {"path": origin, "sha256": digest, "format": section.format,
               "template": template, "examples": len(examples), "train": len(train), "validation": len(validation)}
     return Examples(train, validation, source)

@@ -1,8 +1,9 @@
 """QLoRA recipes: one YAML file describes the base, its quantization, the data, LoRA and training.
 
 Every section is a dataclass; unknown keys are errors that name the key and list the allowed
-ones. Relative dataset paths are resolved against the recipe's folder first, then the working
-directory, so a bundled recipe finds the data shipped beside it.
+ones. Relative dataset paths are resolved against the recipe's folder, then the working
+directory, then qtool's bundled recipes folder, so a bundled recipe finds the data shipped beside
+it even after `qtool recipes copy` put the YAML elsewhere.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ class QuantizationSection:
     bits: int | None = None
     group_size: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    calib: str | None = None  # calibration text for gptq/awq (default: qtool's built-in text)
+    nsamples: int | None = None
+    seqlen: int | None = None
 
 
 @dataclass
 class DatasetSection:
-    path: str
+    path: str  # a file; for format 'text' also a text source name: builtin, wikitext2, c4, pile
     format: str = "alpaca"
     template: str | None = None  # default: chat for alpaca/sharegpt, none for text
     system: str | None = None  # system message for the chat template
@@ -133,12 +137,19 @@ def _check_values(recipe: QloraRecipe, where: str) -> None:
         raise RecipeError(f"{where}, dataset: val_size must be >= 0")
 
 
-def resolve_data_path(recipe: QloraRecipe) -> Path:
-    """The dataset file: relative to the recipe's folder, else to the working directory."""
+def resolve_data_path(recipe: QloraRecipe) -> Path | str:
+    """The dataset file, or for plain text a source name that qtool.data knows (builtin, wikitext2, ...)."""
+    from qtool.data import NAMED_DATASETS
     from qtool.errors import DatasetError
+    from qtool.resources import bundled_dir
 
-    raw = Path(recipe.dataset.path).expanduser()
-    for candidate in ([raw] if raw.is_absolute() else [recipe.path.parent / raw, Path.cwd() / raw]):
+    name = recipe.dataset.path
+    if recipe.dataset.format == "text" and name in ("builtin", *NAMED_DATASETS):
+        return name
+    raw = Path(name).expanduser()
+    places = [raw] if raw.is_absolute() else [recipe.path.parent / raw, Path.cwd() / raw, bundled_dir("recipes") / raw]
+    for candidate in places:
         if candidate.is_file():
             return candidate
-    raise DatasetError(f"dataset {recipe.dataset.path} not found (looked beside the recipe {recipe.path.parent} and in the current folder)")
+    raise DatasetError(f"dataset {name} not found (looked beside the recipe {recipe.path.parent}, in the current folder "
+                       "and in qtool's bundled recipes)")

@@ -70,7 +70,8 @@ def base_model_folder(recipe: QloraRecipe, out: Path, device: str, progress: boo
     folder = out / "base"
     if not (folder.is_dir() and read_record(folder)):
         qtool.quantize(recipe.model, folder, q.method, q.bits, q.group_size, {k: str(v) for k, v in q.options.items()},
-                       device=device, force=True, seed=recipe.train.seed)
+                       device=device, force=True, seed=recipe.train.seed, calib=q.calib, nsamples=q.nsamples,
+                       seqlen=q.seqlen)
     return str(folder), read_record(folder)
 
 
