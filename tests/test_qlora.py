@@ -164,3 +164,10 @@ def test_continued_pretraining_on_builtin_text(tiny_llama, tmp_path):
     record = json.loads((out / "qtool.json").read_text())
     assert record["data"]["format"] == "text" and record["data"]["path"].endswith("calib_data")
     assert record["data"]["train"] > 50 and record["steps"] == 3
+
+
+def test_aqlm_layers_are_refused_before_quantizing(tiny_llama, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: aqlm, bits: 2, nsamples: 4, seqlen: 64}")
+    proc = run_qtool("qlora", recipe, "--out", tmp_path / "run")
+    assert_one_line_error(proc, "PEFT cannot train LoRA on aqlm layers on cpu")
+    assert not (tmp_path / "run" / "base").exists()

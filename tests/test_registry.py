@@ -5,7 +5,7 @@ import pytest
 from qtool import backends
 from qtool.backends.base import parse_options
 from qtool.backends.bnb import BnbOptions
-from qtool.errors import BackendUnavailableError, SpecError, UnknownMethodError
+from qtool.errors import SpecError, UnknownMethodError
 from qtool.models import quantizable_linears
 from tests.conftest import assert_one_line_error, run_qtool
 
@@ -13,19 +13,13 @@ from tests.conftest import assert_one_line_error, run_qtool
 def test_all_six_methods_and_rtn_are_listed_with_a_status():
     rows = {r.name: r for r in backends.available("cpu")}
     assert set(rows) == {"gptq", "awq", "aqlm", "bnb", "hqq", "eetq", "rtn"}
-    for ready in ("bnb", "hqq", "rtn", "eetq", "gptq", "awq"):
+    for ready in ("bnb", "hqq", "rtn", "eetq", "gptq", "awq", "aqlm"):
         assert rows[ready].ready, rows[ready].reason
-    assert not rows["aqlm"].ready and "not implemented yet" in rows["aqlm"].reason
 
 
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(UnknownMethodError, match="known methods: aqlm, awq, bnb, eetq, gptq, hqq, rtn"):
         backends.get("gguf")
-
-
-def test_planned_method_says_it_is_not_built():
-    with pytest.raises(BackendUnavailableError, match="not implemented yet"):
-        backends.get("aqlm")
 
 
 @pytest.mark.parametrize(("method", "bits"), [("hqq", 5), ("bnb", 3), ("rtn", 1), ("bnb", 16), ("eetq", 4)])

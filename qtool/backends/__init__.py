@@ -2,8 +2,7 @@
 
 A backend is one module in this package whose class is decorated with @register; every module
 here except base.py and private helpers (_*.py) is imported on first use, so adding a backend
-touches one new file. Methods announced but not yet built are listed in PLANNED so that
-`qtool methods` can say so; a registered backend takes precedence over its entry.
+touches one new file.
 """
 
 from __future__ import annotations
@@ -13,15 +12,9 @@ import pkgutil
 from dataclasses import dataclass
 
 from qtool.backends.base import Backend, Capabilities, QuantSpec
-from qtool.errors import BackendUnavailableError, UnknownMethodError
+from qtool.errors import UnknownMethodError
 
 _REGISTRY: dict[str, Backend] = {}
-
-# Methods the project will ship, with where the work stands. Kept here (not as stub modules)
-# so that nothing pretends to quantize before it really does.
-PLANNED = {
-    "aqlm": "not implemented yet (planned: qtool's own AQLM quantizer, aqlm kernels for inference)",
-}
 
 
 def register(cls: type[Backend]) -> type[Backend]:
@@ -39,7 +32,7 @@ def _load_all() -> None:
 
 def known_methods() -> list[str]:
     _load_all()
-    return sorted(set(_REGISTRY) | set(PLANNED))
+    return sorted(_REGISTRY)
 
 
 def get(name: str) -> Backend:
@@ -47,8 +40,6 @@ def get(name: str) -> Backend:
     _load_all()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name in PLANNED:
-        raise BackendUnavailableError(f"method {name} is {PLANNED[name]}")
     raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
 
 
@@ -58,7 +49,7 @@ class MethodStatus:
     ready: bool
     reason: str  # empty when ready
     summary: str
-    capabilities: Capabilities | None
+    capabilities: Capabilities
 
 
 def available(device: str = "cpu") -> list[MethodStatus]:
@@ -66,10 +57,7 @@ def available(device: str = "cpu") -> list[MethodStatus]:
     _load_all()
     rows = []
     for name in known_methods():
-        backend = _REGISTRY.get(name)
-        if backend is None:
-            rows.append(MethodStatus(name, False, PLANNED[name], "", None))
-            continue
+        backend = _REGISTRY[name]
         reason = backend.unavailable_reason(device)
         rows.append(MethodStatus(name, reason is None, reason or "", backend.summary, backend.capabilities))
     return rows

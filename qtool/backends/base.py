@@ -164,6 +164,10 @@ class Backend(ABC):
         """
         return None
 
+    def lora_unsupported_reason(self, device: str) -> str | None:
+        """Why PEFT's LoRA layer for this backend fails in training on `device`, when known. Default: None."""
+        return None
+
     def effective_bits(self, spec: QuantSpec) -> float:
         """Storage bits per quantized weight, counting a fp16 scale and zero per group."""
         if spec.group_size == -1:

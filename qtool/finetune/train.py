@@ -75,6 +75,16 @@ def base_model_folder(recipe: QloraRecipe, out: Path, device: str, progress: boo
     return str(folder), read_record(folder)
 
 
+def refuse_known_failures(method: str, device: str) -> None:
+    """Backends whose layers take LoRA but fail in training say so before any step runs."""
+    from qtool import backends
+
+    if method in backends.known_methods():
+        reason = backends.get(method).lora_unsupported_reason(device)
+        if reason:
+            raise TrainingUnsupportedError(f"PEFT cannot train LoRA on {method} layers on {device}: {reason}")
+
+
 def attach_lora(model: torch.nn.Module, recipe: QloraRecipe, targets: list[str], method: str) -> Any:
     from qtool.finetune.adapters import import_peft
 
@@ -132,6 +142,8 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     device = resolve_device(recipe.device)
     if device == "cpu":
         torch.set_flush_denormal(True)  # LoRA through 4-bit layers hits denormals; 7x slower without this
+    if recipe.quantization:
+        refuse_known_failures(recipe.quantization.method, device)  # before minutes of quantizing
     watch = Stopwatch()
     folder.mkdir(parents=True, exist_ok=True)
     with watch.stage("base"):
@@ -144,6 +156,7 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     method = (loaded.record or {}).get("method", "full-precision")
     targets = target_modules(loaded.model, recipe.lora.target_modules, base_linear_names(loaded.model.config))
     seed_everything(recipe.train.seed)
+    refuse_known_failures(method, device)
     model = attach_lora(loaded.model, recipe, targets, method)
     trainer = make_trainer(model, tokenizer, examples, recipe, folder, max_steps, progress)
     checkpoint = last_checkpoint(folder / "checkpoints") if resume else None
