@@ -20,7 +20,7 @@ from qtool.errors import DeviceError
 
 RECORDED_PACKAGES = (
     "qtool", "torch", "transformers", "accelerate", "safetensors", "tokenizers",
-    "bitsandbytes", "hqq", "gguf", "datasets", "peft", "gptqmodel", "optimum", "lm_eval",
+    "bitsandbytes", "hqq", "gguf", "datasets", "peft", "gptqmodel", "optimum", "lm_eval", "aqlm", "numba",
 )
 
 
