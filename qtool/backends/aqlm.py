@@ -169,15 +169,15 @@ class AqlmBackend(Backend):
         return model
 
     def save(self, model: nn.Module, out: Path) -> None:
-        spec_options = next(m for m in model.modules() if isinstance(m, AqLinear))
+        first = next(m for m in model.modules() if isinstance(m, AqLinear))
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        m, k, _, g = spec_options.codebooks.shape
+        m, k, _, g = first.codebooks.shape
         model.config.quantization_config = {
             "quant_method": "aqlm", "in_group_size": g, "out_group_size": 1, "num_codebooks": m,
-            "nbits_per_codebook": spec_options.nbits, "linear_weights_not_to_quantize": ["lm_head"],
+            "nbits_per_codebook": first.nbits, "linear_weights_not_to_quantize": ["lm_head"],
         }
         model.config.use_cache = True
         model.config.save_pretrained(out)
