@@ -90,6 +90,7 @@ def test_calibration_seed_changes_the_result(tiny_llama, tmp_path):
         (["--method", "gptq", "--nsamples", "0"], "--nsamples must be at least 1"),
         (["--method", "gptq", "--calib", "no/such/file.txt"], "dataset no/such/file.txt is neither a file"),
         (["--method", "gptq", "--opt", "damp_percent=2"], "damp_percent must be in (0, 1)"),
+        (["--method", "gptq", "--opt", "mse=-1"], "mse must be >= 0"),
         (["--method", "hqq", "--nsamples", "8"], "hqq quantizes without calibration data"),
     ],
 )
@@ -154,6 +155,21 @@ def test_real_model_4bit_g64_answers_and_keeps_its_perplexity(method, options, v
     # Measured with these settings (README): +11 to +12 % on WikiText-2 test, where rtn 4-bit g64
     # costs +27 % and hqq +21 %; 4k tokens here, so the bound leaves room for the shorter text.
     assert base < quantized < 1.16 * base, (method, quantized, base)
+
+
+def test_gptq_range_search_and_gptaq_change_the_weights_and_reload(tiny_llama, tmp_path):
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    common = ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", "--opt", "sym=false", *FAST_CALIB,
+              "--device", "cpu", tiny_llama]
+    assert run_qtool(*common, plain).returncode == 0
+    proc = run_qtool(*common, tuned, "--opt", "mse=2.4", "--opt", "gptaq=true")
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads((tuned / "qtool.json").read_text())["spec"]["options"]
+    assert spec["mse"] == 2.4 and spec["gptaq"] is True
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(1))
+    a, _ = plain_transformers_logits(plain, ids)
+    b, _ = plain_transformers_logits(tuned, ids)
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
 
 
 @pytest.mark.parametrize("sym", [False, True])

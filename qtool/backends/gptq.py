@@ -33,6 +33,8 @@ class GptqOptions:
     true_sequential: bool = field(default=True, metadata={"help": "quantize q/k/v, then o, then up/gate, then down, each seeing the already-quantized ones"})
     damp_percent: float = field(default=0.05, metadata={"help": "Hessian damping, fraction of its mean diagonal (paper: 0.01)"})
     offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
+    mse: float = field(default=0.0, metadata={"help": "grid-search each group's range to minimise |error|^mse before GPTQ (GPTQ paper's --mse uses 2.4; 0: min/max)"})
+    gptaq: bool = field(default=False, metadata={"help": "GPTAQ (asymmetric calibration: also corrects for the error of earlier quantized layers)"})
 
 
 @register
@@ -51,6 +53,8 @@ class GptqBackend(GptqModelBackend, Backend):
     Options = GptqOptions
 
     def check_spec(self, spec: QuantSpec) -> None:
+        if spec.options.mse < 0:
+            raise SpecError(f"gptq option mse must be >= 0 (0 turns the range search off), got {spec.options.mse}")
         if not 0 < spec.options.damp_percent < 1:
             raise SpecError(f"gptq option damp_percent must be in (0, 1), got {spec.options.damp_percent}")
 
@@ -58,6 +62,7 @@ class GptqBackend(GptqModelBackend, Backend):
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
     ) -> nn.Module:
         from gptqmodel import QuantizeConfig
+        from gptqmodel.quantization.config import GPTAQConfig
 
         o = spec.options
 
@@ -71,6 +76,8 @@ class GptqBackend(GptqModelBackend, Backend):
                 true_sequential=o.true_sequential,
                 damp_percent=o.damp_percent,
                 offload_to_disk=o.offload_to_disk,
+                mse=o.mse,
+                gptaq=GPTAQConfig() if o.gptaq else None,
             )
 
         modules = len(quantizable_linears(source.config()))
