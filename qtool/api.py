@@ -17,6 +17,7 @@ from qtool.checkpoint import (
     atomic_output_dir,
     folder_size_bytes,
     read_record,
+    resume_dir,
     verify_weights,
     weights_size_bytes,
     write_record,
@@ -142,11 +143,11 @@ def quantize(
 
 def resume_folder(out: Path, backend: Any, resume: bool, force: bool) -> Path | None:
     """Where a resumable backend keeps finished work; checks --resume/--force against what is there."""
-    if not getattr(backend, "resumable", False):
+    if not backend.resumable:
         if resume:
             raise SpecError(f"{backend.name} runs do not resume (each run is short); drop --resume")
         return None
-    folder = out.parent / f".{out.name}.qtool-resume"
+    folder = resume_dir(out)
     if folder.exists() and not resume:
         if not force:
             raise OutputExistsError(f"an interrupted {backend.name} run left {folder}: add --resume to continue it, "

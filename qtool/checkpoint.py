@@ -43,6 +43,12 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
+def resume_dir(out: Path) -> Path:
+    """Where a resumable run keeps finished work until OUT is complete: `.OUT.qtool-resume/` beside OUT."""
+    out = Path(out)
+    return out.parent / f".{out.name}.qtool-resume"
+
+
 def write_record(folder: Path, record: dict[str, Any]) -> None:
     (Path(folder) / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
 

@@ -268,7 +268,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         record = qtool.quantize(**kwargs, force=args.force, resume=args.resume)
     except KeyboardInterrupt:
-        kept = Path(kwargs["out"]).parent / f".{Path(kwargs['out']).name}.qtool-resume"
+        from qtool.checkpoint import resume_dir
+
+        kept = resume_dir(kwargs["out"])
         if kept.is_dir():
             sys.stderr.write(f"qtool: interrupted; OUT was not written, finished blocks are kept in {kept}: "
                              "rerun the same command with --resume\n")

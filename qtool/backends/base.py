@@ -67,6 +67,7 @@ class Backend(ABC):
     Options: ClassVar[type] = NoOptions
     default_bits: ClassVar[int] = 4
     default_group_size: ClassVar[int] = 64
+    resumable: ClassVar[bool] = False  # quantize() takes a `workdir` that survives Ctrl-C (see api.resume_folder)
 
     # ---- availability -------------------------------------------------------------------
     def unavailable_reason(self, device: str = "cpu") -> str | None:
