@@ -10,15 +10,15 @@ from qtool.models import quantizable_linears
 from tests.conftest import assert_one_line_error, run_qtool
 
 
-def test_all_six_methods_and_rtn_are_listed_with_a_status():
+def test_all_six_methods_rtn_and_autoround_are_listed_with_a_status():
     rows = {r.name: r for r in backends.available("cpu")}
-    assert set(rows) == {"gptq", "awq", "aqlm", "bnb", "hqq", "eetq", "rtn"}
-    for ready in ("bnb", "hqq", "rtn", "eetq", "gptq", "awq", "aqlm"):
+    assert set(rows) == {"gptq", "awq", "aqlm", "bnb", "hqq", "eetq", "rtn", "autoround"}
+    for ready in ("bnb", "hqq", "rtn", "eetq", "gptq", "awq", "aqlm", "autoround"):
         assert rows[ready].ready, rows[ready].reason
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(UnknownMethodError, match="known methods: aqlm, awq, bnb, eetq, gptq, hqq, rtn"):
+    with pytest.raises(UnknownMethodError, match="known methods: aqlm, autoround, awq, bnb, eetq, gptq, hqq, rtn"):
         backends.get("gguf")
 
 
