@@ -21,6 +21,7 @@ from qtool.errors import DeviceError
 RECORDED_PACKAGES = (
     "qtool", "torch", "transformers", "accelerate", "safetensors", "tokenizers",
     "bitsandbytes", "hqq", "gguf", "datasets", "peft", "gptqmodel", "optimum", "lm_eval", "aqlm", "numba",
+    "auto-round",
 )
 
 
