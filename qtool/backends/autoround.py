@@ -35,8 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qtool.backends import register
-from qtool.backends._gptqmodel import GptqModelBackend, quiet_load
+from qtool.backends._gptqmodel import GptqModelBackend
 from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.backends.gptq import gptq_kernel
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 from qtool.models import ModelSource
@@ -136,13 +137,8 @@ class AutoRoundBackend(GptqModelBackend, Backend):
         shutil.move(str(model.qtool_log), out / "quantize.log")
         shutil.rmtree(Path(model.qtool_log).parent, ignore_errors=True)
 
-    def load(self, path: Path, device: str) -> Any:
-        return quiet_load(lambda: Backend.load(self, path, device))
-
     def kernel(self, device: str) -> str:
-        if device == "cpu":
-            return "gptqmodel torch kernels on CPU (TorchAtenLinear for 4-bit, TorchLinear otherwise), picked at load"
-        return "fastest GPTQModel CUDA kernel for the format (Marlin, Machete, ExLlama v2, Triton), picked at load"
+        return gptq_kernel(device)
 
 
 def _exported_folder(root: Path) -> Path:

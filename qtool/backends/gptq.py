@@ -84,6 +84,11 @@ class GptqBackend(GptqModelBackend, Backend):
         return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules)
 
     def kernel(self, device: str) -> str:
-        if device == "cpu":
-            return "gptqmodel torch kernels on CPU (TorchAtenLinear for 4-bit, TorchLinear otherwise), picked at load"
-        return "fastest GPTQModel CUDA kernel for the format (Marlin, Machete, ExLlama v2, Triton), picked at load"
+        return gptq_kernel(device)
+
+
+def gptq_kernel(device: str) -> str:
+    """What runs a GPTQ-layout checkpoint (gptq's and autoround's) on `device`."""
+    if device == "cpu":
+        return "gptqmodel torch kernels on CPU (TorchAtenLinear for 4-bit, TorchLinear otherwise), picked at load"
+    return "fastest GPTQModel CUDA kernel for the format (Marlin, Machete, ExLlama v2, Triton), picked at load"
