@@ -19,7 +19,7 @@ demo: venv
 
 ## test: the default suite (what CI runs).
 test: venv
-	$(VENV)/bin/python -m pytest -m "not slow" -q
+	$(VENV)/bin/python -m pytest -m "not slow" -q --durations=10
 
 ## test-all: include the slow full-model runs.
 test-all: venv

@@ -128,9 +128,9 @@ def valid_txt():
 @pytest.mark.parametrize(
     ("method", "options"),
     [
-        ("gptq", ["--opt", "sym=false"]),
-        # ~6 min on 2 cores (AWQ's scale search runs ~20 forwards of the calibration set per layer);
-        # the default suite covers AWQ's mechanics on the tiny model above.
+        # Both are slow (gptq ~2.5 min, awq ~6 min on 2 cores: AWQ's scale search runs ~20 forwards of
+        # the calibration set per layer); the default suite covers their mechanics on the tiny model above.
+        pytest.param("gptq", ["--opt", "sym=false"], marks=pytest.mark.slow),
         pytest.param("awq", [], marks=pytest.mark.slow),
     ],
 )
