@@ -60,6 +60,13 @@ def run_qtool(*args: str, env: dict[str, str] | None = None, timeout: int = 600)
     )
 
 
+def env_without(module: str, folder: Path) -> dict[str, str]:
+    """Environment whose PYTHONPATH shadows `module` with one that fails to import: exactly what a
+    user without the package (or with a broken install) meets."""
+    (folder / f"{module}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\")\n")
+    return {"PYTHONPATH": f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """A user error: non-zero exit, exactly one line on stderr, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

@@ -5,13 +5,12 @@ is marked slow; its numbers are in the README's table.
 """
 
 import json
-import os
 
 import pytest
 import torch
 
 import qtool
-from tests.conftest import WIKITEXT, assert_one_line_error, run_qtool
+from tests.conftest import WIKITEXT, assert_one_line_error, env_without, run_qtool
 
 pytest.importorskip("auto_round", reason="autoround needs auto-round: scripts/setup-venv.sh installs it")
 pytest.importorskip("gptqmodel", reason="autoround checkpoints load through GPTQModel: scripts/setup-venv.sh installs it")
@@ -75,9 +74,8 @@ def test_bad_autoround_input_is_one_line_and_writes_nothing(args, needle, tmp_pa
 
 
 def test_missing_auto_round_names_the_extra(tmp_path):
-    (tmp_path / "auto_round.py").write_text("raise ModuleNotFoundError(\"No module named 'auto_round'\")\n")
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = run_qtool("quantize", "--method", "autoround", "smollm2-135m", tmp_path / "out", env=env)
+    proc = run_qtool("quantize", "--method", "autoround", "smollm2-135m", tmp_path / "out",
+                     env=env_without("auto_round", tmp_path))
     assert_one_line_error(proc, "auto_round", "qtool[autoround]")
     assert not (tmp_path / "out").exists()
 

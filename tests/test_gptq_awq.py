@@ -5,13 +5,12 @@ method with a small calibration set and must still answer and keep its perplexit
 """
 
 import json
-import os
 
 import pytest
 import torch
 
 import qtool
-from tests.conftest import WIKITEXT, assert_one_line_error, run_qtool
+from tests.conftest import WIKITEXT, assert_one_line_error, env_without, run_qtool
 
 pytest.importorskip("gptqmodel", reason="gptq/awq need GPTQModel: scripts/setup-venv.sh installs it")
 
@@ -110,9 +109,7 @@ def test_empty_calibration_file(tmp_path):
 
 
 def test_missing_gptqmodel_names_the_extra(tmp_path):
-    (tmp_path / "gptqmodel.py").write_text("raise ModuleNotFoundError(\"No module named 'gptqmodel'\")\n")
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = run_qtool("quantize", "--method", "awq", "smollm2-135m", tmp_path / "out", env=env)
+    proc = run_qtool("quantize", "--method", "awq", "smollm2-135m", tmp_path / "out", env=env_without("gptqmodel", tmp_path))
     assert_one_line_error(proc, "gptqmodel", "qtool[gptq]")
     assert not (tmp_path / "out").exists()
 

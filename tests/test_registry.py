@@ -1,4 +1,3 @@
-import os
 
 import pytest
 
@@ -7,7 +6,7 @@ from qtool.backends.base import parse_options
 from qtool.backends.bnb import BnbOptions
 from qtool.errors import SpecError, UnknownMethodError
 from qtool.models import quantizable_linears
-from tests.conftest import assert_one_line_error, run_qtool
+from tests.conftest import assert_one_line_error, env_without, run_qtool
 
 
 def test_all_six_methods_rtn_and_autoround_are_listed_with_a_status():
@@ -71,8 +70,7 @@ def test_effective_bits_count_the_scales():
 def without_bitsandbytes(tmp_path):
     """A PYTHONPATH entry that shadows bitsandbytes with a module that fails to import,
     exactly what a user without the package (or with a broken one) meets."""
-    (tmp_path / "bitsandbytes.py").write_text("raise ModuleNotFoundError(\"No module named 'bitsandbytes'\")\n")
-    return {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return env_without("bitsandbytes", tmp_path)
 
 
 def test_missing_package_is_reported_with_the_fix(without_bitsandbytes, tmp_path):
