@@ -30,6 +30,8 @@ CALIB = {"calib": "../shared/data/wikitext-2/valid.txt", "nsamples": 16, "seqlen
 # 8k test tokens that looked decisive (mse=2.4 + gptaq: 32.51 with 16 x 256, 31.56 with 128 x 512,
 # base 29.60); on this table's 40k tokens it is worth ~1 point (+9.0/+7.8 % against +8.5/+10.2 %).
 CALIB_LARGE = {**CALIB, "nsamples": 128, "seqlen": 512}
+# AWQ with 4x the calibration tokens (32 x 512; its search makes 128 x 512 ~1 h per run here).
+CALIB_AWQ = {**CALIB, "nsamples": 32, "seqlen": 512}
 # autoround: auto-round's "light" preset (50 steps per block) with 4 samples per step, ~9 min here;
 # its 200-step default would take ~35 min on 2 cores.
 METHOD_OPTIONS = {"gptq": {"sym": "false"}, "awq": {}, "autoround": {"sym": "false", "iters": "50", "batch_size": "4"}}
@@ -43,6 +45,9 @@ CALIBRATED = [  # name, method, bits, group size, options, seed, calibration
 ] + [  # ... and with more calibration data and the paper's damping
     (f"gptq 4-bit g64 mse=2.4 gptaq damp=0.01 (seed {seed})", "gptq", 4, 64, {**GPTQ_BEST, "damp_percent": "0.01"},
      seed, CALIB_LARGE)
+    for seed in (0, 1)
+] + [
+    (f"awq 4-bit g64 32×512 (seed {seed})", "awq", 4, 64, METHOD_OPTIONS["awq"], seed, CALIB_AWQ)
     for seed in (0, 1)
 ]
 
