@@ -3,8 +3,8 @@
 Writes reports/<name>/results.jsonl (one row per model, full qtool eval payload) and table.md.
 Usage: python benchmarks/ppl_table.py [--text PATH] [--ctx 512] [--max-tokens 40000] [--only NAME ...]
 Resumable: rows already in results.jsonl (same token count) are kept, the rest are run.
-Calibrated rows (gptq, awq) use WikiText-2 *valid* for calibration (CALIB below) and run twice,
-with seeds 0 and 1 (different calibration samples), to show run-to-run noise.
+Calibrated rows (gptq, awq, autoround) use WikiText-2 *valid* for calibration (CALIB and its larger
+variants below) and run twice, with seeds 0 and 1 (different calibration samples), to show run-to-run noise.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from qtool.runtime import package_versions
 
 # Calibration for gptq/awq. AWQ's search costs ~20 forward passes of the calibration set per
 # layer, so on 2 CPU cores the set is small (the papers use 128 x 2048 for GPTQ and 128 x 512 for
-# AWQ). Measured on 8k test tokens: GPTQ 4-bit g64 with 128 x 512 samples was no better than with
-# 16 x 256 (35.48 vs 35.24, symmetric). GPTQ runs asymmetric (zero points, as in the GPTQ paper and
+# AWQ). Measured on 8k test tokens: plain symmetric GPTQ 4-bit g64 with 128 x 512 samples was no
+# better than with 16 x 256 (35.48 vs 35.24; with mse + gptaq see CALIB_LARGE). GPTQ runs asymmetric (zero points, as in the GPTQ paper and
 # as AWQ and rtn here): symmetric was 35.24 against 33.05 on the same 8k tokens.
 CALIB = {"calib": "../shared/data/wikitext-2/valid.txt", "nsamples": 16, "seqlen": 256}
 # GPTQ's best variant also runs with 128 x 512 calibration samples (the GPTQ paper's 128 samples at
@@ -39,7 +39,7 @@ GPTQ_BEST = {**METHOD_OPTIONS["gptq"], "mse": "2.4", "gptaq": "true"}
 CALIBRATED = [  # name, method, bits, group size, options, seed, calibration
     (f"{method} {bits}-bit g64 (seed {seed})", method, bits, 64, METHOD_OPTIONS[method], seed, CALIB)
     for bits in (4, 3) for method in ("gptq", "awq", "autoround") for seed in (0, 1)
-] + [  # GPTQ with the GPTQ paper's range search and GPTAQ: the best GPTQ variant found (8k tokens)
+] + [  # GPTQ with the GPTQ paper's range search and GPTAQ: the best GPTQ options found
     (f"gptq 4-bit g64 mse=2.4 gptaq (seed {seed})", "gptq", 4, 64, GPTQ_BEST, seed, CALIB)
     for seed in (0, 1)
 ] + [  # ... and with more calibration data and the paper's damping

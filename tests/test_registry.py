@@ -1,4 +1,3 @@
-
 import pytest
 
 from qtool import backends
