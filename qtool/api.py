@@ -87,6 +87,7 @@ def quantize(
     if prior or getattr(config, "quantization_config", None):
         kind = prior["method"] if prior else dict(config.quantization_config).get("quant_method", "?")
         raise SpecError(f"model {model} is already quantized ({kind}); quantize its full-precision original")
+    backend.check_model(spec, config)
     linears = quantizable_linears(config)
     backend.check_layers(spec, linears)
     watch = Stopwatch()
@@ -107,6 +108,7 @@ def quantize(
                 backend.save(qmodel, tmp)
                 source.load_tokenizer().save_pretrained(tmp)
         layer_losses = getattr(qmodel, "qtool_losses", None)
+        rotation = getattr(qmodel, "qtool_rotation", None)
         del qmodel
         with watch.stage("reload_check"):
             reload_check = backend.reload_check(tmp, device)
@@ -131,6 +133,8 @@ def quantize(
         }
         if calibration:
             record["calibration"] = calibration.record
+        if rotation:
+            record["rotation"] = rotation
         if layer_losses:
             record["layer_losses"] = layer_losses
         if reload_check:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from qtool.calibration import CalibrationSet
 from qtool.models import ModelSource
+from qtool.rotation import check_rotatable, rotated_copy
 from qtool.runtime import compute_dtype, library_output_to
 
 
@@ -70,18 +71,27 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+ROTATE_HELP = ("first rotate the residual stream by a random orthogonal matrix (seeded by --seed), folded into "
+               "the weights (QuaRot/SpinQuant R1): same architecture, lm_head untied; loads the model once in fp32")
+
+
 def quantize_with_gptqmodel(
     source: ModelSource, make_config: Callable[[], Any], calibration: CalibrationSet, device: str, desc: str,
-    modules: int,
+    modules: int, rotate: bool = False, seed: int = 0,
 ) -> Any:
     """Load `source` into GPTQModel, calibrate layer by layer, and return the quantized wrapper.
 
     `make_config` builds the GPTQModel config; it runs inside the redirection, as it logs too.
+    With `rotate`, GPTQModel loads a rotated copy of `source` (qtool.rotation) instead.
 
-    The wrapper keeps the per-module losses in `qtool_losses` and the library log path in
-    `qtool_log` for the backend's save().
+    The wrapper keeps the per-module losses in `qtool_losses`, the library log path in
+    `qtool_log` for the backend's save(), and with `rotate` what qtool.json records about the
+    rotation in `qtool_rotation`.
     """
     prepare_environment()
+    rotated_folder = None
+    if rotate:
+        source, rotated_folder, rotation = rotated_copy(source, seed, compute_dtype(device))
     log_path = Path(tempfile.mkstemp(prefix="qtool-gptqmodel-", suffix=".log")[1])
     losses: list[dict[str, Any]] = []
     with library_output_to(log_path) as terminal:
@@ -92,12 +102,17 @@ def quantize_with_gptqmodel(
             model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
     model.qtool_losses = losses
     model.qtool_log = log_path
+    if rotated_folder is not None:
+        model.qtool_rotation, model.qtool_rotated_folder = rotation, rotated_folder
     return model
 
 
 def save_gptqmodel(model: Any, out: Path) -> None:
     with library_output_to(model.qtool_log):
         model.save(str(out))
+    rotated = getattr(model, "qtool_rotated_folder", None)
+    if rotated is not None:  # the rotated fp copy GPTQModel loaded from (qtool.rotation)
+        rotated.cleanup()
     log = Path(model.qtool_log)
     if log.exists():
         log.replace(out / "quantize.log")
@@ -140,6 +155,10 @@ class GptqModelBackend:
 
     def reload_check(self, out: Path, device: str) -> dict[str, Any]:
         return reload_and_name_kernels(self, out, device)
+
+    def check_model(self, spec: Any, config: Any) -> None:
+        if getattr(spec.options, "rotate", False):
+            check_rotatable(config)
 
     def effective_bits(self, spec: Any) -> float:
         return packed_bits_per_weight(spec.bits, spec.group_size)

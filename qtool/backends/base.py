@@ -121,6 +121,10 @@ class Backend(ABC):
         """Backend-specific combinations of bits and options; raise SpecError. Default: none."""
         return None
 
+    def check_model(self, spec: QuantSpec, config: Any) -> None:
+        """Check the spec against the model's config (architecture); raise SpecError. Default: none."""
+        return None
+
     def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
         """Check the spec against the model's layer widths (from a weightless skeleton)."""
         if self.capabilities.group_sizes is not None or spec.group_size == -1:

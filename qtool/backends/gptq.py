@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qtool.backends import register
-from qtool.backends._gptqmodel import GptqModelBackend, quantize_with_gptqmodel
+from qtool.backends._gptqmodel import ROTATE_HELP, GptqModelBackend, quantize_with_gptqmodel
 from qtool.backends.base import Backend, Capabilities, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -35,6 +35,7 @@ class GptqOptions:
     offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
     mse: float = field(default=0.0, metadata={"help": "grid-search each group's range to minimise |error|^mse before GPTQ (GPTQ paper's --mse uses 2.4; 0: min/max)"})
     gptaq: bool = field(default=False, metadata={"help": "GPTAQ (asymmetric calibration: also corrects for the error of earlier quantized layers)"})
+    rotate: bool = field(default=False, metadata={"help": ROTATE_HELP})
 
 
 @register
@@ -81,7 +82,7 @@ class GptqBackend(GptqModelBackend, Backend):
             )
 
         modules = len(quantizable_linears(source.config()))
-        return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules)
+        return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules, rotate=o.rotate, seed=spec.seed)
 
     def kernel(self, device: str) -> str:
         return gptq_kernel(device)
