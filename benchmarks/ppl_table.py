@@ -49,6 +49,10 @@ CALIBRATED = [  # name, method, bits, group size, options, seed, calibration
 ] + [
     (f"awq 4-bit g64 32×512 (seed {seed})", "awq", 4, 64, METHOD_OPTIONS["awq"], seed, CALIB_AWQ)
     for seed in (0, 1)
+] + [  # GPTQ on the residual-stream-rotated model (qtool.rotation; the seed also draws the rotation)
+    (f"gptq {bits}-bit g64 rotate{' mse=2.4 gptaq' if best else ''} (seed {seed})", "gptq", bits, 64,
+     {**(GPTQ_BEST if best else METHOD_OPTIONS["gptq"]), "rotate": "true"}, seed, CALIB)
+    for bits, best in ((4, False), (4, True), (3, True)) for seed in (0, 1)
 ]
 
 ROWS = [  # name, method, bits, group size, options

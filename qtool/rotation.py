@@ -22,6 +22,7 @@ would make the checkpoint non-standard), hence this module.
 from __future__ import annotations
 
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -101,6 +102,7 @@ def rotated_copy(source: ModelSource, seed: int, dtype: torch.dtype) -> tuple[Mo
     does) and what qtool.json records. The whole model is loaded once, in fp32.
     """
     check_rotatable(source.config())
+    start = time.perf_counter()
     model = source.load_model("cpu", torch.float32)
     tokenizer = source.load_tokenizer()
     probe = _probe_ids(tokenizer, model.config.vocab_size)
@@ -117,7 +119,8 @@ def rotated_copy(source: ModelSource, seed: int, dtype: torch.dtype) -> tuple[Mo
     model.to(dtype).save_pretrained(folder.name)
     tokenizer.save_pretrained(folder.name)
     record = {"kind": "random orthogonal (QR of a Gaussian), residual stream, folded into the weights",
-              "seed": seed, "untied_lm_head": tied, "relative_logit_change_fp32": drift}
+              "seed": seed, "untied_lm_head": tied, "relative_logit_change_fp32": drift,
+              "seconds": round(time.perf_counter() - start, 1)}
     return ModelSource(source.name, "rotated", folder.name), folder, record
 
 

@@ -127,8 +127,10 @@ def valid_txt():
     [
         # Both are slow (gptq ~2.5 min, awq ~6 min on 2 cores: AWQ's scale search runs ~20 forwards of
         # the calibration set per layer); the default suite covers their mechanics on the tiny model above.
-        pytest.param("gptq", ["--opt", "sym=false"], marks=pytest.mark.slow),
-        pytest.param("awq", [], marks=pytest.mark.slow),
+        pytest.param("gptq", ["--opt", "sym=false"], marks=pytest.mark.slow, id="gptq"),
+        pytest.param("awq", [], marks=pytest.mark.slow, id="awq"),
+        pytest.param("gptq", ["--opt", "sym=false", "--opt", "rotate=true", "--opt", "mse=2.4", "--opt", "gptaq=true"],
+                     marks=pytest.mark.slow, id="gptq-rotated"),
     ],
 )
 def test_real_model_4bit_g64_answers_and_keeps_its_perplexity(method, options, valid_txt, wikitext_test, tmp_path):
