@@ -71,10 +71,6 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
-ROTATE_HELP = ("first rotate the residual stream by a random orthogonal matrix (seeded by --seed), folded into "
-               "the weights (QuaRot/SpinQuant R1): same architecture, lm_head untied; loads the model once in fp32")
-
-
 def quantize_with_gptqmodel(
     source: ModelSource, make_config: Callable[[], Any], calibration: CalibrationSet, device: str, desc: str,
     modules: int, rotate: bool = False, seed: int = 0,

@@ -9,6 +9,9 @@ transformers (through optimum + GPTQModel) and vLLM/SGLang load.
 
 GPTQModel quantizes one decoder layer at a time and offloads finished layers to disk, so only
 one layer's activations are resident; see the README for models larger than memory.
+
+`--opt rotate=true` hands GPTQModel a residual-stream-rotated copy of the model (qtool.rotation):
+on SmolLM2-135M it took 4-bit g64 PPL from +11-13 % to +8-9 % over the base (README table).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qtool.backends import register
-from qtool.backends._gptqmodel import ROTATE_HELP, GptqModelBackend, quantize_with_gptqmodel
+from qtool.backends._gptqmodel import GptqModelBackend, quantize_with_gptqmodel
 from qtool.backends.base import Backend, Capabilities, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -35,7 +38,7 @@ class GptqOptions:
     offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
     mse: float = field(default=0.0, metadata={"help": "grid-search each group's range to minimise |error|^mse before GPTQ (GPTQ paper's --mse uses 2.4; 0: min/max)"})
     gptaq: bool = field(default=False, metadata={"help": "GPTAQ (asymmetric calibration: also corrects for the error of earlier quantized layers)"})
-    rotate: bool = field(default=False, metadata={"help": ROTATE_HELP})
+    rotate: bool = field(default=False, metadata={"help": "first rotate the residual stream by a random orthogonal matrix (seeded by --seed), folded into the weights (QuaRot/SpinQuant R1): same architecture, lm_head untied; loads the model once in fp32"})
 
 
 @register
