@@ -58,6 +58,34 @@ def test_rotation_keeps_the_function_and_unties_the_head(tiny_model_with_gains):
     assert all(torch.all(p == 1) for p in norms)
 
 
+@pytest.mark.parametrize(
+    ("model_type", "tied"),
+    [("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False)],  # qwen2: q/k/v biases; qwen3: q/k norms
+)
+def test_every_listed_architecture_keeps_its_function(model_type, tied):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtool.rotation import ROTATABLE_MODEL_TYPES
+
+    assert model_type in ROTATABLE_MODEL_TYPES
+    config = AutoConfig.for_model(
+        model_type, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+        ids = IDS % 512
+        before = model(ids).logits
+        rotate_residual_stream(model, random_orthogonal(64, seed=0))
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-4, rtol=1e-4)
+
+
 def test_rotated_copy_is_a_plain_checkpoint_with_the_same_outputs(tiny_llama):
     from transformers import AutoModelForCausalLM
 
