@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize MODEL with one backend and write a checkpoint folder OUT (with qtool.json). "
         "OUT is written to a temporary folder and renamed at the end: an interrupted run leaves nothing.",
         epilog="Backend options (--opt KEY=VALUE) are listed by `qtool methods`.\n"
-        "example: qtool quantize --recipe quantize-smollm2-hqq4 out/hqq4",
+        "examples:\n"
+        "  qtool quantize --recipe quantize-smollm2-hqq4 out/hqq4           # calibration-free, seconds\n"
+        "  qtool quantize --recipe quantize-smollm2-gptq4-rotated out/gptq4 # calibrated, most accurate 4-bit here\n"
+        "  qtool quantize --method gptq --bits 4 --group-size 64 --opt rotate=true \\\n"
+        "      --calib wikitext2 --nsamples 128 --seqlen 2048 MODEL OUT    # a Hub model, the papers' calibration",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("targets", nargs="+", metavar="[MODEL] OUT",
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-group", type=int, metavar="G", help="aqlm: input weights per code group (--opt in_group=G); "
                    "bits/weight = M * B / G, e.g. 2x8 over 8 = 2")
     p.add_argument("--device", help="cpu, cuda or auto (default: auto, cuda if present)")
-    p.add_argument("--seed", type=int, help="random seed; also picks the calibration samples (default 0)")
+    p.add_argument("--seed", type=int, help="random seed; also picks the calibration samples (and gptq's rotation) (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of a resumable method (aqlm) "
                    "from its last finished block; same settings and seed give the same result")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (and discard an interrupted run's state)")
