@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import qtool
 from qtool.finetune.dataset import IGNORE, build_examples
 from qtool.finetune.recipe import DatasetSection
 from tests.conftest import REPO, assert_one_line_error, interrupt_qtool_when, run_qtool
@@ -171,3 +173,35 @@ def test_aqlm_layers_are_refused_before_quantizing(tiny_llama, tmp_path):
     proc = run_qtool("qlora", recipe, "--out", tmp_path / "run")
     assert_one_line_error(proc, "PEFT cannot train LoRA on aqlm layers on cpu")
     assert not (tmp_path / "run" / "base").exists()
+
+
+def test_merge_on_a_rotated_gptq_base_rotates_the_original_first(tiny_llama, tmp_path):
+    pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
+    from safetensors.torch import load_file
+
+    from qtool.rotation import random_orthogonal, rotate_residual_stream
+
+    quantization = "{method: gptq, bits: 4, group_size: 32, options: {rotate: true}, calib: builtin, nsamples: 4, seqlen: 64}"
+    out = tmp_path / "run"
+    proc = run_qtool("qlora", _recipe(tmp_path, tiny_llama, quantization=quantization), "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    seed = json.loads((out / "base" / "qtool.json").read_text())["rotation"]["seed"]
+
+    merged = tmp_path / "merged"
+    proc = run_qtool("merge", out / "base", out, merged)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((merged / "merge.json").read_text())["rotation_seed"] == seed
+
+    # The merged weights are the *rotated* original plus exactly the adapter's delta.
+    original = qtool.load(tiny_llama, device="cpu").model
+    rotate_residual_stream(original, random_orthogonal(original.config.hidden_size, seed))
+    weights = load_file(merged / "model.safetensors")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    a = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_A" in k)
+    b = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_B" in k)
+    expected = original.model.layers[0].self_attn.q_proj.weight + scale * b @ a
+    torch.testing.assert_close(weights["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights["model.embed_tokens.weight"], original.model.embed_tokens.weight)
+    assert "lm_head.weight" in weights

@@ -5,6 +5,10 @@ so qtool never does that. It loads the full-precision original the quantized bas
 (recorded in its qtool.json), merges there with PEFT's merge_and_unload, and then quantizes the
 merged model with the requested method. With --ppl it measures token perplexity of the adapter
 on its quantized base before and of the merged output after, on the same windows.
+
+A base quantized with gptq's `rotate=true` was trained in the rotated basis: its adapter's
+deltas only fit the rotated original, so the original is rotated again (same seed, from the
+base's qtool.json) before merging. The merged model stays rotated (same function, untied head).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from qtool.errors import OutputExistsError, SpecError
 from qtool.finetune.adapters import attach_adapters, full_precision_source, parse_adapter_args
+from qtool.rotation import random_orthogonal, rotate_residual_stream
 
 
 def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | None = None, bits: int | None = None,
@@ -46,8 +51,13 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
         gc.collect()
 
     full = qtool.load(original, device=device)
+    rotation = base_rotation(base)
+    if rotation:
+        rotate_residual_stream(full.model, random_orthogonal(full.model.config.hidden_size, rotation["seed"]))
     merged = attach_adapters(full.model, {name: folder}).merge_and_unload()
     info = {"base": base, "full_precision_source": original, "adapter": str(folder), "requantize": requantize}
+    if rotation:
+        info["rotation_seed"] = rotation["seed"]
     if requantize:
         with tempfile.TemporaryDirectory(prefix=".qtool-merged-", dir=out.parent if out.parent.exists() else None) as tmp:
             merged.save_pretrained(tmp)
@@ -75,3 +85,12 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
 
         (out / "merge.json").write_text(json.dumps(info, indent=2) + "\n")  # a plain HF folder: no qtool.json
     return info
+
+
+def base_rotation(base: str) -> dict[str, Any] | None:
+    """The residual-stream rotation a qtool quantized base was made with (qtool.json), if any."""
+    from qtool.checkpoint import read_record
+
+    folder = Path(base).expanduser()
+    record = read_record(folder) if folder.is_dir() else None
+    return (record or {}).get("rotation")
