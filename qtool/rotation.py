@@ -14,9 +14,13 @@ cannot stay tied (the head absorbs the final norm's gain, the embedding does not
 becomes its own vocab × hidden matrix.
 
 Q is a seeded random orthogonal matrix (QR of a Gaussian), which exists for every hidden size;
-the Hadamard matrices QuaRot prefers do not exist for widths such as 576. No library does this
-offline fold for transformers 5 models without also inserting online Hadamard transforms (which
-would make the checkpoint non-standard), hence this module.
+QuaRot's randomized Hadamard matrices need a known Hadamard order for each width (576 = 12 × 48)
+and are not implemented here.
+
+Written here because the libraries that do it do not fit: llm-compressor's SpinQuantModifier folds
+the same R1 rotation, but llm-compressor 0.14 pins transformers <= 5.17 (qtool runs 5.23; see
+backends/gptq.py), and GPTQModel's own `rotation` option also needs online Hadamard transforms at
+inference, which a standard checkpoint cannot carry.
 """
 
 from __future__ import annotations
