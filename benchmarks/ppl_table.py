@@ -22,8 +22,9 @@ from qtool.runtime import package_versions
 # Calibration for gptq/awq. AWQ's search costs ~20 forward passes of the calibration set per
 # layer, so on 2 CPU cores the set is small (the papers use 128 x 2048 for GPTQ and 128 x 512 for
 # AWQ). Measured on 8k test tokens: plain symmetric GPTQ 4-bit g64 with 128 x 512 samples was no
-# better than with 16 x 256 (35.48 vs 35.24; with mse + gptaq see CALIB_LARGE). GPTQ runs asymmetric (zero points, as in the GPTQ paper and
-# as AWQ and rtn here): symmetric was 35.24 against 33.05 on the same 8k tokens.
+# better than with 16 x 256 (35.48 vs 35.24; with mse + gptaq see CALIB_LARGE). GPTQ runs
+# asymmetric (zero points, as in the GPTQ paper and as AWQ and rtn here): symmetric was 35.24
+# against 33.05 on the same 8k tokens.
 CALIB = {"calib": "../shared/data/wikitext-2/valid.txt", "nsamples": 16, "seqlen": 256}
 # GPTQ's best variant also runs with 128 x 512 calibration samples (the GPTQ paper's 128 samples at
 # this table's context length) and the paper's damping of 0.01 (~17 min each here). On the first

@@ -59,6 +59,11 @@ def random_orthogonal(size: int, seed: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
+def rotate_with_seed(model: nn.Module, seed: int) -> None:
+    """Rotate `model` in place by the orthogonal matrix `seed` draws (what gptq's rotate=true applies)."""
+    rotate_residual_stream(model, random_orthogonal(model.config.hidden_size, seed))
+
+
 def rotate_residual_stream(model: nn.Module, rotation: torch.Tensor) -> None:
     """Rewrite `model`'s weights in place so that its residual stream lives in the basis `rotation`.
 
@@ -113,7 +118,7 @@ def rotated_copy(source: ModelSource, seed: int, dtype: torch.dtype) -> tuple[Mo
     with torch.no_grad():
         before = model(probe).logits
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    rotate_residual_stream(model, random_orthogonal(model.config.hidden_size, seed))
+    rotate_with_seed(model, seed)
     with torch.no_grad():
         drift = ((model(probe).logits - before).abs().max() / before.abs().max()).item()
     if drift > _PROBE_TOLERANCE:

@@ -179,7 +179,7 @@ def test_merge_on_a_rotated_gptq_base_rotates_the_original_first(tiny_llama, tmp
     pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
     from safetensors.torch import load_file
 
-    from qtool.rotation import random_orthogonal, rotate_residual_stream
+    from qtool.rotation import rotate_with_seed
 
     quantization = "{method: gptq, bits: 4, group_size: 32, options: {rotate: true}, calib: builtin, nsamples: 4, seqlen: 64}"
     out = tmp_path / "run"
@@ -194,7 +194,7 @@ def test_merge_on_a_rotated_gptq_base_rotates_the_original_first(tiny_llama, tmp
 
     # The merged weights are the *rotated* original plus exactly the adapter's delta.
     original = qtool.load(tiny_llama, device="cpu").model
-    rotate_residual_stream(original, random_orthogonal(original.config.hidden_size, seed))
+    rotate_with_seed(original, seed)
     weights = load_file(merged / "model.safetensors")
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -62,12 +62,16 @@ def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
     return peft_model.eval()
 
 
-def full_precision_source(base: str) -> str:
-    """The original a qtool quantized folder was made from; any other model is its own original."""
+def quantized_base_record(base: str) -> dict[str, Any] | None:
+    """The qtool.json of a folder qtool quantized; None for any other model."""
     from qtool.checkpoint import read_record
 
     folder = Path(base).expanduser()
-    record = read_record(folder) if folder.is_dir() else None
+    return read_record(folder) if folder.is_dir() else None
+
+
+def full_precision_source(base: str, record: dict[str, Any] | None) -> str:
+    """The original a qtool quantized folder (its `record`) was made from; any other model is its own original."""
     if record is None:
         return base
     source = record.get("source") or {}

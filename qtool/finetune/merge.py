@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from qtool.errors import OutputExistsError, SpecError
-from qtool.finetune.adapters import attach_adapters, full_precision_source, parse_adapter_args
-from qtool.rotation import random_orthogonal, rotate_residual_stream
+from qtool.finetune.adapters import (
+    attach_adapters,
+    full_precision_source,
+    parse_adapter_args,
+    quantized_base_record,
+)
+from qtool.rotation import rotate_with_seed
 
 
 def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | None = None, bits: int | None = None,
@@ -39,7 +44,9 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
     if requantize:
         backends.get(requantize).make_spec(bits, group_size, options or {}, seed)  # bad specs fail before any work
     (name, folder), = parse_adapter_args([adapter]).items()
-    original = full_precision_source(base)
+    base_record = quantized_base_record(base)
+    original = full_precision_source(base, base_record)
+    rotation = (base_record or {}).get("rotation")
     windows = {"ctx": ctx, "max_tokens": max_tokens, "progress": False}
 
     before = None
@@ -51,9 +58,8 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
         gc.collect()
 
     full = qtool.load(original, device=device)
-    rotation = base_rotation(base)
     if rotation:
-        rotate_residual_stream(full.model, random_orthogonal(full.model.config.hidden_size, rotation["seed"]))
+        rotate_with_seed(full.model, rotation["seed"])
     merged = attach_adapters(full.model, {name: folder}).merge_and_unload()
     info = {"base": base, "full_precision_source": original, "adapter": str(folder), "requantize": requantize}
     if rotation:
@@ -86,11 +92,3 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
         (out / "merge.json").write_text(json.dumps(info, indent=2) + "\n")  # a plain HF folder: no qtool.json
     return info
 
-
-def base_rotation(base: str) -> dict[str, Any] | None:
-    """The residual-stream rotation a qtool quantized base was made with (qtool.json), if any."""
-    from qtool.checkpoint import read_record
-
-    folder = Path(base).expanduser()
-    record = read_record(folder) if folder.is_dir() else None
-    return (record or {}).get("rotation")
