@@ -90,6 +90,7 @@ def test_calibration_seed_changes_the_result(tiny_llama, tmp_path):
         (["--method", "gptq", "--calib", "no/such/file.txt"], "dataset no/such/file.txt is neither a file"),
         (["--method", "gptq", "--opt", "damp_percent=2"], "damp_percent must be in (0, 1)"),
         (["--method", "gptq", "--opt", "mse=-1"], "mse must be >= 0"),
+        (["--method", "awq", "--opt", "gptq=true", "--opt", "damp_percent=0"], "awq option damp_percent must be in (0, 1)"),
         (["--method", "hqq", "--nsamples", "8"], "hqq quantizes without calibration data"),
     ],
 )
@@ -131,6 +132,7 @@ def valid_txt():
         pytest.param("awq", [], marks=pytest.mark.slow, id="awq"),
         pytest.param("gptq", ["--opt", "sym=false", "--opt", "rotate=true", "--opt", "mse=2.4", "--opt", "gptaq=true"],
                      marks=pytest.mark.slow, id="gptq-rotated"),
+        pytest.param("awq", ["--opt", "gptq=true"], marks=pytest.mark.slow, id="awq-gptq"),
     ],
 )
 def test_real_model_4bit_g64_answers_and_keeps_its_perplexity(method, options, valid_txt, wikitext_test, tmp_path):
@@ -192,3 +194,57 @@ def test_awq_clip_search_picks_what_the_library_picks(sym):
     assert got.shape == expected.shape
     assert (got != expected).float().mean() < 0.01  # summation order may flip a near-tie
     assert (got < w.reshape(320, 3, 64).abs().amax(-1, keepdim=True)).any()  # it does clip
+
+
+def test_awq_with_gptq_rounding_changes_the_codes_and_reloads(tiny_llama, tmp_path):
+    plain, rounded = tmp_path / "plain", tmp_path / "gptq"
+    common = ["quantize", "--method", "awq", "--bits", "4", "--group-size", "32", *FAST_CALIB, "--device", "cpu",
+              tiny_llama]
+    assert run_qtool(*common, plain).returncode == 0
+    proc = run_qtool(*common, rounded, "--opt", "gptq=true")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((rounded / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["bits"] == 4 and config["group_size"] == 32
+    options = json.loads((rounded / "qtool.json").read_text())["spec"]["options"]
+    assert options["gptq"] is True and options["damp_percent"] == 0.01
+
+    from safetensors.torch import load_file
+
+    a, b = load_file(plain / "model.safetensors"), load_file(rounded / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.qweight"], b["model.layers.0.mlp.down_proj.qweight"])
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
+    logits, _ = plain_transformers_logits(rounded, ids)
+    with torch.no_grad():
+        ours = qtool.load(rounded, device="cpu").model(ids).logits
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(ours, logits)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_rounding_fits_awq_layout_and_beats_round_to_nearest(sym):
+    from gptqmodel.looper.awq_processor import AWQProcessor
+    from gptqmodel.quantization.config import AWQConfig
+
+    from qtool.backends._awq_gptq import gptq_round
+
+    class Processor:  # AWQ's own round-to-nearest, the rounding gptq=true replaces
+        pseudo_quantize_tensor = AWQProcessor.pseudo_quantize_tensor
+
+    processor = Processor()
+    processor.qcfg = AWQConfig(bits=4, group_size=64, sym=sym, offload_to_disk=False)
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 192, generator=generator)
+    x = torch.randn(600, 192, generator=generator) * torch.linspace(0.1, 3, 192)  # uneven channels
+    nearest, _, _ = processor.pseudo_quantize_tensor(w)
+    rounded, scales, zeros = gptq_round(w, x, bits=4, group_size=64, sym=sym, damp_percent=0.01)
+
+    assert scales.shape == zeros.shape == (96, 3)  # AWQ's [out_features, groups]
+    codes = rounded.reshape(96, 3, 64) / scales.unsqueeze(-1) + zeros.unsqueeze(-1)
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)  # on the stored grid
+    assert codes.round().min() >= 0 and codes.round().max() <= 15
+
+    def output_error(q):
+        return (x @ (w - q).T).pow(2).mean()
+
+    assert output_error(rounded) < 0.9 * output_error(nearest)
