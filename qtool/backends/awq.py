@@ -15,7 +15,7 @@ in fp32, because bf16 matmuls are ~5x slower on CPUs without bf16 units.
 
 `--opt gptq=true` keeps AWQ's scales but rounds with GPTQ instead of AWQ's clip search and
 round-to-nearest (_awq_gptq.py); the checkpoint format is the same. On SmolLM2-135M 4-bit g64 it
-took WikiText-2 PPL from +11.0/+13.2 % to +7.7/+7.4 % over the base (README table).
+took WikiText-2 PPL from +11.0/+13.2 % to +7.3/+7.0 % over the base (README table).
 """
 
 from __future__ import annotations
