@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n"
         "  qtool quantize --recipe quantize-smollm2-hqq4 out/hqq4           # calibration-free, seconds\n"
         "  qtool quantize --recipe quantize-smollm2-gptq4-rotated out/gptq4 # calibrated, most accurate 4-bit here\n"
+        "  qtool quantize --recipe quantize-smollm2-awq4-gptq out/awq4      # AWQ checkpoint, AWQ scales + GPTQ rounding\n"
         "  qtool quantize --method gptq --bits 4 --group-size 64 --opt rotate=true \\\n"
         "      --calib wikitext2 --nsamples 128 --seqlen 2048 MODEL OUT    # a Hub model, the papers' calibration",
         formatter_class=argparse.RawDescriptionHelpFormatter,
