@@ -91,6 +91,7 @@ def test_calibration_seed_changes_the_result(tiny_llama, tmp_path):
         (["--method", "gptq", "--opt", "damp_percent=2"], "damp_percent must be in (0, 1)"),
         (["--method", "gptq", "--opt", "mse=-1"], "mse must be >= 0"),
         (["--method", "awq", "--opt", "gptq=true", "--opt", "damp_percent=0"], "awq option damp_percent must be in (0, 1)"),
+        (["--method", "awq", "--opt", "damp_percent=0.05"], "damp_percent only applies with gptq=true"),
         (["--method", "hqq", "--nsamples", "8"], "hqq quantizes without calibration data"),
     ],
 )

@@ -47,7 +47,8 @@ def gptq_round(weight: torch.Tensor, inputs: torch.Tensor, bits: int, group_size
                             damp_percent=damp_percent, mse=RANGE_SEARCH_NORM, offload_to_disk=False)
     solver = GPTQ(linear, config)
     solver.quantizer.configure(perchannel=True)
-    for rows in inputs.reshape(-1, in_features).to(torch.float32).split(512):
+    # GPTQModel keeps AWQ's captured activations on the CPU; the solver runs where the weight is.
+    for rows in inputs.reshape(-1, in_features).to(weight.device, torch.float32).split(512):
         solver.add_batch(rows.unsqueeze(0), None)
     # Static groups: each group's grid is fixed before act-order permutes the columns, so the
     # groups stay contiguous and the result fits AWQ's layout (which has no g_idx).

@@ -37,13 +37,15 @@ from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 from qtool.models import ModelSource, quantizable_linears
 
+DEFAULT_DAMP = 0.01  # the GPTQ paper's
+
 
 @dataclass
 class AwqOptions:
     sym: bool = field(default=False, metadata={"help": "symmetric grid; AWQ's default is a zero point per group (false)"})
     offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
-    gptq: bool = field(default=False, metadata={"help": "round the scaled weights with GPTQ instead of to nearest (AWQ paper, section 5); same AWQ checkpoint"})
-    damp_percent: float = field(default=0.01, metadata={"help": "with gptq=true: Hessian damping, fraction of its mean diagonal"})
+    gptq: bool = field(default=False, metadata={"help": "keep AWQ's scales, then round with GPTQ (act-order, range search) instead of AWQ's clip search and round-to-nearest (AWQ paper, section 5); same AWQ checkpoint"})
+    damp_percent: float = field(default=DEFAULT_DAMP, metadata={"help": "with gptq=true: GPTQ's Hessian damping, fraction of its mean diagonal"})
 
 
 @register
@@ -62,6 +64,8 @@ class AwqBackend(GptqModelBackend, Backend):
     Options = AwqOptions
 
     def check_spec(self, spec: QuantSpec) -> None:
+        if spec.options.damp_percent != DEFAULT_DAMP and not spec.options.gptq:
+            raise SpecError("awq option damp_percent only applies with gptq=true (GPTQ's damping)")
         if not 0 < spec.options.damp_percent < 1:
             raise SpecError(f"awq option damp_percent must be in (0, 1), got {spec.options.damp_percent}")
 
