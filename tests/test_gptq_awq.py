@@ -174,22 +174,29 @@ def test_gptq_range_search_and_gptaq_change_the_weights_and_reload(tiny_llama, t
     assert torch.isfinite(b).all() and not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("sym", [False, True])
-def test_awq_clip_search_picks_what_the_library_picks(sym):
+def library_awq_processor(sym, *methods):
+    """GPTQModel's AWQProcessor `methods` on a bare object: the library's own arithmetic, no model around it."""
     from gptqmodel.looper.awq_processor import AWQProcessor
     from gptqmodel.quantization.config import AWQConfig
 
+    processor = type("Processor", (), {name: getattr(AWQProcessor, name) for name in methods})()
+    processor.qcfg = AWQConfig(bits=4, group_size=64, sym=sym, offload_to_disk=False)
+    return processor
+
+
+def weights_and_uneven_inputs(out_features, tokens):
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, 192, generator=generator)
+    x = torch.randn(tokens, 192, generator=generator) * torch.linspace(0.1, 3, 192)  # uneven channels
+    return w, x
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_awq_clip_search_picks_what_the_library_picks(sym):
     from qtool.backends._awq_clip import best_clip_batched
 
-    class Processor:  # the library's own quantizer and clip search, without a model around them
-        _pseudo_quantize_tensor_into = AWQProcessor._pseudo_quantize_tensor_into
-        _compute_best_clip = AWQProcessor._compute_best_clip
-
-    processor = Processor()
-    processor.qcfg = AWQConfig(bits=4, group_size=64, sym=sym, offload_to_disk=False)
-    generator = torch.Generator().manual_seed(0)
-    w = torch.randn(320, 192, generator=generator)
-    x = torch.randn(700, 192, generator=generator) * torch.linspace(0.1, 3, 192)  # uneven channels
+    processor = library_awq_processor(sym, "_pseudo_quantize_tensor_into", "_compute_best_clip")
+    w, x = weights_and_uneven_inputs(320, 700)
     expected = processor._compute_best_clip(w, x)
     got = best_clip_batched(processor, w, x)
     assert got.shape == expected.shape
@@ -224,19 +231,10 @@ def test_awq_with_gptq_rounding_changes_the_codes_and_reloads(tiny_llama, tmp_pa
 
 @pytest.mark.parametrize("sym", [False, True])
 def test_gptq_rounding_fits_awq_layout_and_beats_round_to_nearest(sym):
-    from gptqmodel.looper.awq_processor import AWQProcessor
-    from gptqmodel.quantization.config import AWQConfig
-
     from qtool.backends._awq_gptq import gptq_round
 
-    class Processor:  # AWQ's own round-to-nearest, the rounding gptq=true replaces
-        pseudo_quantize_tensor = AWQProcessor.pseudo_quantize_tensor
-
-    processor = Processor()
-    processor.qcfg = AWQConfig(bits=4, group_size=64, sym=sym, offload_to_disk=False)
-    generator = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 192, generator=generator)
-    x = torch.randn(600, 192, generator=generator) * torch.linspace(0.1, 3, 192)  # uneven channels
+    processor = library_awq_processor(sym, "pseudo_quantize_tensor")  # the rounding gptq=true replaces
+    w, x = weights_and_uneven_inputs(96, 600)
     nearest, _, _ = processor.pseudo_quantize_tensor(w)
     rounded, scales, zeros = gptq_round(w, x, bits=4, group_size=64, sym=sym, damp_percent=0.01)
 
