@@ -55,8 +55,9 @@ CALIBRATED = [  # name, method, bits, group size, options, seed, calibration
      {**(GPTQ_BEST if best else METHOD_OPTIONS["gptq"]), "rotate": "true"}, seed, CALIB)
     for bits, best in ((4, False), (4, True), (3, True)) for seed in (0, 1)
 ] + [  # AWQ's scales, then GPTQ's rounding instead of its clip search and round-to-nearest
-    (f"awq 4-bit g64 gptq=true (seed {seed})", "awq", 4, 64, {**METHOD_OPTIONS["awq"], "gptq": "true"}, seed, CALIB)
-    for seed in (0, 1)
+    (f"awq {bits}-bit g64 gptq=true (seed {seed})", "awq", bits, 64, {**METHOD_OPTIONS["awq"], "gptq": "true"}, seed,
+     CALIB)
+    for bits in (4, 3) for seed in (0, 1)
 ]
 
 ROWS = [  # name, method, bits, group size, options
