@@ -131,6 +131,14 @@ def reload_and_name_kernels(backend: Any, out: Path, device: str) -> dict[str, A
     return {"loader": "transformers.AutoModelForCausalLM.from_pretrained", "kernel_classes": loaded_kernels(model)}
 
 
+def check_damp_percent(method: str, damp_percent: float) -> None:
+    """GPTQ's Hessian damping is a fraction of the mean diagonal (gptq, and awq's gptq=true)."""
+    from qtool.errors import SpecError
+
+    if not 0 < damp_percent < 1:
+        raise SpecError(f"{method} option damp_percent must be in (0, 1), got {damp_percent}")
+
+
 def packed_bits_per_weight(bits: int, group_size: int) -> float:
     """GPTQ/AWQ layouts: `bits` per weight, plus per group a fp16 scale and a `bits`-wide packed zero."""
     return float(bits) if group_size == -1 else bits + (16 + bits) / group_size

@@ -31,7 +31,7 @@ from torch import nn
 from qtool.backends import register
 from qtool.backends._awq_clip import batched_clip_search
 from qtool.backends._awq_gptq import gptq_rounding
-from qtool.backends._gptqmodel import GptqModelBackend, quantize_with_gptqmodel
+from qtool.backends._gptqmodel import GptqModelBackend, check_damp_percent, quantize_with_gptqmodel
 from qtool.backends.base import Backend, Capabilities, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -66,8 +66,7 @@ class AwqBackend(GptqModelBackend, Backend):
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.options.damp_percent != DEFAULT_DAMP and not spec.options.gptq:
             raise SpecError("awq option damp_percent only applies with gptq=true (GPTQ's damping)")
-        if not 0 < spec.options.damp_percent < 1:
-            raise SpecError(f"awq option damp_percent must be in (0, 1), got {spec.options.damp_percent}")
+        check_damp_percent(self.name, spec.options.damp_percent)
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qtool.backends import register
-from qtool.backends._gptqmodel import GptqModelBackend, quantize_with_gptqmodel
+from qtool.backends._gptqmodel import GptqModelBackend, check_damp_percent, quantize_with_gptqmodel
 from qtool.backends.base import Backend, Capabilities, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -59,8 +59,7 @@ class GptqBackend(GptqModelBackend, Backend):
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.options.mse < 0:
             raise SpecError(f"gptq option mse must be >= 0 (0 turns the range search off), got {spec.options.mse}")
-        if not 0 < spec.options.damp_percent < 1:
-            raise SpecError(f"gptq option damp_percent must be in (0, 1), got {spec.options.damp_percent}")
+        check_damp_percent(self.name, spec.options.damp_percent)
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
