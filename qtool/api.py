@@ -166,8 +166,13 @@ def _calibration_spec(calib: str | None, nsamples: int | None, seqlen: int | Non
     return CalibrationSpec(source=CalibrationSpec().source if calib is None else calib, nsamples=nsamples, seqlen=seqlen)
 
 
-def load(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Load a qtool output folder (any backend) or any model source qtool resolves."""
+def load(path: str | Path, device: str = "auto", trainable: bool = False) -> LoadedModel:
+    """Load a qtool output folder (any backend) or any model source qtool resolves.
+
+    `trainable=True` asks the backend for layers that support a backward pass (LoRA training):
+    some loaders otherwise pick an inference-only kernel on some CPUs (GPTQModel on AVX-512).
+    Raises CheckpointError for a folder that cannot be loaded.
+    """
     device = resolve_device(device)
     if device == "cpu":
         configure_cpu()
@@ -180,7 +185,8 @@ def load(path: str | Path, device: str = "auto") -> LoadedModel:
     verify_weights(folder)
     backend = backends.get(record["method"])
     backend.require_available(device)
-    model = _guarded(lambda: backend.load(folder, device), path)
+    load_fn = backend.load_for_training if trainable else backend.load
+    model = _guarded(lambda: load_fn(folder, device), path)
     tokenizer = _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
     return LoadedModel(model, tokenizer, device, record, str(path))
 

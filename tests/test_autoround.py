@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qtool
+from qtool.backends._gptqmodel import loaded_kernels
 from tests.conftest import WIKITEXT, assert_one_line_error, env_without, run_qtool
 
 pytest.importorskip("auto_round", reason="autoround needs auto-round: scripts/setup-venv.sh installs it")
@@ -42,13 +43,15 @@ def test_tiny_model_round_trip_writes_a_gptq_checkpoint(tiny_llama, tmp_path):
         assert 0 <= row["loss"] <= row["loss_before"], row
     # The tuned rounding lowers the block output error below plain rounding's somewhere.
     assert any(row["loss"] < row["loss_before"] for row in record["layer_losses"]), record["layer_losses"]
-    assert record["reload_check"]["kernel_classes"] == ["TorchAtenLinear"]
     assert (out / "quantize.log").stat().st_size > 0
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("qtool-autoround-")]  # export moved, not left
 
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    plain = plain_transformers(out)
+    # The kernel GPTQModel picks depends on the CPU (tests/test_kernels.py): the record names it.
+    assert record["reload_check"]["kernel_classes"] == loaded_kernels(plain)
     with torch.no_grad():
-        theirs = plain_transformers(out)(ids).logits
+        theirs = plain(ids).logits
         ours = qtool.load(out, device="cpu").model(ids).logits
         base = plain_transformers(tiny_llama)(ids).logits
     assert torch.isfinite(theirs).all()

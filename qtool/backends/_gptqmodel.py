@@ -9,8 +9,10 @@ postfix is the last module's reconstruction loss; the per-module losses go into 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -145,7 +147,16 @@ def packed_bits_per_weight(bits: int, group_size: int) -> float:
 
 
 class GptqModelBackend:
-    """What the gptq and awq backends share: quiet import, save, quiet load, reload check, size."""
+    """What the gptq and awq backends share: quiet import, save, quiet load, reload check, size.
+
+    Loading goes through transformers, which asks GPTQModel to pick a kernel for the layers. Its
+    `auto` choice depends on the CPU: with AVX-512 bf16 it is the inference-only
+    `TorchCpuAvx512Linear` (a backward pass raises NotImplementedError), otherwise
+    `TorchAtenLinear`. Training therefore asks for GPTQModel's `auto_trainable` choice.
+    """
+
+    #: transformers' config class for this checkpoint format; only its `backend` is used at load.
+    loading_config = "GPTQConfig"
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         import_quietly()
@@ -155,7 +166,30 @@ class GptqModelBackend:
         save_gptqmodel(model, out)
 
     def load(self, path: Path, device: str) -> Any:
-        return quiet_load(lambda: super(GptqModelBackend, self).load(path, device))  # type: ignore[misc]
+        return self.load_with_kernel(path, device, "auto")
+
+    def load_for_training(self, path: Path, device: str) -> Any:
+        return self.load_with_kernel(path, device, "auto_trainable")
+
+    def load_with_kernel(self, path: Path, device: str, kernel: str) -> Any:
+        """Load OUT with GPTQModel's kernel choice `kernel`.
+
+        `kernel` is a GPTQModel backend name that transformers' config class accepts: "auto",
+        "auto_trainable", or one kernel ("gptq_torch_aten", "gptq_torch_cpu_avx512", "torch_awq",
+        ...). Raises ValueError for a name the config class rejects, and GPTQModel's error for a
+        kernel this machine cannot run.
+        """
+        import transformers
+
+        kwargs: dict[str, Any] = {}
+        if kernel != "auto":
+            bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
+            config_class = getattr(transformers, self.loading_config)
+            kwargs["quantization_config"] = config_class(bits=bits, backend=kernel)
+        source = ModelSource(str(path), "folder", str(path))
+        with warnings.catch_warnings():  # "loading attributes (backend) will be overwritten": what we asked
+            warnings.simplefilter("ignore")
+            return quiet_load(lambda: source.load_model(device, compute_dtype(device), **kwargs))
 
     def reload_check(self, out: Path, device: str) -> dict[str, Any]:
         return reload_and_name_kernels(self, out, device)

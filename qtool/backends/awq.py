@@ -62,6 +62,7 @@ class AwqBackend(GptqModelBackend, Backend):
         format="AWQ GEMM (int32-packed, zero points; quant_method awq in config.json): transformers + gptqmodel, vLLM, SGLang, TGI",
     )
     Options = AwqOptions
+    loading_config = "AwqConfig"
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.options.damp_percent != DEFAULT_DAMP and not spec.options.gptq:
@@ -88,9 +89,9 @@ class AwqBackend(GptqModelBackend, Backend):
         with fp32_awq_layers():
             super().save(model, out)
 
-    def load(self, path: Path, device: str) -> nn.Module:
+    def load_with_kernel(self, path: Path, device: str, kernel: str) -> nn.Module:
         with fp32_awq_layers():
-            return super().load(path, device)
+            return super().load_with_kernel(path, device, kernel)
 
     def kernel(self, device: str) -> str:
         if device == "cpu":

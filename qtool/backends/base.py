@@ -158,6 +158,14 @@ class Backend(ABC):
         """Load a folder written by `save`. Default: transformers' from_pretrained."""
         return ModelSource(str(path), "folder", str(path)).load_model(device, compute_dtype(device))
 
+    def load_for_training(self, path: Path, device: str) -> nn.Module:
+        """Load a folder written by `save` with layers that support a backward pass (LoRA training).
+
+        Default: `load`. Backends whose loader picks the kernel by hardware, and may pick an
+        inference-only one, override this to ask for a trainable kernel on every machine.
+        """
+        return self.load(path, device)
+
     def kernel(self, device: str) -> str:
         """Which compute path runs this backend's layers on `device`."""
         return "unknown"

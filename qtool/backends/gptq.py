@@ -93,5 +93,6 @@ class GptqBackend(GptqModelBackend, Backend):
 def gptq_kernel(device: str) -> str:
     """What runs a GPTQ-layout checkpoint (gptq's and autoround's) on `device`."""
     if device == "cpu":
-        return "gptqmodel torch kernels on CPU (TorchAtenLinear for 4-bit, TorchLinear otherwise), picked at load"
+        return ("gptqmodel torch kernels on CPU, picked at load by CPU features (4-bit: TorchCpuAvx512Linear"
+                " with AVX-512 bf16, else TorchAtenLinear; other bits: TorchLinear); training loads a trainable one")
     return "fastest GPTQModel CUDA kernel for the format (Marlin, Machete, ExLlama v2, Triton), picked at load"

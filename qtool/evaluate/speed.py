@@ -101,3 +101,162 @@ def measure_speed(
         peak_memory_generate_mib=round(generate_peak.mib, 1),
         peak_memory_kind=prefill_peak.kind,
     )
+
+
+@dataclass(frozen=True)
+class StaticDecodeResult:
+    """Decode speed over a pre-allocated (static) KV cache, one greedy token per row per step.
+
+    `mode` is "cuda-graph" when each step replayed one captured CUDA graph, "eager" otherwise;
+    `fallback_reason` says why a requested graph was not used. `tokens` are the greedy tokens of
+    the first row (for checking that modes agree).
+    """
+
+    device: str
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    mode: str
+    fallback_reason: str | None
+    decode_tokens_per_s: Spread
+    step_ms: Spread
+    peak_memory_mib: float
+    peak_memory_kind: str
+    tokens: list[int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StaticDecoder:
+    """Greedy decoding with transformers' StaticCache and, on CUDA, one captured graph per step.
+
+    A decode step has fixed shapes and fixed tensor addresses: the current token, its position,
+    an additive 4-D attention mask over the whole cache (transformers uses a 4-D mask as given),
+    and the cache itself. The step writes the next token, advances the position and opens the
+    mask for the new slot, all on the device, so a CUDA graph of it (torch.cuda.CUDAGraph)
+    replays without host work. This is the decode loop that `torch.compile(mode="reduce-overhead")`
+    would build; it is written out because that path failed under transformers 5.17 (FACTS.md).
+    Shapes: prompt [batch, prompt_tokens] int64; cache length prompt_tokens + new_tokens.
+    """
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> None:
+        from transformers import StaticCache
+
+        self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.device = prompt.device
+        batch, length = prompt.shape
+        self.max_len = length + new_tokens
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        self.mask = torch.full((batch, 1, 1, self.max_len), torch.finfo(dtype).min, dtype=dtype, device=self.device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.out = torch.zeros(batch, self.max_len, dtype=torch.long, device=self.device)
+        self.graph: Any = None
+
+    @torch.no_grad()
+    def prefill(self) -> None:
+        """Run the prompt through the model into the cache; set the state for the first decode step."""
+        self.cache.reset()
+        batch, length = self.prompt.shape
+        positions = torch.arange(length, device=self.device)
+        logits = self.model(input_ids=self.prompt, position_ids=positions.expand(batch, -1),
+                            cache_position=positions, past_key_values=self.cache, use_cache=True).logits
+        self.mask.fill_(torch.finfo(self.mask.dtype).min)
+        self.mask[..., :length] = 0
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.fill_(length)
+        self.cache_position.fill_(length)
+        self.out.zero_()
+
+    def _step(self) -> None:
+        self.mask.index_fill_(-1, self.cache_position, 0)
+        self.out.index_copy_(1, self.cache_position, self.token)
+        logits = self.model(input_ids=self.token, position_ids=self.position, cache_position=self.cache_position,
+                            past_key_values=self.cache, attention_mask=self.mask, use_cache=True).logits
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+        self.cache_position.add_(1)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture one decode step as a CUDA graph (after warm-up steps on a side stream).
+
+        Raises what torch raises when the step cannot be captured (a host sync inside a kernel
+        library, a CPU tensor): callers fall back to eager steps.
+        """
+        self.prefill()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # allocator and library warm-up; the state is reset by prefill()
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.prefill()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.graph = graph
+
+    @torch.no_grad()
+    def decode(self) -> list[int]:
+        """Run new_tokens - 1 decode steps after prefill(); return row 0's generated tokens."""
+        for _ in range(self.new_tokens - 1):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+        self.out.index_copy_(1, self.cache_position, self.token)
+        length = self.prompt.shape[1]
+        return self.out[0, length:length + self.new_tokens].tolist()
+
+
+def measure_static_decode(
+    model: nn.Module, prompt_ids: torch.Tensor, batch: int, new_tokens: int = 64, repeats: int = 3,
+    cuda_graph: bool = True,
+) -> StaticDecodeResult:
+    """Decode tokens/s over a static KV cache (StaticDecoder), CUDA-graphed where possible.
+
+    prompt_ids: [prompt_tokens] int64, repeated for each of `batch` rows. Each repeat re-runs the
+    prefill (not timed) and times new_tokens - 1 decode steps. decode tokens/s = batch *
+    (new_tokens - 1) / seconds. Raises QtoolError for new_tokens < 2, batch or repeats < 1.
+    """
+    if new_tokens < 2 or batch < 1 or repeats < 1:
+        raise QtoolError("static decode needs new_tokens >= 2, batch >= 1, repeats >= 1")
+    first = next(model.parameters()).device
+    device = first.type
+    prompt = prompt_ids.to(first).unsqueeze(0).repeat(batch, 1)
+    decoder = StaticDecoder(model, prompt, new_tokens)
+    reason = None
+    if cuda_graph and device == "cuda":
+        try:
+            decoder.capture()
+        except Exception as exc:  # any capture failure means: measure eager steps instead
+            decoder.graph = None
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            torch.cuda.synchronize()
+    elif cuda_graph:
+        reason = f"CUDA graphs need a CUDA device (ran on {device})"
+    if decoder.graph is None:
+        decoder.prefill()
+        decoder.decode()  # warm-up: allocator, kernel libraries (capture() warmed up the graph's)
+    seconds, tokens = [], []
+    with peak_memory(device) as peak:
+        for _ in range(repeats):
+            decoder.prefill()
+            _sync(device)
+            start = time.perf_counter()
+            tokens = decoder.decode()
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+    steps = new_tokens - 1
+    return StaticDecodeResult(
+        device=device, batch=batch, prompt_tokens=prompt.shape[1], new_tokens=new_tokens, repeats=repeats,
+        mode="cuda-graph" if decoder.graph is not None else "eager", fallback_reason=reason,
+        decode_tokens_per_s=Spread.of([batch * steps / s for s in seconds]),
+        step_ms=Spread.of([1000 * s / steps for s in seconds]),
+        peak_memory_mib=round(peak.mib, 1), peak_memory_kind=peak.kind, tokens=tokens,
+    )

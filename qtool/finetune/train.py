@@ -148,7 +148,7 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     folder.mkdir(parents=True, exist_ok=True)
     with watch.stage("base"):
         base_name, base_record = base_model_folder(recipe, folder, device, progress)
-        loaded = qtool.load(base_name, device=device)
+        loaded = qtool.load(base_name, device=device, trainable=True)
     tokenizer = loaded.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
