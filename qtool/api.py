@@ -15,6 +15,7 @@ from qtool import backends
 from qtool.calibration import CalibrationSpec, build_calibration
 from qtool.checkpoint import (
     atomic_output_dir,
+    check_output_dir,
     folder_size_bytes,
     read_record,
     resume_dir,
@@ -75,13 +76,15 @@ def quantize(
     """
     out = Path(out)
     backend = backends.get(method)
-    spec = backend.make_spec(bits, group_size, options, seed, _calibration_spec(calib, nsamples, seqlen))
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    spec = backend.make_spec(bits, group_size, options, seed, CalibrationSpec.from_arguments(calib, nsamples, seqlen))
+    inputs = [model, *([calib] if calib else [])]
+    check_output_dir(out, force, inputs)
     workdir = resume_folder(out, backend, resume, force)
     device = resolve_device(device)
     backend.require_available(device)
     source = resolve_model(model)
+    inputs.append(source.location)  # a .gguf's converted folder in qtool's cache
+    check_output_dir(out, force, inputs)
     config = source.config()
     prior = read_record(Path(source.location)) if source.kind == "folder" else None
     if prior or getattr(config, "quantization_config", None):
@@ -99,7 +102,7 @@ def quantize(
     if device == "cpu":
         configure_cpu()
     seed_everything(seed)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         # the peak is reset here so that runs in one process (qtool compare) each get their own
         with peak_memory(device) as peak:
             with watch.stage("quantize"):
@@ -160,10 +163,15 @@ def resume_folder(out: Path, backend: Any, resume: bool, force: bool) -> Path | 
     return folder
 
 
-def _calibration_spec(calib: str | None, nsamples: int | None, seqlen: int | None) -> CalibrationSpec | None:
-    if calib is None and nsamples is None and seqlen is None:
-        return None
-    return CalibrationSpec(source=CalibrationSpec().source if calib is None else calib, nsamples=nsamples, seqlen=seqlen)
+def model_config(path: str | Path) -> Any:
+    """The transformers config of a qtool output folder or any model source, without its weights.
+
+    Raises ModelNotFoundError / CheckpointError (one line) for what cannot be found or read.
+    """
+    folder = Path(path).expanduser()
+    if folder.is_dir() and read_record(folder) is not None:
+        return ModelSource(str(path), "folder", str(folder)).config()
+    return resolve_model(str(path)).config()
 
 
 def load(path: str | Path, device: str = "auto", trainable: bool = False) -> LoadedModel:

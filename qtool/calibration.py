@@ -19,6 +19,7 @@ from typing import Any
 
 from qtool.data import load_text
 from qtool.errors import DatasetError, SpecError
+from qtool.models import model_context
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ class CalibrationSpec:
     source: str = "builtin"
     nsamples: int | None = None  # None: 128, or as many as the text holds if fewer
     seqlen: int | None = None  # None: 2048, capped to the model's context
+
+    @classmethod
+    def from_arguments(cls, calib: str | None, nsamples: int | None, seqlen: int | None) -> CalibrationSpec | None:
+        """The spec the --calib/--nsamples/--seqlen flags ask for; None when none was given."""
+        if calib is None and nsamples is None and seqlen is None:
+            return None
+        return cls(source=cls.source if calib is None else calib, nsamples=nsamples, seqlen=seqlen)
 
     def check(self) -> None:
         if self.nsamples is not None and self.nsamples < 1:
@@ -54,10 +62,6 @@ class CalibrationSet:
 
     def as_gptqmodel_rows(self) -> list[dict[str, list[int]]]:
         return [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in self.samples]
-
-
-def model_context(config: Any) -> int | None:
-    return getattr(config, "max_position_embeddings", None)
 
 
 def build_calibration(spec: CalibrationSpec, tokenizer: Any, config: Any, seed: int) -> CalibrationSet:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
+import os
+import re
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,30 +20,131 @@ from qtool.errors import CheckpointError, OutputExistsError
 RECORD_NAME = "qtool.json"
 
 
+TMP_TAG, OLD_TAG = "qtool-tmp", "qtool-old"
+_WORK_NAME = re.compile(rf"\.(?P<name>.+)\.(?P<tag>{TMP_TAG}|{OLD_TAG})-(?:(?P<pid>\d+)-)?[0-9a-f]{{8}}")
+log = logging.getLogger("qtool")
+
+
+def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse an OUT whose writing would destroy or hide data; raise OutputExistsError.
+
+    Checked before any work, links resolved: OUT must not be, lie inside, or contain one of
+    `inputs` (the model, data, adapters the run reads). An existing OUT needs `force`, and
+    `force` replaces only a folder qtool wrote (it holds qtool.json) or an empty one: never a
+    file, a link, or a folder of someone else's files.
+    """
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            continue  # a Hub id or an alias: nothing on disk to protect
+        source = path.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = "is" if target == source else "lies inside" if source in target.parents else "contains"
+            raise OutputExistsError(f"output {out} {relation} the input {item}: writing it would destroy the input; "
+                                    "pick another OUT")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    if out.is_symlink() or not out.is_dir():
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise OutputExistsError(f"output {out} is {kind}; --force replaces only a folder qtool wrote: remove it "
+                                "yourself or pick another OUT")
+    if not (out / RECORD_NAME).is_file() and any(out.iterdir()):
+        raise OutputExistsError(f"output {out} is a folder qtool did not write (no {RECORD_NAME}); --force replaces "
+                                "only qtool outputs: empty it yourself or pick another OUT")
+
+
 @contextmanager
-def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of OUT; rename it to OUT only if the block finishes.
 
-    Any exception (Ctrl-C included) removes the temporary folder, so an interrupted run leaves
-    neither a half-written OUT nor litter beside it. An existing OUT is replaced only with force.
+    `check_output_dir` runs first. Any exception (Ctrl-C included) removes the temporary folder,
+    so an interrupted run leaves neither a half-written OUT nor litter beside it; temporary
+    folders of runs that were killed (their process is gone) are removed when the next run to
+    the same OUT starts. An OUT that appeared while the block ran (another run writing the
+    same OUT) is never replaced: the run fails with OutputExistsError and its result is dropped.
     """
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    out = Path(out).expanduser()
+    check_output_dir(out, force, inputs)
+    existed = out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.qtool-tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_work_dirs(out)
+    tmp = out.parent / f".{out.name}.{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            trash = out.parent / f".{out.name}.qtool-old-{uuid.uuid4().hex[:8]}"
+        if out.exists() or out.is_symlink():
+            if not existed:
+                raise OutputExistsError(f"output {out} appeared while this run was working (another run writing "
+                                        "the same OUT?); it was left as it is and this run's result was dropped")
+            trash = out.parent / f".{out.name}.{OLD_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             out.rename(trash)
             tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove(trash)
         else:
-            tmp.rename(out)
+            try:
+                tmp.rename(out)  # refuses a non-empty folder that appeared since the check above
+            except OSError:
+                raise OutputExistsError(f"output {out} appeared while this run was working (another run writing "
+                                        "the same OUT?); it was left as it is and this run's result was dropped") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        raise
+
+
+def remove_stale_work_dirs(out: Path) -> list[Path]:
+    """Remove the temporary folders beside OUT that killed runs left (their process is gone).
+
+    Folders named by an older qtool carry no process id: they are reported, not removed, since
+    a run may still be writing them. Returns the folders removed.
+    """
+    out = Path(out)
+    removed = []
+    for sibling in out.parent.glob(f".{glob.escape(out.name)}.qtool-*"):
+        match = _WORK_NAME.fullmatch(sibling.name)
+        if not match or match["name"] != out.name:
+            continue
+        if match["pid"] is None:
+            log.warning(f"{sibling} was left by an interrupted run of an older qtool; remove it if no qtool is running")
+        elif not _process_alive(int(match["pid"])):
+            size = folder_size_bytes(sibling) if sibling.is_dir() else sibling.stat().st_size
+            _remove(sibling)
+            removed.append(sibling)
+            log.warning(f"removed {sibling} ({size / 2**20:.0f} MiB), left by a run that was killed (process "
+                        f"{match['pid']} is gone)")
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: a full disk or a kill never leaves a
+    truncated file where the old one was. Raises OSError as writing does."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -50,7 +155,7 @@ def resume_dir(out: Path) -> Path:
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:
-    (Path(folder) / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(Path(folder) / RECORD_NAME, json.dumps(record, indent=2, sort_keys=False) + "\n")
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -85,7 +190,17 @@ def verify_weights(folder: Path) -> None:
         _verify_safetensors(path)
 
 
-def _verify_safetensors(path: Path) -> None:
+def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of every *.safetensors file in the folder, from the headers alone."""
+    shapes: dict[str, list[int]] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        header, _ = _read_header(path)
+        shapes |= {k: list(t.get("shape", [])) for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)}
+    return shapes
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(the header's JSON, its length) of a safetensors file; CheckpointError when unreadable."""
     size = path.stat().st_size
     try:
         with path.open("rb") as fh:
@@ -95,7 +210,18 @@ def _verify_safetensors(path: Path) -> None:
             header = json.loads(fh.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); the checkpoint is corrupt") from None
-    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a valid safetensors file (header is not a mapping); the checkpoint is corrupt")
+    return header, header_len
+
+
+def _verify_safetensors(path: Path) -> None:
+    size = path.stat().st_size
+    header, header_len = _read_header(path)
+    try:
+        data_end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{path} is not a valid safetensors file (malformed tensor entries); the checkpoint is corrupt") from None
     if 8 + header_len + data_end != size:
         raise CheckpointError(
             f"{path} is truncated or padded: {size} bytes on disk, {8 + header_len + data_end} expected;"

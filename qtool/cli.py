@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+DEFAULT_CTX = 2048  # qtool.evaluate.plan.DEFAULT_CTX (not imported here: --help stays fast)
+
 EPILOG = """examples:
   qtool methods                                   which backends are ready here, and why not
   qtool quantize --method hqq --bits 4 --group-size 64 smollm2-135m out/hqq4
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
     p.add_argument("--ppl", metavar="SOURCE", help="text file (.txt/.jsonl/.json), 'builtin', or wikitext2/c4/pile (online)")
-    p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--ctx", type=int, help=f"window length in tokens, at most the model's context "
+                   f"(default {DEFAULT_CTX}, or the model's context if shorter)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
     p.add_argument("--lm-eval", action="store_true",
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     _quiet_libraries(progress_bars=not quiet and args.command not in ("generate", "chat"))
     _log_to_stderr(quiet)
-    from qtool.errors import QtoolError
+    from qtool.errors import QtoolError, describe_library_error
 
     try:
         return COMMANDS[args.command](args)
@@ -212,6 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("qtool: interrupted; nothing was written\n")
         return 130
+    except Exception as exc:  # the last boundary: one line, never a traceback on the terminal
+        known = describe_library_error(exc)
+        if known:
+            sys.stderr.write(f"qtool: error: {known}\n")
+            return 1
+        if os.environ.get("QTOOL_DEBUG"):
+            raise
+        log = _save_traceback(exc)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        sys.stderr.write(f"qtool: internal error: {type(exc).__name__}: {first} (traceback in {log}; "
+                         "rerun with QTOOL_DEBUG=1 to see it here, and please report it)\n")
+        return 70
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -262,7 +277,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import qtool
+    from qtool.errors import SpecError
     from qtool.recipes import load_quantize_recipe, quantize_arguments
+
+    if args.seed is not None and args.seed < 0:
+        raise SpecError(f"--seed takes a non-negative integer, got {args.seed}")
 
     kwargs = quantize_arguments(
         load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
@@ -319,9 +338,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SpecError("--base compares predictions on a text: give --ppl SOURCE too")
     if args.lm_eval and not args.ppl:
         raise SpecError("--lm-eval scores a text: give --ppl SOURCE too")
-    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
-        raise SpecError(f"--lm-eval-limit takes a positive number of documents, got {args.lm_eval_limit}")
-    batches = _int_list(args.batch, "--batch")
+    plan = _eval_plan(args)
+    if args.json and args.json != "-":
+        _check_writable_file(args.json, "--json")
+    if args.ppl:
+        from qtool.data import load_text
+
+        load_text(args.ppl, purpose="eval")
+    plan = plan.for_model(qtool.model_config(args.model), args.model)
     _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
     payload: dict[str, Any] = {
@@ -331,7 +355,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     lines = [f"{args.model}: weights {payload['memory']['in_memory_bytes'] / 2**20:.1f} MiB in memory"]
     if args.ppl:
-        window_args = {"ctx": args.ctx, "stride": args.stride, "max_tokens": args.max_tokens, "progress": not args.quiet}
+        window_args = plan.windows(progress=not args.quiet)
         if args.base:
             base = qtool.load(args.base, device=loaded.device)
             result, divergence = qtool.evaluate_divergence(loaded, base, args.ppl, **window_args)
@@ -345,13 +369,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             lines.append(f"  vs {args.base}: KL mean {divergence.kl_mean:.4f} nats, p99 {divergence.kl_p99:.4f}, "
                          f"top-1 agreement {100 * divergence.top1_agreement:.2f} % (base PPL {divergence.base_ppl:.3f})")
     if args.lm_eval:
-        words = qtool.evaluate_word_perplexity(loaded, args.ppl, max_length=args.ctx, limit=args.lm_eval_limit)
+        words = qtool.evaluate_word_perplexity(loaded, args.ppl, max_length=plan.ctx,
+                                               limit=plan.lm_eval.limit if plan.lm_eval else None)
         payload["word_perplexity"] = words.as_dict()
         lines.append(f"  lm-eval word_perplexity {words.word_perplexity:.3f}, bits_per_byte {words.bits_per_byte:.4f} "
                      f"[lm-evaluation-harness {words.harness}, loglikelihood_rolling, max length {words.max_length}, "
                      f"{words.documents} documents] (word PPL: not comparable with token PPL)")
     if args.speed:
-        speeds = qtool.evaluate_speed(loaded, batches, args.prompt_len, args.new_tokens, args.repeats,
+        sp = plan.speed
+        speeds = qtool.evaluate_speed(loaded, tuple(sp.batch), sp.prompt_len, sp.new_tokens, sp.repeats,
                                       prompt_source=args.ppl or "builtin")
         payload["speed"] = [s.as_dict() for s in speeds]
         for s in speeds:
@@ -366,9 +392,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json == "-":
         print(json.dumps(payload, indent=2))
     elif args.json:
+        from qtool.checkpoint import write_text_atomic
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(payload, indent=2) + "\n")
     return 0
+
+
+EVAL_FLAGS = {"ctx": "--ctx", "stride": "--stride", "max_tokens": "--max-tokens", "lm_eval.limit": "--lm-eval-limit",
+              "speed.batch": "--batch", "speed.prompt_len": "--prompt-len", "speed.new_tokens": "--new-tokens",
+              "speed.repeats": "--repeats"}
+
+
+def _eval_plan(args: argparse.Namespace) -> Any:
+    """The evaluation plan the eval flags ask for, checked (qtool.evaluate.plan.EvalPlan)."""
+    from qtool.errors import SpecError
+    from qtool.evaluate.plan import EvalPlan
+    from qtool.schema import parse_section
+
+    data: dict[str, Any] = {"text": args.ppl or "builtin", "ctx": args.ctx, "stride": args.stride,
+                            "max_tokens": args.max_tokens, "kl": bool(args.base)}
+    if args.lm_eval or args.lm_eval_limit is not None:
+        data["lm_eval"] = {"limit": args.lm_eval_limit}
+    if args.speed:
+        data["speed"] = {"batch": list(_int_list(args.batch, "--batch")), "prompt_len": args.prompt_len,
+                         "new_tokens": args.new_tokens, "repeats": args.repeats}
+    return parse_section(EvalPlan, data, "qtool eval", names=EVAL_FLAGS, error=SpecError)
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """Refuse an output file path that cannot be written, before the work that fills it."""
+    from qtool.errors import SpecError
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise SpecError(f"{flag} {path} is a folder; give a file path")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path} cannot be written: {parent} is not a writable folder")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise SpecError(f"{flag} {path} cannot be written: permission denied")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -399,6 +464,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     print(f"wrote {md} and {page}: {len(results) - len(failed)} cells ok"
           + (f", {len(failed)} failed ({', '.join(failed)})" if failed else ""), file=sys.stderr if args.json else sys.stdout)
+    if failed:
+        sys.stderr.write(f"qtool: error: {len(failed)} of {len(results)} cells failed: {', '.join(failed)} "
+                         f"(errors in {out / 'results.jsonl'}; rerun the same command to retry them)\n")
+        return 1
     return 0
 
 
@@ -436,6 +505,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from qtool.chat import Chat, run_chat
     from qtool.finetune.adapters import attach_adapters, parse_adapter_args
 
+    _check_generation_flags(args)
     adapters = parse_adapter_args(args.adapter)
     _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
@@ -462,10 +532,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import qtool
 
+    _check_generation_flags(args)
+    if not args.prompt.strip():
+        from qtool.errors import SpecError
+
+        raise SpecError("the prompt is empty: give the text to complete")
     _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
     print(qtool.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat))
     return 0
+
+
+def _check_generation_flags(args: argparse.Namespace) -> None:
+    from qtool.errors import SpecError
+
+    if args.max_new_tokens < 1:
+        raise SpecError(f"--max-new-tokens takes a positive number of tokens, got {args.max_new_tokens}")
 
 
 COMMANDS = {
@@ -500,6 +582,17 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
     return options
 
 
+def _save_traceback(exc: BaseException) -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="qtool-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"qtool {_version()} {' '.join(sys.argv)}\n")
+        fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return path
+
+
 def _quiet_libraries(progress_bars: bool) -> None:
     """Library chatter (deprecation notes, their own loading bars) is not for our users.
 
@@ -523,6 +616,9 @@ def _log_to_stderr(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("qtool: %(message)s"))
     logger = logging.getLogger("qtool")
+    for old in [h for h in logger.handlers if getattr(h, "qtool_cli", False)]:  # main() called again in-process
+        logger.removeHandler(old)
+    handler.qtool_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False

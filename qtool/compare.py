@@ -16,12 +16,18 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, NonNegativeInt, PositiveInt
+
+from qtool.calibration import CalibrationSpec
 from qtool.errors import QtoolError
-from qtool.recipes import RecipeError, check_keys, read_recipe_section
+from qtool.evaluate.plan import EvalPlan
+from qtool.recipes import OptionValue, read_recipe_section
+from qtool.report import ReportSettings
+from qtool.schema import Section, parse_section
 
 BASE = "base"
 RESULTS = "results.jsonl"
@@ -43,28 +49,29 @@ class Cell:
         return "-".join(p for p in parts if p).replace("/", "_")
 
 
-@dataclass
-class SpeedSettings:
-    batch: list[int] = field(default_factory=lambda: [1, 8])
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 3
+class CellEntry(Section):
+    """One `cells:` entry; list values expand into their product."""
+
+    method: str = Field(min_length=1)
+    bits: PositiveInt | list[PositiveInt] | None = None
+    group_size: int | list[int] | None = None
+    options: dict[str, OptionValue | list[OptionValue]] = Field(default_factory=dict)
 
 
-@dataclass
-class LmEvalSettings:
-    limit: int | None = None  # documents
+class CompareSection(Section):
+    """A compare recipe's `compare:` section."""
 
-
-@dataclass
-class EvalSettings:
-    text: str = "builtin"
-    ctx: int = 2048
-    stride: int | None = None
-    max_tokens: int | None = None
-    kl: bool = True
-    speed: SpeedSettings | None = None
-    lm_eval: LmEvalSettings | None = None
+    name: str | None = None
+    model: str = Field(min_length=1)
+    cells: list[CellEntry] = Field(min_length=1)
+    eval: EvalPlan = Field(default_factory=EvalPlan)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: NonNegativeInt = 0
+    calib: str | None = None
+    nsamples: PositiveInt | None = None
+    seqlen: PositiveInt | None = None
+    description: str = ""
+    report: dict[str, Any] = Field(default_factory=dict)  # see qtool.report.ReportSettings
 
 
 @dataclass
@@ -72,7 +79,7 @@ class CompareRecipe:
     name: str
     model: str
     cells: list[Cell]
-    eval: EvalSettings
+    eval: EvalPlan
     device: str = "auto"
     seed: int = 0
     calib: str | None = None
@@ -84,37 +91,23 @@ class CompareRecipe:
 
 def load_compare_recipe(name_or_path: str) -> CompareRecipe:
     path, body, description = read_recipe_section(name_or_path, "compare")
-    where = f"recipe {path}"
-    _check(body, CompareRecipe, where, required=("model", "cells"))
-    eval_data = body.get("eval") or {}
-    _check(eval_data, EvalSettings, f"{where}, eval")
-    speed, lm_eval = eval_data.get("speed"), eval_data.get("lm_eval")
-    if speed:
-        _check(speed, SpeedSettings, f"{where}, eval.speed")
-    if lm_eval:
-        _check(lm_eval, LmEvalSettings, f"{where}, eval.lm_eval")
-    settings = EvalSettings(**{**eval_data, "speed": SpeedSettings(**speed) if speed else None,
-                               "lm_eval": LmEvalSettings(**lm_eval) if lm_eval else None})
-    return CompareRecipe(**{**body, "name": body.get("name") or path.stem, "cells": expand_cells(body["cells"], where),
-                            "eval": settings, "description": description or str(body.get("description", ""))})
+    section = parse_section(CompareSection, body, f"recipe {path}")
+    ReportSettings.from_dict(section.report)
+    return CompareRecipe(
+        name=section.name or path.stem, model=section.model, cells=expand_cells(section.cells), eval=section.eval,
+        device=section.device, seed=section.seed, calib=section.calib, nsamples=section.nsamples,
+        seqlen=section.seqlen, description=description or section.description, report=section.report,
+    )
 
 
-def expand_cells(entries: Any, where: str) -> list[Cell]:
+def expand_cells(entries: list[CellEntry]) -> list[Cell]:
     """Every combination of each entry's list values; the base cell first, exactly once."""
-    if not isinstance(entries, list) or not entries:
-        raise RecipeError(f"{where}: 'cells' must be a non-empty list of {{method, bits, group_size, options}}")
     cells = [Cell(BASE)]
     for entry in entries:
-        if not isinstance(entry, dict) or "method" not in entry:
-            raise RecipeError(f"{where}: each cell needs a 'method', got {entry!r}")
-        _check(entry, Cell, f"{where}, cell {entry['method']}")
-        options = entry.get("options") or {}
-        if not isinstance(options, dict):
-            raise RecipeError(f"{where}, cell {entry['method']}: 'options' must be a mapping")
-        axes = [_as_list(entry.get("bits")), _as_list(entry.get("group_size")),
-                *[[(k, v) for v in _as_list(vals)] for k, vals in options.items()]]
+        axes = [_as_list(entry.bits), _as_list(entry.group_size),
+                *[[(k, v) for v in _as_list(vals)] for k, vals in entry.options.items()]]
         for bits, group, *opts in itertools.product(*axes):
-            cell = Cell(entry["method"], bits, group, dict(opts))
+            cell = Cell(entry.method, bits, group, dict(opts))
             if cell.id not in {c.id for c in cells}:
                 cells.append(cell)
     return cells
@@ -124,8 +117,48 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _check(data: Any, cls: type, where: str, required: tuple[str, ...] = ()) -> None:
-    check_keys(data, [f.name for f in fields(cls)], where, required)
+def cell_options(cell: Cell) -> dict[str, str]:
+    """A cell's options as the KEY=VALUE strings backends parse (YAML booleans as true/false)."""
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cell.options.items()}
+
+
+def check_recipe(recipe: CompareRecipe, device: str) -> None:
+    """Everything that can fail without weights, for every cell, before the first cell runs.
+
+    The evaluation text must be readable, the plan must fit the model's context, and every
+    cell's method, bits, group size, options and calibration must be valid and its backend
+    ready on `device`. Raises the QtoolError of the first problem, naming the cell.
+    """
+    from qtool import backends
+    from qtool.data import load_text
+    from qtool.models import quantizable_linears, resolve_model
+
+    load_text(recipe.eval.text, purpose="eval")
+    config = resolve_model(recipe.model).config()
+    linears = quantizable_linears(config)
+    recipe.eval = recipe.eval.for_model(config, recipe.model)
+    for cell in recipe.cells:
+        if cell.method == BASE:
+            continue
+        try:
+            backend = backends.get(cell.method)
+            calibration = _calibration(recipe, backend)
+            spec = backend.make_spec(cell.bits, cell.group_size, cell_options(cell), recipe.seed,
+                                     CalibrationSpec.from_arguments(**calibration) if calibration else None)
+            backend.check_model(spec, config)
+            backend.check_layers(spec, linears)
+            backend.require_available(device)
+        except QtoolError as exc:
+            raise type(exc)(f"cell {cell.id}: {exc}") from None
+    if recipe.calib:
+        load_text(recipe.calib, purpose="calibration")
+
+
+def _calibration(recipe: CompareRecipe, backend: Any) -> dict[str, Any]:
+    """The recipe's calibration settings, for the methods that calibrate."""
+    if not backend.capabilities.needs_calibration:
+        return {}
+    return {"calib": recipe.calib, "nsamples": recipe.nsamples, "seqlen": recipe.seqlen}
 
 
 def read_results(out: Path) -> dict[str, dict[str, Any]]:
@@ -158,6 +191,8 @@ def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: An
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     out = Path(out)
+    device = resolve_device(recipe.device)
+    check_recipe(recipe, device)
     out.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("models/\n")  # checkpoints are regenerated, never committed
     done = {cell for cell, record in read_results(out).items() if record.get("status") == "ok"}
@@ -167,7 +202,6 @@ def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: An
             log(f"[{cell.id}] done already, skipped")
     if not todo:
         return read_results(out)
-    device = resolve_device(recipe.device)
     base = qtool.load(recipe.model, device=device)
     for number, cell in enumerate(todo, 1):
         log(f"[{cell.id}] ({number}/{len(todo)}) quantize and evaluate")
@@ -198,15 +232,11 @@ def _run_cell(recipe: CompareRecipe, cell: Cell, base: Any, device: str, out: Pa
     else:
         folder = out / "models" / cell.id
         if not (folder.exists() and read_record(folder)):
-            # the recipe's calibration settings apply to the methods that calibrate
-            calibrates = backends.get(cell.method).capabilities.needs_calibration
-            calibration = {"calib": recipe.calib, "nsamples": recipe.nsamples, "seqlen": recipe.seqlen} if calibrates else {}
-            qtool.quantize(recipe.model, folder, cell.method, cell.bits, cell.group_size,
-                           {k: str(v) for k, v in cell.options.items()}, device=device, force=True, seed=recipe.seed,
-                           **calibration)
+            qtool.quantize(recipe.model, folder, cell.method, cell.bits, cell.group_size, cell_options(cell),
+                           device=device, force=True, seed=recipe.seed, **_calibration(recipe, backends.get(cell.method)))
         loaded = qtool.load(folder, device=device)
     settings = recipe.eval
-    windows = {"ctx": settings.ctx, "stride": settings.stride, "max_tokens": settings.max_tokens, "progress": progress}
+    windows = settings.windows(progress)
     record = loaded.record or {}
     kept = ("spec", "kernel", "format", "effective_bits_per_weight", "timings_s", "peak_memory_mib",
             "peak_memory_kind", "weights_bytes", "calibration", "reload_check")

@@ -2,7 +2,12 @@
 
 Order: a local Hugging Face folder; a local .gguf file; a built-in alias; otherwise a Hub id.
 A GGUF is dequantized by transformers once and cached as a safetensors folder, because
-dequantizing takes ~20 s and reloading the cached folder ~0.2 s.
+dequantizing takes ~20 s and reloading the cached folder ~0.2 s; a file lock (filelock) makes
+processes that start together wait for one conversion instead of racing.
+
+Nothing in a model folder is trusted: every load passes `trust_remote_code=False` (a folder that
+needs its own Python code is refused in one line), and pickled weights (`pytorch_model.bin`) are
+read only through torch's `weights_only` loader.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
 import shutil
 import socket
 import uuid
@@ -66,25 +72,40 @@ class ModelSource:
     location: str
 
     def config(self) -> Any:
+        """The model's transformers config; CheckpointError (one line) when it cannot be used."""
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.location)
-        except (OSError, ValueError, KeyError) as exc:  # JSONDecodeError is a ValueError
-            raise CheckpointError(f"{self.name}: config.json is unreadable: {_first_line(exc)}") from None
+            return AutoConfig.from_pretrained(self.location, trust_remote_code=False)
+        except Exception as exc:  # JSONDecodeError, strict-config validation errors, remote-code refusals
+            raise CheckpointError(f"{self.name}: config.json is not usable: {_describe_load_error(exc)}") from None
 
     def load_model(self, device: str, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+        """Weights on `device` in `dtype` (kwargs go to from_pretrained: a quantization_config, ...).
+
+        Raises CheckpointError (one line) for weights that do not fit the config, pickles that
+        torch's weights_only loader refuses, and folders that need remote code.
+        """
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            self.location, dtype=dtype, device_map=device, **kwargs
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.location, dtype=dtype, device_map=device, trust_remote_code=False, **kwargs
+            )
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, pickle.UnpicklingError) as exc:
+            mismatch = shape_mismatch(Path(self.location), self.config()) if Path(self.location).is_dir() else None
+            raise CheckpointError(f"{self.name} could not be loaded: {mismatch or _describe_load_error(exc)}") from None
+        if _pickle_only(self.location):
+            log.info("%s holds pickled weights (*.bin): read with torch's weights_only loader (no code runs)", self.name)
         return model.eval()
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.location)
+        try:
+            return AutoTokenizer.from_pretrained(self.location, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{self.name}: the tokenizer could not be loaded: {_describe_load_error(exc)}") from None
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "kind": self.kind, "location": self.location}
@@ -122,6 +143,44 @@ def builtin_gguf_path(alias: str) -> Path:
     raise ModelNotFoundError(f"{model.package} is installed but has no {model.filename}; reinstall it")
 
 
+def shape_mismatch(folder: Path, config: Any) -> str | None:
+    """The first weight whose shape in the folder's safetensors differs from what config.json builds.
+
+    Reads only the safetensors headers and a weightless skeleton; None when every shared name
+    agrees (or the folder holds a quantized layout, whose tensors are not the skeleton's).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from qtool.checkpoint import safetensors_shapes
+
+    if getattr(config, "quantization_config", None):
+        return None
+    with init_empty_weights():
+        expected = {k: list(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for name, shape in safetensors_shapes(folder).items():
+        if name in expected and expected[name] != shape:
+            return (f"weight {name} has shape {shape} in the checkpoint but {expected[name]} by its config.json: "
+                    "the config does not describe these weights")
+    return None
+
+
+def _pickle_only(location: str) -> bool:
+    folder = Path(location)
+    return folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin"))
+
+
+def _describe_load_error(exc: BaseException) -> str:
+    """The first line of a loading error, with the advice that qtool will not follow replaced."""
+    text = _first_line(exc)
+    if "weights_only" in str(exc) or isinstance(exc, pickle.UnpicklingError):
+        return ("its pickled weights hold objects that torch's safe weights_only loader refuses; qtool does not "
+                "unpickle arbitrary objects: convert the weights to safetensors with a tool you trust")
+    if "trust_remote_code" in str(exc):
+        return "it needs Python code from the model folder (trust_remote_code); qtool never runs code from a model"
+    return text
+
+
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "org/name"; anything that starts like a path or has more parts is a path.
     return (
@@ -138,15 +197,20 @@ def _gguf_as_folder(gguf: Path) -> Path:
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
-    log.info("converting %s to safetensors once (about 20 s); cached in %s", gguf.name, folder)
+    from filelock import FileLock
+
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _convert_gguf(gguf, tmp)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with FileLock(str(folder.parent / f".{folder.name}.lock")):  # one conversion; the others wait and reuse it
+        if (folder / "config.json").is_file():
+            return folder
+        log.info("converting %s to safetensors once (about 20 s); cached in %s", gguf.name, folder)
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            _convert_gguf(gguf, tmp)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
 
 
@@ -154,8 +218,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except Exception as exc:  # gguf raises a zoo of errors on a bad file
         raise CheckpointError(f"{gguf} could not be read as a GGUF model: {_first_line(exc)}") from None
     # A GGUF-loaded model refuses save_pretrained until it forgets it came from GGUF.
@@ -176,7 +241,7 @@ def _hub_source(name: str) -> ModelSource:
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(name)
+        AutoConfig.from_pretrained(name, trust_remote_code=False)
     except Exception as exc:
         raise ModelNotFoundError(f"model {name} was not found on the Hugging Face Hub: {_first_line(exc)}") from None
     return ModelSource(name, "hub", name)
@@ -217,5 +282,15 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    """The error's first line; a first line ending in ':' (a heading) gets the next line added."""
+    lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
+
+
+def model_context(config: Any) -> int | None:
+    """The longest sequence a model was built for (max_position_embeddings), when its config says."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -1,38 +1,40 @@
 """YAML recipes: a run described in a file that can be versioned, diffed, listed and copied.
 
 A quantize recipe holds the same fields as `qtool quantize`'s flags; flags given on the
-command line override the recipe. Unknown keys are errors that name the key.
+command line override the recipe. Every section is a typed schema (qtool.schema): unknown keys
+and values of the wrong type are one-line errors that name the key.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field, NonNegativeInt, PositiveInt
 
-from qtool.errors import QtoolError
 from qtool.resources import bundled_dir
+from qtool.schema import RecipeError, Section, parse_section
+
+__all__ = ["RecipeError", "QuantizeRecipe", "load_quantize_recipe", "quantize_arguments"]
+
+OptionValue = bool | int | float | str
 
 
-class RecipeError(QtoolError):
-    pass
+class QuantizeRecipe(Section):
+    """A `quantize:` section (or a flat quantize recipe): the flags of `qtool quantize`."""
 
-
-@dataclass
-class QuantizeRecipe:
-    method: str
+    method: str = Field(min_length=1)
     model: str | None = None
-    bits: int | None = None
-    group_size: int | None = None
-    options: dict[str, Any] | None = None
-    device: str | None = None
-    seed: int | None = None
+    bits: PositiveInt | None = None
+    group_size: int | None = Field(None, ge=-1)
+    options: dict[str, OptionValue] | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    seed: NonNegativeInt | None = None
     calib: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
+    nsamples: PositiveInt | None = None
+    seqlen: PositiveInt | None = None
     description: str = ""
 
 
@@ -84,24 +86,9 @@ def read_recipe_section(name_or_path: str, section: str) -> tuple[Path, dict[str
     return path, dict(body), str(data.get("description", ""))
 
 
-def check_keys(data: Any, allowed: list[str], where: str, required: tuple[str, ...] = ()) -> None:
-    """Unknown keys and missing required keys are errors that name the key."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    missing = [key for key in required if data.get(key) is None]
-    if missing:
-        raise RecipeError(f"{where}: missing {missing[0]!r}")
-
-
 def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
     path, data, _ = read_recipe_section(name_or_path, "quantize")
-    check_keys(data, sorted(f.name for f in fields(QuantizeRecipe)), f"recipe {path}", required=("method",))
-    if data.get("options") is not None and not isinstance(data["options"], dict):
-        raise RecipeError(f"recipe {path}: 'options' must be a mapping")
-    return QuantizeRecipe(**data)
+    return parse_section(QuantizeRecipe, data, f"recipe {path}")
 
 
 def quantize_arguments(
@@ -119,27 +106,28 @@ def quantize_arguments(
     seqlen: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for qtool.quantize: explicit values win over the recipe's."""
-    recipe = recipe or QuantizeRecipe(method="")
+    r = recipe.model_dump() if recipe else {}
     if not 1 <= len(paths) <= 2:
         raise RecipeError(f"quantize takes MODEL OUT, got {len(paths)} paths")
-    model, out = paths if len(paths) == 2 else (recipe.model, paths[0])
+    model, out = paths if len(paths) == 2 else (r.get("model"), paths[0])
     if not model:
         raise RecipeError("no MODEL given: pass MODEL OUT, or a --recipe with a 'model'")
-    if not (method or recipe.method):
+    if not (method or r.get("method")):
         raise RecipeError("no method given: pass --method (see `qtool methods`) or a --recipe")
     return {
         "model": model,
         "out": out,
-        "method": method or recipe.method,
-        "bits": _first(bits, recipe.bits),
-        "group_size": _first(group_size, recipe.group_size),
+        "method": method or r["method"],
+        "bits": _first(bits, r.get("bits")),
+        "group_size": _first(group_size, r.get("group_size")),
         # YAML gives typed values; backends parse option strings, as from the command line
-        "options": {k: str(v) for k, v in (recipe.options or {}).items()} | (options or {}),
-        "device": _first(device, recipe.device, "auto"),
-        "seed": _first(seed, recipe.seed, 0),
-        "calib": _first(calib, recipe.calib),
-        "nsamples": _first(nsamples, recipe.nsamples),
-        "seqlen": _first(seqlen, recipe.seqlen),
+        "options": {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (r.get("options") or {}).items()}
+        | (options or {}),
+        "device": _first(device, r.get("device"), "auto"),
+        "seed": _first(seed, r.get("seed"), 0),
+        "calib": _first(calib, r.get("calib")),
+        "nsamples": _first(nsamples, r.get("nsamples")),
+        "seqlen": _first(seqlen, r.get("seqlen")),
     }
 
 

@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, PositiveFloat
+
+from qtool.schema import Section, parse_section
 
 PLOTS = {"quality_vs_size": "quality_vs_size.png", "speed": "speed.png", "memory": "memory.png"}
 
 
-@dataclass
-class ReportSettings:
-    ppl_tolerances_pct: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0])
-    size_budgets_mib: list[float] | None = None  # default: 50 % and 30 % of the base model's size
+class ReportSettings(Section):
+    """A compare recipe's `report:` section: thresholds of the recommendations."""
+
+    ppl_tolerances_pct: list[PositiveFloat] = Field(default_factory=lambda: [2.0, 5.0, 10.0])
+    size_budgets_mib: list[PositiveFloat] | None = None  # default: 50 % and 30 % of the base model's size
     title: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ReportSettings:
-        from qtool.recipes import check_keys
-
-        data = data or {}
-        check_keys(data, [f.name for f in fields(cls)], "recipe, report")
-        return cls(**data)
+        return parse_section(cls, data, "recipe, report")
 
 
 @dataclass(frozen=True)

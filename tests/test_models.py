@@ -52,3 +52,37 @@ def test_hf_hub_offline_is_honoured(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="smollm2-135m"):
         resolve_model("someorg/some-model")
+
+
+def test_processes_started_together_share_one_gguf_conversion(tmp_path):
+    """Three processes on an empty cache: one converts, the others wait for it and use its folder."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = "from qtool.models import resolve_model; print(resolve_model('smollm2-135m').location)"
+    env = {**os.environ, "QTOOL_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    folders = {out.strip() for out, _ in outputs}
+    assert len(folders) == 1
+    cached = [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")]
+    assert cached == [os.path.basename(folders.pop())]  # no second copy, no temporary left
+
+
+def test_installed_versions_are_the_locked_ones():
+    """constraints/lock.txt is what scripts/setup-venv.sh installs: this environment must match it."""
+    import importlib.metadata
+
+    from tests.conftest import REPO
+
+    lock = REPO / "constraints" / "lock.txt"
+    pins = dict(line.split("==", 1) for line in lock.read_text().splitlines() if line and not line.startswith("#"))
+    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
+    wrong = {name: (version, installed.get(name.lower().replace("_", "-")))
+             for name, version in pins.items() if installed.get(name.lower().replace("_", "-")) != version}
+    assert not wrong, f"installed versions differ from constraints/lock.txt (pinned, installed): {wrong}"

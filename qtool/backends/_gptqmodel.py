@@ -95,7 +95,8 @@ def quantize_with_gptqmodel(
     with library_output_to(log_path) as terminal:
         from gptqmodel import GPTQModel
 
-        model = GPTQModel.load(source.location, make_config(), dtype=compute_dtype(device), device=device)
+        model = GPTQModel.load(source.location, make_config(), dtype=compute_dtype(device), device=device,
+                               trust_remote_code=False)
         with module_progress(modules, desc, terminal, losses):
             model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
     model.qtool_losses = losses

@@ -8,8 +8,12 @@ loading a qtool hqq checkpoint never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -52,7 +56,8 @@ class HqqBackend(Backend):
             quant_scale=False,
         )
         config["weight_quant_params"]["optimize"] = spec.options.optimize
-        AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=dtype, device=device)
+        with labelled_hqq_bars():
+            AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=dtype, device=device)
         return model
 
     def save(self, model: nn.Module, out: Path) -> None:
@@ -76,3 +81,24 @@ class HqqBackend(Backend):
         # scale and zero per group, stored in the compute dtype (fp32 on CPU, bf16 on CUDA)
         return float(spec.bits) if spec.group_size == -1 else spec.bits + 2 * 16 / spec.group_size
 
+
+@contextlib.contextmanager
+def labelled_hqq_bars() -> Iterator[None]:
+    """hqq draws two unlabelled bars per quantize_model and has no switch for them: give them a
+    label, and hide them when progress is off (TQDM_DISABLE, which `--quiet` sets)."""
+    import hqq.models.base as hqq_base
+    from tqdm.auto import tqdm
+
+    original = hqq_base.tqdm
+    off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    labels = iter(["hqq: other layers", "hqq: quantize linear layers"])
+
+    def bar(iterable: Any, **kwargs: Any) -> Any:
+        return tqdm(iterable, **{**kwargs, "disable": off or kwargs.get("disable", False),
+                                 "desc": next(labels, "hqq"), "unit": "module"})
+
+    hqq_base.tqdm = bar
+    try:
+        yield
+    finally:
+        hqq_base.tqdm = original

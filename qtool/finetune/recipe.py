@@ -1,140 +1,111 @@
 """QLoRA recipes: one YAML file describes the base, its quantization, the data, LoRA and training.
 
-Every section is a dataclass; unknown keys are errors that name the key and list the allowed
-ones. Relative dataset paths are resolved against the recipe's folder, then the working
-directory, then qtool's bundled recipes folder, so a bundled recipe finds the data shipped beside
-it even after `qtool recipes copy` put the YAML elsewhere.
+Every section is a typed schema (qtool.schema, pydantic): unknown keys, values of the wrong
+type and values out of range are one-line errors that name the key; unambiguous strings are
+coerced (`learning_rate: 2e-4`, which YAML 1.1 reads as a string, is 0.0002). Relative dataset
+paths are resolved against the recipe's folder, then the working directory, then qtool's bundled
+recipes folder, so a bundled recipe finds the data shipped beside it even after `qtool recipes
+copy` put the YAML elsewhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from qtool.recipes import RecipeError, check_keys, read_recipe_section
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 
-FORMATS = ("alpaca", "sharegpt", "text")
-TEMPLATES = ("chat", "alpaca", "none")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+from qtool.recipes import OptionValue, read_recipe_section
+from qtool.schema import RecipeError, Section, parse_section
 
+__all__ = ["RecipeError", "QloraRecipe", "load_qlora_recipe", "resolve_data_path"]
 
-@dataclass
-class QuantizationSection:
-    method: str
-    bits: int | None = None
-    group_size: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+class QuantizationSection(Section):
+    method: str = Field(min_length=1)
+    bits: PositiveInt | None = None
+    group_size: int | None = Field(None, ge=-1)
+    options: dict[str, OptionValue] = Field(default_factory=dict)
     calib: str | None = None  # calibration text for gptq/awq (default: qtool's built-in text)
-    nsamples: int | None = None
-    seqlen: int | None = None
+    nsamples: PositiveInt | None = None
+    seqlen: PositiveInt | None = None
 
 
-@dataclass
-class DatasetSection:
-    path: str  # a file; for format 'text' also a text source name: builtin, wikitext2, c4, pile
-    format: str = "alpaca"
-    template: str | None = None  # default: chat for alpaca/sharegpt, none for text
+class DatasetSection(Section):
+    path: str = Field(min_length=1)  # a file; for format 'text' also a text source name: builtin, wikitext2, c4, pile
+    format: Literal["alpaca", "sharegpt", "text"] = "alpaca"
+    template: Literal["chat", "alpaca", "none"] | None = None  # default: chat for alpaca/sharegpt, none for text
     system: str | None = None  # system message for the chat template
-    cutoff_len: int = 512
-    max_samples: int | None = None
-    val_size: float = 0.0  # a fraction (< 1) or a number of examples (>= 1)
+    cutoff_len: PositiveInt = 512
+    max_samples: PositiveInt | None = None
+    val_size: NonNegativeFloat = 0.0  # a fraction (< 1) or a number of examples (>= 1)
     train_on_prompt: bool = False
 
 
-@dataclass
-class LoraSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
+class LoraSection(Section):
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> LoraSection:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is 'all-linear' or a non-empty list of module names")
+        return self
 
 
-@dataclass
-class TrainSection:
-    learning_rate: float = 2e-4
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 4
-    grad_accum: int = 1
+class TrainSection(Section):
+    learning_rate: PositiveFloat = 2e-4
+    epochs: PositiveFloat = 3.0
+    max_steps: PositiveInt | None = None  # overrides epochs
+    batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 1
     gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.0
-    seed: int = 0
-    logging_steps: int = 1
-    save_steps: int = 20
-    eval_steps: int | None = None  # default: save_steps, when there is a validation split
-    save_total_limit: int = 2
+    max_grad_norm: PositiveFloat = 1.0
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    seed: NonNegativeInt = 0
+    logging_steps: PositiveInt = 1
+    save_steps: PositiveInt = 20
+    eval_steps: PositiveInt | None = None  # default: save_steps, when there is a validation split
+    save_total_limit: PositiveInt = 2
 
 
-@dataclass
-class QloraRecipe:
+class QloraRecipe(Section):
     path: Path
-    model: str
+    model: str = Field(min_length=1)
     dataset: DatasetSection
     quantization: QuantizationSection | None = None
     quantized: str | None = None  # an existing qtool output folder to train on
-    lora: LoraSection = field(default_factory=LoraSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    device: str = "auto"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str | None = None
     description: str = ""
 
+    @model_validator(mode="after")
+    def _one_base(self) -> QloraRecipe:
+        if self.quantization and self.quantized:
+            raise ValueError("give either 'quantization' (quantize first) or 'quantized' (an existing folder), not both")
+        return self
+
     def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        data = asdict(self)
-        data["path"] = str(self.path)
-        return data
-
-
-def _section(cls: type, data: Any, where: str, required: tuple[str, ...] = ()) -> Any:
-    check_keys(data, [f.name for f in fields(cls)], where, required)
-    return cls(**data)
+        return self.model_dump(mode="json")
 
 
 def load_qlora_recipe(name_or_path: str) -> QloraRecipe:
     path, body, description = read_recipe_section(name_or_path, "qlora")
-    where = f"recipe {path.name}"
-    check_keys(body, [f.name for f in fields(QloraRecipe) if f.name not in ("path", "description")], where,
-               required=("model", "dataset"))
-    if body.get("quantization") and body.get("quantized"):
-        raise RecipeError(f"{where}: give either 'quantization' (quantize first) or 'quantized' (an existing folder), not both")
-    recipe = QloraRecipe(
-        path=path.resolve(),
-        model=str(body["model"]),
-        dataset=_section(DatasetSection, body["dataset"], f"{where}, dataset", ("path",)),
-        quantization=_section(QuantizationSection, body["quantization"], f"{where}, quantization", ("method",))
-        if body.get("quantization") else None,
-        quantized=body.get("quantized"),
-        lora=_section(LoraSection, body.get("lora") or {}, f"{where}, lora"),
-        train=_section(TrainSection, body.get("train") or {}, f"{where}, train"),
-        device=str(body.get("device", "auto")),
-        out=body.get("out"),
-        description=description,
-    )
-    _check_values(recipe, where)
-    return recipe
-
-
-def _check_values(recipe: QloraRecipe, where: str) -> None:
-    ds, tr, lora = recipe.dataset, recipe.train, recipe.lora
-    if ds.format not in FORMATS:
-        raise RecipeError(f"{where}, dataset: format {ds.format!r} is not one of {', '.join(FORMATS)}")
-    if ds.template is not None and ds.template not in TEMPLATES:
-        raise RecipeError(f"{where}, dataset: template {ds.template!r} is not one of {', '.join(TEMPLATES)}")
-    if tr.scheduler not in SCHEDULERS:
-        raise RecipeError(f"{where}, train: scheduler {tr.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    positive = {"dataset.cutoff_len": ds.cutoff_len, "lora.r": lora.r, "train.batch_size": tr.batch_size,
-                "train.grad_accum": tr.grad_accum, "train.save_steps": tr.save_steps}
-    for name, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise RecipeError(f"{where}: {name} must be a positive integer, got {value!r}")
-    if not (isinstance(lora.target_modules, str) or (isinstance(lora.target_modules, list) and lora.target_modules)):
-        raise RecipeError(f"{where}, lora: target_modules is 'all-linear' or a list of module names")
-    if ds.val_size < 0:
-        raise RecipeError(f"{where}, dataset: val_size must be >= 0")
+    if "path" in body or "description" in body:
+        key = "path" if "path" in body else "description"
+        raise RecipeError(f"recipe {path.name}: {key!r} is not a key of the qlora section")
+    return parse_section(QloraRecipe, {**body, "path": path.resolve(), "description": description}, f"recipe {path.name}")
 
 
 def resolve_data_path(recipe: QloraRecipe) -> Path | str:

@@ -1,0 +1,73 @@
+"""One evaluation plan: what `qtool eval` and every `qtool compare` cell measure, and how.
+
+The plan is a typed schema (qtool.schema) with its defaults in this one place. It is checked
+when it is built (ranges, stride <= ctx) and against the model's config before any weight is
+loaded (`check_model`: ctx within the model's context), so a bad setting fails in one line
+before minutes of loading or quantizing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, PositiveInt, model_validator
+
+from qtool.errors import SpecError
+from qtool.models import model_context
+from qtool.schema import Section, parse_section
+
+DEFAULT_CTX = 2048
+
+
+class SpeedPlan(Section):
+    """Generation speed: batch sizes, prompt and generated tokens, timed repeats after a warm-up."""
+
+    batch: list[PositiveInt] = Field(default_factory=lambda: [1, 8], min_length=1)
+    prompt_len: PositiveInt = 128
+    new_tokens: int = Field(32, ge=2)  # the first token comes from prefill
+    repeats: PositiveInt = 3
+
+
+class LmEvalPlan(Section):
+    """lm-evaluation-harness word perplexity on the plan's text."""
+
+    limit: PositiveInt | None = None  # documents
+
+
+class EvalPlan(Section):
+    """Token-perplexity windows (ctx, stride, max_tokens) on `text`, KL from the base, lm-eval, speed."""
+
+    text: str = "builtin"
+    ctx: int | None = Field(None, ge=2)  # None: DEFAULT_CTX, capped to the model's context (for_model)
+    stride: PositiveInt | None = None  # default: ctx (non-overlapping windows)
+    max_tokens: PositiveInt | None = None
+    kl: bool = True
+    speed: SpeedPlan | None = None
+    lm_eval: LmEvalPlan | None = None
+
+    @model_validator(mode="after")
+    def _stride_within_ctx(self) -> EvalPlan:
+        ctx = self.ctx or DEFAULT_CTX
+        if self.stride is not None and self.stride > ctx:
+            raise ValueError(f"stride {self.stride} is longer than ctx {ctx}: windows would skip tokens")
+        if self.max_tokens is not None and self.ctx is not None and self.max_tokens < self.ctx:
+            raise ValueError(f"max_tokens {self.max_tokens} is fewer than one window of ctx {self.ctx} tokens")
+        return self
+
+    def windows(self, progress: bool = True) -> dict[str, Any]:
+        """Keyword arguments of qtool.evaluate_perplexity / evaluate_divergence."""
+        return {"ctx": self.ctx or DEFAULT_CTX, "stride": self.stride, "max_tokens": self.max_tokens, "progress": progress}
+
+    def for_model(self, config: Any, model: str) -> EvalPlan:
+        """This plan for one model (its config, before weights load): ctx defaults to DEFAULT_CTX
+        capped to the model's context; an explicit ctx or speed run longer than the context is a
+        SpecError."""
+        context = model_context(config)
+        ctx = self.ctx if self.ctx is not None else min(DEFAULT_CTX, context or DEFAULT_CTX)
+        if context is not None and ctx > context:
+            raise SpecError(f"ctx {ctx} is longer than {model}'s context of {context} tokens; "
+                            f"use a ctx of at most {context}")
+        if self.speed and context is not None and self.speed.prompt_len + self.speed.new_tokens > context:
+            raise SpecError(f"speed: prompt_len {self.speed.prompt_len} + new_tokens {self.speed.new_tokens} exceed "
+                            f"{model}'s context of {context} tokens")
+        return parse_section(EvalPlan, {**self.model_dump(), "ctx": ctx}, f"evaluation of {model}", error=SpecError)
