@@ -34,16 +34,7 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) 
     file, a link, or a folder of someone else's files.
     """
     out = Path(out).expanduser()
-    target = out.resolve()
-    for item in inputs:
-        path = Path(item).expanduser()
-        if not path.exists():
-            continue  # a Hub id or an alias: nothing on disk to protect
-        source = path.resolve()
-        if target == source or source in target.parents or target in source.parents:
-            relation = "is" if target == source else "lies inside" if source in target.parents else "contains"
-            raise OutputExistsError(f"output {out} {relation} the input {item}: writing it would destroy the input; "
-                                    "pick another OUT")
+    refuse_overlap(out, inputs)
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
@@ -55,6 +46,21 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) 
     if not (out / RECORD_NAME).is_file() and any(out.iterdir()):
         raise OutputExistsError(f"output {out} is a folder qtool did not write (no {RECORD_NAME}); --force replaces "
                                 "only qtool outputs: empty it yourself or pick another OUT")
+
+
+def refuse_overlap(out: Path, inputs: Iterable[str | Path], what: str = "output") -> None:
+    """OutputExistsError when `out` is, lies inside, or contains one of `inputs` (links resolved)."""
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            continue  # a Hub id or an alias: nothing on disk to protect
+        source = path.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = "is" if target == source else "lies inside" if source in target.parents else "contains"
+            raise OutputExistsError(f"{what} {out} {relation} the input {item}: writing it would destroy the input; "
+                                    "pick another path")
 
 
 @contextmanager

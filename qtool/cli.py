@@ -340,7 +340,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SpecError("--lm-eval scores a text: give --ppl SOURCE too")
     plan = _eval_plan(args)
     if args.json and args.json != "-":
-        _check_writable_file(args.json, "--json")
+        _check_writable_file(args.json, "--json", inputs=[args.model, *([args.ppl] if args.ppl else []),
+                                                          *([args.base] if args.base else [])])
     if args.ppl:
         from qtool.data import load_text
 
@@ -420,10 +421,12 @@ def _eval_plan(args: argparse.Namespace) -> Any:
     return parse_section(EvalPlan, data, "qtool eval", names=EVAL_FLAGS, error=SpecError)
 
 
-def _check_writable_file(path: str, flag: str) -> None:
-    """Refuse an output file path that cannot be written, before the work that fills it."""
+def _check_writable_file(path: str, flag: str, inputs: tuple[str, ...] | list[str] = ()) -> None:
+    """Refuse an output file path that cannot be written or would overwrite an input, before the work."""
+    from qtool.checkpoint import refuse_overlap
     from qtool.errors import SpecError
 
+    refuse_overlap(Path(path), inputs, what=flag)
     target = Path(path).expanduser()
     if target.is_dir():
         raise SpecError(f"{flag} {path} is a folder; give a file path")
@@ -437,6 +440,7 @@ def _check_writable_file(path: str, flag: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from qtool.checkpoint import refuse_overlap
     from qtool.compare import load_compare_recipe, read_results, run_compare
     from qtool.errors import DatasetError
     from qtool.report import ReportSettings, write_report
@@ -444,6 +448,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     recipe = load_compare_recipe(args.recipe)
     settings = ReportSettings.from_dict(recipe.report)
     out = Path(args.out or Path("reports") / recipe.name)
+    refuse_overlap(out, [recipe.model, recipe.eval.text, *([recipe.calib] if recipe.calib else [])], what="--out")
     if args.report_only:
         results = read_results(out)
         if not results:

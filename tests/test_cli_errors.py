@@ -168,7 +168,7 @@ def test_output_may_not_be_or_contain_or_lie_inside_the_input(tiny_llama, tmp_pa
     link = tmp_path / "link"
     link.symlink_to(model)
     for out, needle in [(model, "is the input"), (model.parent, "contains the input"), (model / "q", "lies inside the input")]:
-        assert_one_line_error(rtn(model, out), needle, "pick another OUT")
+        assert_one_line_error(rtn(model, out), needle, "pick another path")
     assert_one_line_error(rtn(link, model), "is the input")  # links are resolved
     assert_one_line_error(rtn(model, link), "is the input")  # writing through the link would hit the model
     elsewhere = tmp_path / "elsewhere"
@@ -379,3 +379,11 @@ def test_quiet_quantize_prints_nothing_but_the_result(tiny_llama, tmp_path):
                      tmp_path / "o", env={"TQDM_DISABLE": ""})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith("wrote ")
+
+
+def test_eval_json_and_compare_out_never_overwrite_an_input(small_checkpoint, tmp_path):
+    record = (small_checkpoint / "qtool.json").read_text()
+    proc = qtool_in_process("eval", small_checkpoint, "--ppl", "builtin", "--ctx", "64", "--json",
+                            small_checkpoint / "qtool.json")
+    assert_one_line_error(proc, "--json", "lies inside the input")
+    assert (small_checkpoint / "qtool.json").read_text() == record
