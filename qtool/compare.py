@@ -74,30 +74,21 @@ class CompareSection(Section):
     report: dict[str, Any] = Field(default_factory=dict)  # see qtool.report.ReportSettings
 
 
-@dataclass
-class CompareRecipe:
+class CompareRecipe(CompareSection):
+    """A loaded compare recipe: its name resolved and its cells expanded (base first)."""
+
     name: str
-    model: str
     cells: list[Cell]
-    eval: EvalPlan
-    device: str = "auto"
-    seed: int = 0
-    calib: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    description: str = ""
-    report: dict[str, Any] = field(default_factory=dict)  # see qtool.report.ReportSettings
 
 
 def load_compare_recipe(name_or_path: str) -> CompareRecipe:
     path, body, description = read_recipe_section(name_or_path, "compare")
     section = parse_section(CompareSection, body, f"recipe {path}")
     ReportSettings.from_dict(section.report)
-    return CompareRecipe(
-        name=section.name or path.stem, model=section.model, cells=expand_cells(section.cells), eval=section.eval,
-        device=section.device, seed=section.seed, calib=section.calib, nsamples=section.nsamples,
-        seqlen=section.seqlen, description=description or section.description, report=section.report,
-    )
+    return CompareRecipe.model_validate({
+        **dict(section), "name": section.name or path.stem, "cells": expand_cells(section.cells),
+        "description": description or section.description,
+    })
 
 
 def expand_cells(entries: list[CellEntry]) -> list[Cell]:
