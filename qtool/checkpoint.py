@@ -18,6 +18,9 @@ from typing import Any
 from qtool.errors import CheckpointError, OutputExistsError
 
 RECORD_NAME = "qtool.json"
+# Files that mark a folder as qtool's output: --force may replace such a folder. merge.json marks a
+# merge written as a plain Hugging Face folder; train_log.jsonl a qlora run folder.
+OUTPUT_MARKERS = (RECORD_NAME, "merge.json", "train_log.jsonl")
 
 
 TMP_TAG, OLD_TAG = "qtool-tmp", "qtool-old"
@@ -43,7 +46,7 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) 
         kind = "a symbolic link" if out.is_symlink() else "a file"
         raise OutputExistsError(f"output {out} is {kind}; --force replaces only a folder qtool wrote: remove it "
                                 "yourself or pick another OUT")
-    if not (out / RECORD_NAME).is_file() and any(out.iterdir()):
+    if not any((out / marker).is_file() for marker in OUTPUT_MARKERS) and any(out.iterdir()):
         raise OutputExistsError(f"output {out} is a folder qtool did not write (no {RECORD_NAME}); --force replaces "
                                 "only qtool outputs: empty it yourself or pick another OUT")
 

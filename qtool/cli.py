@@ -514,14 +514,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     adapters = parse_adapter_args(args.adapter)
     _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
-    model = attach_adapters(loaded.model, adapters)
-    chat = Chat(model, loaded.tokenizer, loaded.device, list(adapters), args.system, args.max_new_tokens)
+    model = attach_adapters(loaded.model, adapters, args.model)
+    chat = Chat(model, loaded.tokenizer, loaded.device, list(adapters), args.system, args.max_new_tokens,
+                name=args.model)
     return run_chat(chat, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from qtool.finetune.merge import merge_adapter
 
+    if args.ppl:
+        from qtool.errors import SpecError
+        from qtool.evaluate.plan import EvalPlan
+        from qtool.schema import parse_section
+
+        parse_section(EvalPlan, {"text": args.ppl, "ctx": args.ctx, "max_tokens": args.max_tokens}, "qtool merge",
+                      names={"ctx": "--ctx", "max_tokens": "--max-tokens"}, error=SpecError)
     _no_loading_bars()
     info = merge_adapter(args.base, args.adapter, args.out, args.requantize, args.bits, args.group_size,
                          _parse_opts(args.opt), args.device, args.force, args.seed, args.ppl, args.ctx, args.max_tokens)

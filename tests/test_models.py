@@ -82,7 +82,12 @@ def test_installed_versions_are_the_locked_ones():
 
     lock = REPO / "constraints" / "lock.txt"
     pins = dict(line.split("==", 1) for line in lock.read_text().splitlines() if line and not line.startswith("#"))
-    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
-    wrong = {name: (version, installed.get(name.lower().replace("_", "-")))
-             for name, version in pins.items() if installed.get(name.lower().replace("_", "-")) != version}
+
+    def installed(name):
+        try:  # the first distribution on sys.path, as imports see it (not a copy vendored inside setuptools)
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    wrong = {name: (version, installed(name)) for name, version in pins.items() if installed(name) != version}
     assert not wrong, f"installed versions differ from constraints/lock.txt (pinned, installed): {wrong}"

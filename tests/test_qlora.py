@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,7 @@ def test_qlora_on_hqq_trains_saves_and_chats_with_adapter_switching(tiny_llama, 
 def test_eetq_layers_are_refused_in_one_line(tiny_llama, tmp_path):
     recipe = _recipe(tmp_path, tiny_llama, quantization="{method: eetq, bits: 8, group_size: -1}")
     assert_one_line_error(run_qtool("qlora", recipe, "--out", tmp_path / "run"), "PEFT cannot train LoRA on eetq layers")
+    assert not (tmp_path / "run").exists()  # shown only once OUT/base was quantized; OUT is removed again
 
 
 def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, tmp_path):
@@ -119,7 +121,7 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_llama, tmp_p
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda t: t.replace("  device: cpu", "  colour: red"), "unknown key 'colour'"),
-    (lambda t: t.replace("r: 4,", "rank: 4,"), "unknown key 'rank'"),
+    (lambda t: t.replace("r: 4,", "rank: 4,"), "unknown key 'lora.rank'"),
     (lambda t: t.replace(str(IDENTITY), "/nowhere/data.jsonl"), "dataset /nowhere/data.jsonl not found"),
     (lambda t: t.replace("format: alpaca", "format: sharegpt"), "sharegpt rows need"),
     (lambda t: t.replace("alpha: 8", "alpha: 8, target_modules: [q_proj, qkv_proj]"), "'qkv_proj' is not a module"),
@@ -128,6 +130,7 @@ def test_bad_recipes_are_one_line_errors(tiny_llama, tmp_path, edit, message):
     recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}")
     recipe.write_text(edit(recipe.read_text()))
     assert_one_line_error(run_qtool("qlora", recipe, "--out", tmp_path / "run"), message)
+    assert not (tmp_path / "run").exists()  # else the corrected rerun would meet "holds an unfinished run"
 
 
 def test_alpaca_rows_with_wrong_fields_name_them(tiny_llama, tmp_path):
@@ -166,6 +169,87 @@ def test_continued_pretraining_on_builtin_text(tiny_llama, tmp_path):
     record = json.loads((out / "qtool.json").read_text())
     assert record["data"]["format"] == "text" and record["data"]["path"].endswith("calib_data")
     assert record["data"]["train"] > 50 and record["steps"] == 3
+
+
+def test_quiet_qlora_prints_only_its_summary(tiny_llama, tmp_path):
+    """--quiet: neither the Trainer's progress bars nor its log dicts; the jsonl log is still written.
+    Run as a user runs it: TQDM_DISABLE (which run_qtool sets for every other test) is not set."""
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}",
+                     train="{learning_rate: 1.0e-3, max_steps: 2, batch_size: 4, save_steps: 2, logging_steps: 1}")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run([sys.executable, "-m", "qtool.cli", "qlora", str(recipe), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [proc.stdout.strip()] and proc.stdout.startswith(f"wrote {out}/adapter: 2 steps")
+    assert proc.stderr == ""
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log if "loss" in h] == [1, 2] and any("eval_loss" in h for h in log)
+
+
+def test_logging_steps_beyond_the_run_still_summarises(tiny_llama, tmp_path):
+    """No step's loss is logged in a run shorter than logging_steps: the summary takes the Trainer's mean loss."""
+    recipe = _recipe(tmp_path, tiny_llama, quantization="{method: rtn, bits: 4, group_size: 32}",
+                     train="{learning_rate: 1.0e-3, max_steps: 2, batch_size: 4, save_steps: 2, logging_steps: 10}")
+    out = tmp_path / "run"
+    proc = run_qtool("qlora", recipe, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert not any("loss" in h for h in log)
+    mean = next(h["train_loss"] for h in log if "train_loss" in h)
+    record = json.loads((out / "qtool.json").read_text())
+    assert record["steps"] == 2 and record["train_loss_first"] == record["train_loss_last"] == mean
+    assert f"train loss {mean:.3f} -> {mean:.3f}" in proc.stdout
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def _random_adapter(base: Path, targets: str | list[str], folder: Path, seed: int) -> None:
+    """A LoRA adapter on `base` with random, non-zero A and B (no training: the merge must be exact for any)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", ["o_proj", "down_proj"]])
+def test_merge_computes_exactly_what_the_adapter_on_its_base_computes(tiny_llama, tmp_path, targets):
+    from transformers import AutoModelForCausalLM
+
+    from qtool.finetune.adapters import attach_adapters
+
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    _random_adapter(tiny_llama, targets, adapter, seed=len(targets))
+    proc = run_qtool("merge", tiny_llama, adapter, merged)
+    assert proc.returncode == 0, proc.stderr
+
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = qtool.load(tiny_llama, device="cpu").model
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        with_adapter = attach_adapters(base, {"a": adapter})(input_ids=ids).logits
+        out = AutoModelForCausalLM.from_pretrained(merged).eval()
+        got = out(input_ids=ids).logits
+    assert (with_adapter - plain).abs().max() > 0.1  # the adapter changes the model: the check below means something
+    torch.testing.assert_close(got, with_adapter, atol=1e-5, rtol=1e-5)
+    assert out.lm_head.weight is out.model.embed_tokens.weight  # still tied: the merge touched neither
+    torch.testing.assert_close(out.model.embed_tokens.weight, base.get_input_embeddings().weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("targets", "module", "other"), [
+    (["q_proj", "lm_head"], "lm_head", "model.embed_tokens"),
+    (["embed_tokens", "v_proj"], "model.embed_tokens", "lm_head"),
+])
+def test_merge_refuses_lora_on_a_weight_the_base_shares(tiny_llama, tmp_path, targets, module, other):
+    """tiny_llama ties lm_head to embed_tokens: merging LoRA into one would change the other too."""
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    _random_adapter(tiny_llama, targets, adapter, seed=1)
+    proc = run_qtool("merge", tiny_llama, adapter, merged)
+    assert_one_line_error(proc, f"puts LoRA on {module}, whose weight {tiny_llama} shares with {other}",
+                          "would not compute what the adapter does", "tie_word_embeddings: false")
+    assert not merged.exists()
 
 
 def test_aqlm_layers_are_refused_before_quantizing(tiny_llama, tmp_path):

@@ -4,6 +4,9 @@ qtool's part is the recipe, the data, the quantized base (quantized into OUT/bas
 existing qtool folder) and the outputs; LoRA on quantized layers is PEFT's job and the loop is
 the Trainer's. OUT holds: base/ (when quantized here), checkpoints/ (for --resume), adapter/
 (PEFT format), train_log.jsonl, loss.png and qtool.json (written last: its presence means done).
+OUT is created only after the recipe, the data and the LoRA targets passed their checks, and is
+removed again if anything fails before the first training step: a failed run that trained
+nothing leaves nothing that the corrected command would have to --force away.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qtool.errors import OutputExistsError, QtoolError
-from qtool.finetune.dataset import IGNORE, build_examples
+from qtool.finetune.dataset import IGNORE, Examples, build_examples
 from qtool.finetune.recipe import QloraRecipe, RecipeError, resolve_data_path
 
 LOG_NAME = "train_log.jsonl"
@@ -31,16 +36,45 @@ def output_dir(recipe: QloraRecipe, out: str | None) -> Path:
     return Path(out or recipe.out or Path("runs") / recipe.path.stem)
 
 
-def prepare_output(out: Path, resume: bool, force: bool) -> None:
+def check_output(out: Path, resume: bool, force: bool, inputs: list[Any]) -> bool:
+    """Whether this run may write OUT, checked before any work; True when --force will replace it.
+
+    OUT may not be, contain or lie inside an input (the model, the data, a quantized base), and
+    --force replaces only a run folder (or another qtool output, or an empty folder). Nothing is
+    removed here: a --force run replaces OUT only once its inputs passed every check (see
+    `provisional_output`), so a failed validation leaves the old run as it was."""
+    from qtool.checkpoint import check_output_dir, refuse_overlap
+
+    refuse_overlap(out, [i for i in inputs if i])
     if not out.exists():
-        return
+        return False
     if force:
-        shutil.rmtree(out)
-        return
+        check_output_dir(out, force=True)
+        return True
     if (out / "qtool.json").exists():
         raise OutputExistsError(f"{out} holds a finished run; pass --force to train again from scratch")
     if not resume:
         raise OutputExistsError(f"{out} holds an unfinished run: pass --resume to continue it, or --force to restart")
+    return False
+
+
+@contextmanager
+def provisional_output(out: Path, replace: bool) -> Iterator[None]:
+    """Create OUT (replacing the old one when `replace`); remove it again if the block fails.
+
+    The block holds what still fails before the first training step (quantizing the base,
+    loading it, attaching LoRA): an OUT left behind then would make the corrected rerun meet
+    "holds an unfinished run". An OUT that existed before (a --resume run) is left as it is."""
+    existed = out.exists() and not replace
+    if replace:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def target_modules(model: torch.nn.Module, wanted: str | list[str], base_linears: list[str]) -> list[str]:
@@ -57,7 +91,7 @@ def target_modules(model: torch.nn.Module, wanted: str | list[str], base_linears
     return list(wanted)
 
 
-def base_model_folder(recipe: QloraRecipe, out: Path, device: str, progress: bool) -> tuple[str, dict[str, Any] | None]:
+def base_model_folder(recipe: QloraRecipe, out: Path, device: str) -> tuple[str, dict[str, Any] | None]:
     """What LoRA trains on: an existing qtool folder, one quantized into OUT/base now, or the model itself."""
     import qtool
     from qtool.checkpoint import read_record
@@ -69,10 +103,34 @@ def base_model_folder(recipe: QloraRecipe, out: Path, device: str, progress: boo
     q = recipe.quantization
     folder = out / "base"
     if not (folder.is_dir() and read_record(folder)):
-        qtool.quantize(recipe.model, folder, q.method, q.bits, q.group_size, {k: str(v) for k, v in q.options.items()},
+        qtool.quantize(recipe.model, folder, q.method, q.bits, q.group_size, _option_strings(q.options),
                        device=device, force=True, seed=recipe.train.seed, calib=q.calib, nsamples=q.nsamples,
                        seqlen=q.seqlen)
     return str(folder), read_record(folder)
+
+
+def _option_strings(options: dict[str, Any]) -> dict[str, str]:
+    return {key: str(value) for key, value in options.items()}
+
+
+def check_before_quantizing(recipe: QloraRecipe, data_path: Path | str, device: str) -> Examples:
+    """For a base still to be quantized into OUT/base: every check that needs no quantized weights.
+
+    The quantization spec, the data (tokenised with the original's tokenizer, which quantizing
+    copies unchanged into the base) and the LoRA targets (named on a weightless skeleton of the
+    original: quantizing replaces layers under the same names) all fail before OUT exists."""
+    from qtool import backends
+    from qtool.finetune.adapters import weightless_model
+    from qtool.models import resolve_model
+
+    q = recipe.quantization
+    refuse_known_failures(q.method, device)  # before minutes of quantizing
+    backends.get(q.method).make_spec(q.bits, q.group_size, _option_strings(q.options), recipe.train.seed)
+    source = resolve_model(recipe.model)
+    examples = build_examples(recipe.dataset, data_path, source.load_tokenizer(), recipe.train.seed)
+    skeleton = weightless_model(source.config())
+    target_modules(skeleton, recipe.lora.target_modules, base_linear_names(skeleton.config))
+    return examples
 
 
 def refuse_known_failures(method: str, device: str) -> None:
@@ -80,7 +138,9 @@ def refuse_known_failures(method: str, device: str) -> None:
     from qtool import backends
 
     if method in backends.known_methods():
-        reason = backends.get(method).lora_unsupported_reason(device)
+        backend = backends.get(method)
+        reason = backend.lora_unsupported_reason(device) or (
+            None if backend.capabilities.peft_trainable else "PEFT has no LoRA layer for them")
         if reason:
             raise TrainingUnsupportedError(f"PEFT cannot train LoRA on {method} layers on {device}: {reason}")
 
@@ -131,60 +191,89 @@ def trim_log(path: Path, step: int) -> None:
 
 def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False, force: bool = False,
               max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train LoRA as `recipe` says; return the qtool.json record written to OUT.
+
+    OUT appears only once everything that can fail without training has been checked (recipe,
+    data, LoRA targets, the base when it need not be quantized into OUT first); whatever fails
+    after that but before the first step removes it again, so the corrected command just works."""
     import qtool
-    from qtool.checkpoint import write_record
-    from qtool.evaluate.memory import peak_memory
-    from qtool.runtime import Stopwatch, package_versions, resolve_device, seed_everything
+    from qtool.runtime import Stopwatch, resolve_device
 
     folder = output_dir(recipe, out)
     data_path = resolve_data_path(recipe)
-    prepare_output(folder, resume, force)
+    replace = check_output(folder, resume, force, [recipe.model, recipe.quantized, data_path])
     device = resolve_device(recipe.device)
     if device == "cpu":
         torch.set_flush_denormal(True)  # LoRA through 4-bit layers hits denormals; 7x slower without this
-    if recipe.quantization:
-        refuse_known_failures(recipe.quantization.method, device)  # before minutes of quantizing
     watch = Stopwatch()
-    folder.mkdir(parents=True, exist_ok=True)
-    with watch.stage("base"):
-        base_name, base_record = base_model_folder(recipe, folder, device, progress)
-        loaded = qtool.load(base_name, device=device, trainable=True)
-    tokenizer = loaded.tokenizer
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    examples = build_examples(recipe.dataset, data_path, tokenizer, recipe.train.seed)
+    if recipe.quantization:
+        examples = check_before_quantizing(recipe, data_path, device)
+    else:
+        base_name, base_record = base_model_folder(recipe, folder, device)
+        with watch.stage("base"):
+            loaded = qtool.load(base_name, device=device, trainable=True)
+        examples = build_examples(recipe.dataset, data_path, loaded.tokenizer, recipe.train.seed)
+        model, method, targets = lora_model(loaded, recipe, device)
+    with provisional_output(folder, replace):
+        if recipe.quantization:
+            with watch.stage("base"):
+                base_name, base_record = base_model_folder(recipe, folder, device)
+                loaded = qtool.load(base_name, device=device, trainable=True)
+            model, method, targets = lora_model(loaded, recipe, device)
+        tokenizer = loaded.tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        trainer = make_trainer(model, tokenizer, examples, recipe, folder, max_steps, progress)  # makes OUT/checkpoints
+        checkpoint = last_checkpoint(folder / "checkpoints") if resume else None
+    facts = {"model": base_name, "method": method, "record": base_record, "targets": targets, "data": examples.source}
+    return train_and_record(trainer, tokenizer, recipe, folder, checkpoint, watch, device, facts)
+
+
+def lora_model(loaded: Any, recipe: QloraRecipe, device: str) -> tuple[Any, str, list[str]]:
+    """The loaded base with the recipe's LoRA attached (seeded); also its method and the target names."""
+    from qtool.runtime import seed_everything
+
     method = (loaded.record or {}).get("method", "full-precision")
     targets = target_modules(loaded.model, recipe.lora.target_modules, base_linear_names(loaded.model.config))
-    seed_everything(recipe.train.seed)
     refuse_known_failures(method, device)
-    model = attach_lora(loaded.model, recipe, targets, method)
-    trainer = make_trainer(model, tokenizer, examples, recipe, folder, max_steps, progress)
-    checkpoint = last_checkpoint(folder / "checkpoints") if resume else None
+    seed_everything(recipe.train.seed)
+    return attach_lora(loaded.model, recipe, targets, method), method, targets
+
+
+def train_and_record(trainer: Any, tokenizer: Any, recipe: QloraRecipe, folder: Path, checkpoint: Path | None,
+                     watch: Any, device: str, base: dict[str, Any]) -> dict[str, Any]:
+    """Run the Trainer (from `checkpoint` when resuming), save the adapter and write qtool.json last."""
+    from qtool.checkpoint import write_record
+    from qtool.evaluate.memory import peak_memory
+    from qtool.runtime import package_versions
+
     if checkpoint:
         trim_log(folder / LOG_NAME, int(checkpoint.name.split("-")[-1]))
     elif (folder / LOG_NAME).exists():
         (folder / LOG_NAME).unlink()
     with watch.stage("train"), peak_memory(device) as peak:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    model = trainer.model
     model.save_pretrained(folder / "adapter")
     tokenizer.save_pretrained(folder / "adapter")
     curve = loss_curve(folder / LOG_NAME, folder / "loss.png")
     history = read_log(folder / LOG_NAME)
-    losses = [h["loss"] for h in history if "loss" in h]
+    first, last = train_losses(history, result.training_loss)
     record = {
         "qtool_format": 1,
         "kind": "qlora",
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "recipe": recipe.as_dict(),
-        "base": {"model": base_name, "method": method, "quantization": base_record and base_record.get("spec"),
-                 "sha256_weights": _weights_hash(base_name)},
-        "data": examples.source,
-        "lora_targets": targets,
+        "base": {"model": base["model"], "method": base["method"],
+                 "quantization": base["record"] and base["record"].get("spec"),
+                 "sha256_weights": _weights_hash(base["model"])},
+        "data": base["data"],
+        "lora_targets": base["targets"],
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": trainer.state.global_step,
         "resumed_from": checkpoint.name if checkpoint else None,
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_first": first,
+        "train_loss_last": last,
         "eval_loss_last": next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "timings_s": watch.seconds,
@@ -196,6 +285,15 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     }
     write_record(folder, record)
     return record
+
+
+def train_losses(history: list[dict[str, Any]], mean_loss: float) -> tuple[float, float]:
+    """First and last logged training loss; the run's mean loss for both when no step was logged.
+
+    The Trainer logs a step's loss only every `logging_steps` steps: a run shorter than that logs
+    none, and its summary still needs a loss (the mean over the run's steps, from the Trainer)."""
+    losses = [h["loss"] for h in history if "loss" in h]
+    return (losses[0], losses[-1]) if losses else (mean_loss, mean_loss)
 
 
 def base_linear_names(config: Any) -> list[str]:
@@ -214,7 +312,12 @@ def base_linear_names(config: Any) -> list[str]:
 
 def make_trainer(model: Any, tokenizer: Any, examples: Any, recipe: QloraRecipe, folder: Path,
                  max_steps: int | None, progress: bool) -> Any:
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    """The transformers Trainer for this run; it creates OUT/checkpoints.
+
+    Without `progress` (--quiet) the Trainer shows nothing: no tqdm bars, none of its own log
+    lines (with tqdm off it would print each log dict to stdout instead), no reporting
+    integrations; every log line still goes to OUT/train_log.jsonl through JsonlLog."""
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
     tr = recipe.train
     has_val = bool(examples.validation)
@@ -242,6 +345,7 @@ def make_trainer(model: Any, tokenizer: Any, examples: Any, recipe: QloraRecipe,
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=not progress,
+        log_level="passive" if progress else "error",
         dataloader_num_workers=0,
     )
     if tr.gradient_checkpointing:
@@ -250,6 +354,8 @@ def make_trainer(model: Any, tokenizer: Any, examples: Any, recipe: QloraRecipe,
     trainer = Trainer(model=model, args=args, train_dataset=examples.train,
                       eval_dataset=examples.validation or None, data_collator=collator,
                       callbacks=[_log_callback(folder / LOG_NAME)])
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
     return trainer
 
 
