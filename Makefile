@@ -9,11 +9,11 @@ WIKITEXT ?= ../shared/data/wikitext-2/test.txt
 venv:
 	@./scripts/setup-venv.sh
 
-## demo: quantize the built-in SmolLM2-135M with HQQ 4-bit, evaluate it next to the base, chat once.
+## demo: quantize the built-in SmolLM2-135M with HQQ 4-bit, answer one prompt with it, evaluate it next to the base.
 demo: venv
 	$(QTOOL) methods
 	$(QTOOL) quantize --method hqq --bits 4 --group-size 64 --force smollm2-135m $(DEMO_OUT)
-	$(QTOOL) generate $(DEMO_OUT) "Give me three tips for staying focused while studying."
+	$(QTOOL) generate $(DEMO_OUT) "Give me three tips for staying focused while studying." --max-new-tokens 160
 	$(QTOOL) eval smollm2-135m --ppl $(or $(wildcard $(WIKITEXT)),builtin) --ctx 512 --max-tokens 8192
 	$(QTOOL) eval $(DEMO_OUT) --ppl $(or $(wildcard $(WIKITEXT)),builtin) --ctx 512 --max-tokens 8192
 

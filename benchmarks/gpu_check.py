@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -163,8 +164,6 @@ def cpu_reference(cell: str) -> dict[str, Any] | None:
 
 
 def run_smollm2(args: argparse.Namespace) -> None:
-    import qtool
-    from qtool import backends
 
     device = "cpu" if args.dry_run else "cuda"
     work = Path(tempfile.mkdtemp(prefix="qtool-gpu-check-"))
@@ -174,6 +173,18 @@ def run_smollm2(args: argparse.Namespace) -> None:
     settings = {"model": model, "ctx": ctx, "max_tokens": max_tokens, "text": args.text, "calib": args.calib,
                 "nsamples": nsamples, "seqlen": seqlen, "protocol": "token-ppl, non-overlapping windows, no BOS"}
     part = Part(args.out, "smollm2", device, settings)
+    try:
+        smollm2_rows(args, part, work, model, device, ctx, max_tokens, nsamples, seqlen)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    part.finish()
+
+
+def smollm2_rows(args: argparse.Namespace, part: Part, work: Path, model: str, device: str, ctx: int,
+                 max_tokens: int, nsamples: int, seqlen: int) -> None:
+    import qtool
+    from qtool import backends
+
     deadline = time.perf_counter() + args.budget_s
     for cell in smollm2_cells(args.calib, nsamples, seqlen):
         if args.cells and cell["cell"] not in args.cells:
@@ -217,7 +228,6 @@ def run_smollm2(args: argparse.Namespace) -> None:
             row.update(failure(exc))
         part.add(row)
         free(device)
-    part.finish()
 
 
 # ---- part 2: 7B-shaped decode --------------------------------------------------------------------

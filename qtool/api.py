@@ -30,7 +30,7 @@ from qtool.evaluate.lm_harness import WordPerplexityResult, word_perplexity
 from qtool.evaluate.memory import peak_memory, tensor_bytes
 from qtool.evaluate.perplexity import PerplexityResult, token_perplexity, tokenize
 from qtool.evaluate.speed import SpeedResult, measure_speed
-from qtool.models import ModelSource, quantizable_linears, resolve_model
+from qtool.models import ModelSource, describe_load_error, quantizable_linears, resolve_model
 from qtool.runtime import (
     Stopwatch,
     compute_dtype,
@@ -189,23 +189,33 @@ def load(path: str | Path, device: str = "auto", trainable: bool = False) -> Loa
     if record is None:
         source = resolve_model(str(path))
         model = _guarded(lambda: source.load_model(device, compute_dtype(device)), path)
-        return LoadedModel(model, source.load_tokenizer(), device, None, str(path))
+        tokenizer = source.load_tokenizer()
+        check_vocabulary(model, tokenizer, path)
+        return LoadedModel(model, tokenizer, device, None, str(path))
     verify_weights(folder)
     backend = backends.get(record["method"])
     backend.require_available(device)
     load_fn = backend.load_for_training if trainable else backend.load
     model = _guarded(lambda: load_fn(folder, device), path)
     tokenizer = _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
+    check_vocabulary(model, tokenizer, path)
     return LoadedModel(model, tokenizer, device, record, str(path))
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any, name: Any) -> None:
+    """CheckpointError when the tokenizer makes ids the model's embedding has no row for."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise CheckpointError(f"{name}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} "
+                              "rows (vocab_size in config.json): the tokenizer belongs to another model")
 
 
 def _guarded(load_fn: Any, path: Any) -> Any:
     # Weights were verified already; what still fails here is a damaged config or tensor layout.
     try:
         return load_fn()
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} could not be loaded: {first}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} could not be loaded: {describe_load_error(exc)}") from None
 
 
 def evaluate_perplexity(

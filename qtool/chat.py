@@ -98,8 +98,12 @@ def run_chat(chat: Chat, lines: Iterable[str], out: TextIO = sys.stdout, interac
     if interactive:
         note.write("you> ")
         note.flush()
+    from qtool.data import as_valid_text
+
     for raw in lines:
-        line = raw.strip()
+        line, replaced = as_valid_text(raw.strip())
+        if replaced:
+            note.write("qtool: that line was not UTF-8 text; its invalid bytes were replaced by U+FFFD\n")
         if line.startswith("/"):
             message = chat.command(line)
             if message is None:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) 
     out = Path(out).expanduser()
     refuse_overlap(out, inputs)
     if not (out.exists() or out.is_symlink()):
+        check_writable_location(out)
         return
     if not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
@@ -49,6 +51,26 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) 
     if not any((out / marker).is_file() for marker in OUTPUT_MARKERS) and any(out.iterdir()):
         raise OutputExistsError(f"output {out} is a folder qtool did not write (no {RECORD_NAME}); --force replaces "
                                 "only qtool outputs: empty it yourself or pick another OUT")
+
+
+def check_writable_location(path: Path, what: str = "output") -> None:
+    """Refuse a path that cannot be created: a file on the way, no permission, a pseudo file system.
+
+    Probes with a real temporary file in the nearest folder that exists (removed at once), since
+    permission bits lie for root and for /proc or /sys. Raises OutputExistsError naming `path`.
+    """
+    path = Path(path).expanduser()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputExistsError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".qtool-probe-", dir=ancestor)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputExistsError(f"{what} {path} cannot be written: {ancestor}: {exc.strerror or exc}") from None
 
 
 def refuse_overlap(out: Path, inputs: Iterable[str | Path], what: str = "output") -> None:
@@ -176,8 +198,11 @@ def read_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is unreadable or not JSON ({exc}); the checkpoint is corrupt") from None
-    if not isinstance(record, dict) or "method" not in record:
+    if not isinstance(record, dict) or not isinstance(record.get("method"), str):
         raise CheckpointError(f"{path} has no 'method' field; the checkpoint is corrupt")
+    for key, kind in (("spec", dict), ("source", dict), ("timings_s", dict)):
+        if key in record and not isinstance(record[key], kind) or key == "spec" and key not in record:
+            raise CheckpointError(f"{path}: its '{key}' is missing or not a mapping; the checkpoint is corrupt")
     return record
 
 
@@ -196,7 +221,7 @@ def verify_weights(folder: Path) -> None:
             return  # pickled weights: transformers checks them on load
         raise CheckpointError(f"{folder} has no weights (*.safetensors)")
     for path in files:
-        _verify_safetensors(path)
+        verify_safetensors_file(path)
 
 
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
@@ -224,7 +249,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, header_len
 
 
-def _verify_safetensors(path: Path) -> None:
+def verify_safetensors_file(path: Path) -> None:
+    """CheckpointError naming `path` unless its header parses and its length matches the header."""
     size = path.stat().st_size
     header, header_len = _read_header(path)
     try:

@@ -201,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    empty = [name for name, value in vars(args).items()
+             if value == "" or (isinstance(value, list) and "" in value)]
+    if empty:
+        parser.error(f"an empty value for {empty[0].replace('_', '-')}: give a path, name or text")
     quiet = getattr(args, "quiet", False)
     _quiet_libraries(progress_bars=not quiet and args.command not in ("generate", "chat"))
     _log_to_stderr(quiet)
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("qtool: interrupted; nothing was written\n")
-        return 130
+        return _interrupted()
     except Exception as exc:  # the last boundary: one line, never a traceback on the terminal
         known = describe_library_error(exc)
         if known:
@@ -222,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if os.environ.get("QTOOL_DEBUG"):
             raise
-        log = _save_traceback(exc)
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        try:
+            log = _save_traceback(exc)
+        except OSError as log_error:
+            log = f"(not saved: {log_error.strerror})"
+        first = (str(exc).strip().splitlines() or [""])[0][:300].encode("utf-8", "backslashreplace").decode("utf-8")
         sys.stderr.write(f"qtool: internal error: {type(exc).__name__}: {first} (traceback in {log}; "
                          "rerun with QTOOL_DEBUG=1 to see it here, and please report it)\n")
         return 70
@@ -232,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from qtool.backends import available, get
     from qtool.backends.base import option_help
+    from qtool.errors import DeviceError
 
+    if args.device not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {args.device!r}: use cpu or cuda")
     rows = available(args.device)
     if args.json:
         out = []
@@ -277,11 +288,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import qtool
-    from qtool.errors import SpecError
     from qtool.recipes import load_quantize_recipe, quantize_arguments
 
-    if args.seed is not None and args.seed < 0:
-        raise SpecError(f"--seed takes a non-negative integer, got {args.seed}")
+    _check_seed(args.seed)
 
     kwargs = quantize_arguments(
         load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
@@ -298,7 +307,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if kept.is_dir():
             sys.stderr.write(f"qtool: interrupted; OUT was not written, finished blocks are kept in {kept}: "
                              "rerun the same command with --resume\n")
-            return 130
+            return _interrupted()
         raise
     out = kwargs["out"]
     if args.json:
@@ -423,24 +432,20 @@ def _eval_plan(args: argparse.Namespace) -> Any:
 
 def _check_writable_file(path: str, flag: str, inputs: tuple[str, ...] | list[str] = ()) -> None:
     """Refuse an output file path that cannot be written or would overwrite an input, before the work."""
-    from qtool.checkpoint import refuse_overlap
+    from qtool.checkpoint import check_writable_location, refuse_overlap
     from qtool.errors import SpecError
 
     refuse_overlap(Path(path), inputs, what=flag)
     target = Path(path).expanduser()
     if target.is_dir():
         raise SpecError(f"{flag} {path} is a folder; give a file path")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise SpecError(f"{flag} {path} cannot be written: {parent} is not a writable folder")
+    check_writable_location(target, what=flag)
     if target.exists() and not os.access(target, os.W_OK):
         raise SpecError(f"{flag} {path} cannot be written: permission denied")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from qtool.checkpoint import refuse_overlap
+    from qtool.checkpoint import check_writable_location, refuse_overlap
     from qtool.compare import load_compare_recipe, read_results, run_compare
     from qtool.errors import DatasetError
     from qtool.report import ReportSettings, write_report
@@ -449,6 +454,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = ReportSettings.from_dict(recipe.report)
     out = Path(args.out or Path("reports") / recipe.name)
     refuse_overlap(out, [recipe.model, recipe.eval.text, *([recipe.calib] if recipe.calib else [])], what="--out")
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file; compare writes a report folder")
+    if not out.exists():
+        check_writable_location(out, what="--out")
     if args.report_only:
         results = read_results(out)
         if not results:
@@ -461,7 +470,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             done = sum(r.get("status") == "ok" for r in read_results(out).values())
             sys.stderr.write(f"qtool: interrupted; {done} finished cells are kept in {out / 'results.jsonl'}, "
                              "rerun the same command to do the rest\n")
-            return 130
+            return _interrupted()
     note = f"Recipe: `{args.recipe}` ({recipe.description})." if recipe.description else f"Recipe: `{args.recipe}`."
     md, page = write_report(results, out, settings, title=f"qtool compare: {recipe.name}", recipe_note=note)
     failed = sorted(cell for cell, r in results.items() if r.get("status") != "ok")
@@ -493,7 +502,7 @@ def cmd_qlora(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"qtool: interrupted; continue from the last checkpoint with: qtool qlora {args.recipe} "
                          f"--out {out} --resume\n")
-        return 130
+        return _interrupted()
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -511,6 +520,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from qtool.finetune.adapters import attach_adapters, parse_adapter_args
 
     _check_generation_flags(args)
+    _check_generation_length(args)
     adapters = parse_adapter_args(args.adapter)
     _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
@@ -523,6 +533,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from qtool.finetune.merge import merge_adapter
 
+    _check_seed(args.seed)
     if args.ppl:
         from qtool.errors import SpecError
         from qtool.evaluate.plan import EvalPlan
@@ -544,16 +555,40 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import qtool
+    from qtool.data import as_valid_text
+    from qtool.errors import SpecError
 
     _check_generation_flags(args)
     if not args.prompt.strip():
-        from qtool.errors import SpecError
-
         raise SpecError("the prompt is empty: give the text to complete")
+    args.prompt, replaced = as_valid_text(args.prompt)
+    if replaced:
+        sys.stderr.write("qtool: the prompt was not UTF-8 text; its invalid bytes were replaced by U+FFFD\n")
+    _check_generation_length(args)
     _no_loading_bars()
     loaded = qtool.load(args.model, device=args.device)
     print(qtool.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat))
     return 0
+
+
+def _check_generation_length(args: argparse.Namespace) -> None:
+    """--max-new-tokens must fit the model's context (read from its config, before weights load)."""
+    import qtool
+    from qtool.errors import SpecError
+    from qtool.models import model_context
+
+    context = model_context(qtool.model_config(args.model))
+    if context is not None and args.max_new_tokens >= context:
+        raise SpecError(f"--max-new-tokens {args.max_new_tokens} does not fit {args.model}'s context of {context} "
+                        f"tokens (prompt included); use fewer than {context}")
+
+
+def _check_seed(seed: int | None) -> None:
+    from qtool.errors import SpecError
+    from qtool.schema import MAX_SEED
+
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise SpecError(f"--seed takes an integer from 0 to {MAX_SEED}, got {seed}")
 
 
 def _check_generation_flags(args: argparse.Namespace) -> None:
@@ -595,12 +630,24 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
     return options
 
 
+def _interrupted() -> int:
+    """Exit code 130 for Ctrl-C. Library worker threads (GPTQModel's C++ pool) still running would
+    abort the interpreter's shutdown (SIGABRT): then leave at once; the outputs are cleaned already."""
+    import threading
+
+    if threading.active_count() > 1 and threading.current_thread() is threading.main_thread():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return 130
+
+
 def _save_traceback(exc: BaseException) -> str:
     import tempfile
     import traceback
 
     fd, path = tempfile.mkstemp(prefix="qtool-crash-", suffix=".log")
-    with os.fdopen(fd, "w") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
         fh.write(f"qtool {_version()} {' '.join(sys.argv)}\n")
         fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return path

@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, PositiveInt
 
 from qtool.calibration import CalibrationSpec
 from qtool.errors import QtoolError
 from qtool.evaluate.plan import EvalPlan
 from qtool.recipes import OptionValue, read_recipe_section
 from qtool.report import ReportSettings
-from qtool.schema import Section, parse_section
+from qtool.schema import Section, Seed, parse_section
 
 BASE = "base"
 RESULTS = "results.jsonl"
@@ -66,7 +66,7 @@ class CompareSection(Section):
     cells: list[CellEntry] = Field(min_length=1)
     eval: EvalPlan = Field(default_factory=EvalPlan)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     calib: str | None = None
     nsamples: PositiveInt | None = None
     seqlen: PositiveInt | None = None
@@ -152,20 +152,40 @@ def _calibration(recipe: CompareRecipe, backend: Any) -> dict[str, Any]:
     return {"calib": recipe.calib, "nsamples": recipe.nsamples, "seqlen": recipe.seqlen}
 
 
+RECORD_SECTIONS = {"quantization": dict, "memory": dict, "divergence": dict, "perplexity": dict,
+                   "word_perplexity": dict, "speed": list, "versions": dict}
+
+
 def read_results(out: Path) -> dict[str, dict[str, Any]]:
-    """The last record of each cell in OUT/results.jsonl (a torn last line is ignored)."""
+    """The last record of each cell in OUT/results.jsonl.
+
+    Lines that are not a result record (a torn last line, an edit by hand, bytes that are not
+    UTF-8, sections of the wrong type) are skipped with a warning that counts them.
+    """
     path = Path(out) / RESULTS
     latest: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return latest
-    for line in path.read_text().splitlines():
+    skipped = 0
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "cell" in record:
+            record = None
+        if _is_result(record):
             latest[record["cell"]] = record
+        elif line.strip():
+            skipped += 1
+    if skipped:
+        import logging
+
+        logging.getLogger("qtool").warning(f"{path}: {skipped} lines are not result records; skipped")
     return latest
+
+
+def _is_result(record: Any) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("cell"), str) and isinstance(record.get("status"), str)
+            and all(record.get(key) is None or isinstance(record[key], kind) for key, kind in RECORD_SECTIONS.items()))
 
 
 def _append(out: Path, record: dict[str, Any]) -> None:

@@ -131,3 +131,13 @@ def _load_named(name: str, purpose: Purpose) -> Text:
         raise DatasetError(f"could not fetch dataset {name} ({info['path']}): {first}") from None
     # Papers join WikiText rows with blank lines before tokenizing; the same for all sources here.
     return Text(name, f"hf:{info['path']}:{split}", "\n\n".join(rows[str(info["column"])]))
+
+
+def as_valid_text(text: str) -> tuple[str, bool]:
+    """`text` with bytes that are not UTF-8 (which Python carries as lone surrogates from argv or a
+    binary stdin) replaced by U+FFFD; also whether anything was replaced."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), True

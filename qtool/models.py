@@ -78,7 +78,7 @@ class ModelSource:
         try:
             return AutoConfig.from_pretrained(self.location, trust_remote_code=False)
         except Exception as exc:  # JSONDecodeError, strict-config validation errors, remote-code refusals
-            raise CheckpointError(f"{self.name}: config.json is not usable: {_describe_load_error(exc)}") from None
+            raise CheckpointError(f"{self.name}: config.json is not usable: {describe_load_error(exc)}") from None
 
     def load_model(self, device: str, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
         """Weights on `device` in `dtype` (kwargs go to from_pretrained: a quantization_config, ...).
@@ -94,7 +94,7 @@ class ModelSource:
             )
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, pickle.UnpicklingError) as exc:
             mismatch = shape_mismatch(Path(self.location), self.config()) if Path(self.location).is_dir() else None
-            raise CheckpointError(f"{self.name} could not be loaded: {mismatch or _describe_load_error(exc)}") from None
+            raise CheckpointError(f"{self.name} could not be loaded: {mismatch or describe_load_error(exc)}") from None
         if _pickle_only(self.location):
             log.info("%s holds pickled weights (*.bin): read with torch's weights_only loader (no code runs)", self.name)
         return model.eval()
@@ -102,10 +102,14 @@ class ModelSource:
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
+        folder = Path(self.location)
+        if folder.is_dir() and not any(folder.glob("tokenizer*")) and not any(folder.glob("*.model")):
+            raise CheckpointError(f"{self.name} has no tokenizer (tokenizer.json, tokenizer_config.json): copy the "
+                                  "tokenizer files of its original model into it")
         try:
             return AutoTokenizer.from_pretrained(self.location, trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{self.name}: the tokenizer could not be loaded: {_describe_load_error(exc)}") from None
+            raise CheckpointError(f"{self.name}: the tokenizer could not be loaded: {describe_load_error(exc)}") from None
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "kind": self.kind, "location": self.location}
@@ -170,8 +174,9 @@ def _pickle_only(location: str) -> bool:
     return folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin"))
 
 
-def _describe_load_error(exc: BaseException) -> str:
-    """The first line of a loading error, with the advice that qtool will not follow replaced."""
+def describe_load_error(exc: BaseException) -> str:
+    """A loading error in one line (a heading with its first detail), with advice qtool will not
+    follow (unpickle anything, run remote code) replaced by what to do instead."""
     text = _first_line(exc)
     if "weights_only" in str(exc) or isinstance(exc, pickle.UnpicklingError):
         return ("its pickled weights hold objects that torch's safe weights_only loader refuses; qtool does not "
@@ -200,7 +205,7 @@ def _gguf_as_folder(gguf: Path) -> Path:
     from filelock import FileLock
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f".{folder.name}.lock")):  # one conversion; the others wait and reuse it
+    with FileLock(str(folder.parent / ".conversion.lock")):  # one conversion at a time; the others wait and reuse it
         if (folder / "config.json").is_file():
             return folder
         log.info("converting %s to safetensors once (about 20 s); cached in %s", gguf.name, folder)
@@ -282,11 +287,14 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The error's first line; a first line ending in ':' (a heading) gets the next line added."""
+    """The error's first line; a heading (ending in ':' or ',') gets the following lines, to 300 chars."""
     lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} {lines[1]}"
-    return lines[0]
+    text = lines[0]
+    for line in lines[1:]:
+        if not text.endswith((":", ",")) or len(text) > 300:
+            break
+        text = f"{text} {line}"
+    return text[:400]
 
 
 def model_context(config: Any) -> int | None:

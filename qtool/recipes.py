@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, PositiveInt
 
 from qtool.resources import bundled_dir
-from qtool.schema import RecipeError, Section, parse_section
+from qtool.schema import RecipeError, Section, Seed, parse_section
 
 __all__ = ["RecipeError", "QuantizeRecipe", "load_quantize_recipe", "quantize_arguments"]
 
@@ -31,7 +31,7 @@ class QuantizeRecipe(Section):
     group_size: int | None = Field(None, ge=-1)
     options: dict[str, OptionValue] | None = None
     device: Literal["auto", "cpu", "cuda"] | None = None
-    seed: NonNegativeInt | None = None
+    seed: Seed | None = None
     calib: str | None = None
     nsamples: PositiveInt | None = None
     seqlen: PositiveInt | None = None
@@ -62,8 +62,8 @@ def copy_recipe(name: str, dest: str) -> Path:
     target = Path(dest)
     if target.is_dir():
         target = target / source.name
-    if target.exists():
-        raise RecipeError(f"{target} already exists")
+    if target.exists() or target.is_symlink():
+        raise RecipeError(f"{target} already exists" + (" (a symbolic link)" if target.is_symlink() else ""))
     shutil.copyfile(source, target)
     return target
 
@@ -78,6 +78,8 @@ def read_recipe_section(name_or_path: str, section: str) -> tuple[Path, dict[str
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise RecipeError(f"recipe {path} is not readable YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (a binary file?)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values")
     body = data.get(section, data if section == "quantize" else None)

@@ -58,40 +58,51 @@ class Row:
 
 
 def rows_from_results(results: dict[str, dict[str, Any]]) -> list[Row]:
+    """One Row per cell; a record whose numbers are not where a qtool compare writes them is skipped
+    with a warning (a results.jsonl edited by hand)."""
     rows = []
     for cell, r in results.items():
-        ok = r.get("status") == "ok"
-        q = (r.get("quantization") or {}) if ok else {}
-        mem = r.get("memory") or {}
-        ppl = r.get("perplexity") or {}
-        div = r.get("divergence") or {}
-        words = r.get("word_perplexity") or {}
-        speed = r.get("speed") or []
-        # quantized cells: their weights files; the base: its tensors as loaded, what saving it would write
-        if q.get("weights_bytes"):
-            size = q["weights_bytes"] / 2**20
-        elif ok and mem.get("in_memory_bytes"):
-            size = mem["in_memory_bytes"] / 2**20
-        else:
-            size = None
-        params = mem.get("parameters")
-        by_batch = {s["batch"]: s for s in speed}
-        b1 = by_batch.get(1)
-        rows.append(Row(
-            cell=cell, method=r.get("method", "?"), status=r.get("status", "?"), error=r.get("error"),
-            size_mib=size, bits_per_weight=q.get("effective_bits_per_weight") or (
-                8 * mem["in_memory_bytes"] / params if ok and cell == "base" and params else None),
-            ppl=ppl.get("ppl"), bpb=ppl.get("bpb"), kl_mean=div.get("kl_mean") if div else (0.0 if ok and cell == "base" else None),
-            kl_p99=div.get("kl_p99"), top1=div.get("top1_agreement"), word_ppl=words.get("word_perplexity"),
-            decode={b: s["decode_tokens_per_s"]["median"] for b, s in sorted(by_batch.items())},
-            prefill_b1=b1["prefill_tokens_per_s"]["median"] if b1 else None,
-            ttft_ms_b1=1000 * b1["time_to_first_token_s"]["median"] if b1 else None,
-            memory_mib=mem["in_memory_bytes"] / 2**20 if mem.get("in_memory_bytes") else None,
-            peak_generate_mib=by_batch[max(by_batch)]["peak_memory_generate_mib"] if by_batch else None,
-            quantize_s=sum(q["timings_s"].values()) if q.get("timings_s") else None,
-            quantize_peak_mib=q.get("peak_memory_mib"),
-        ))
+        try:
+            rows.append(_row(cell, r))
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError):
+            import logging
+
+            logging.getLogger("qtool").warning(f"the result of cell {cell} is malformed; left out of the report")
     return rows
+
+
+def _row(cell: str, r: dict[str, Any]) -> Row:
+    ok = r.get("status") == "ok"
+    q = (r.get("quantization") or {}) if ok else {}
+    mem = r.get("memory") or {}
+    ppl = r.get("perplexity") or {}
+    div = r.get("divergence") or {}
+    words = r.get("word_perplexity") or {}
+    speed = r.get("speed") or []
+    # quantized cells: their weights files; the base: its tensors as loaded, what saving it would write
+    if q.get("weights_bytes"):
+        size = q["weights_bytes"] / 2**20
+    elif ok and mem.get("in_memory_bytes"):
+        size = mem["in_memory_bytes"] / 2**20
+    else:
+        size = None
+    params = mem.get("parameters")
+    by_batch = {s["batch"]: s for s in speed}
+    b1 = by_batch.get(1)
+    return Row(
+        cell=cell, method=r.get("method", "?"), status=r.get("status", "?"), error=r.get("error"),
+        size_mib=size, bits_per_weight=q.get("effective_bits_per_weight") or (
+            8 * mem["in_memory_bytes"] / params if ok and cell == "base" and params else None),
+        ppl=ppl.get("ppl"), bpb=ppl.get("bpb"), kl_mean=div.get("kl_mean") if div else (0.0 if ok and cell == "base" else None),
+        kl_p99=div.get("kl_p99"), top1=div.get("top1_agreement"), word_ppl=words.get("word_perplexity"),
+        decode={b: s["decode_tokens_per_s"]["median"] for b, s in sorted(by_batch.items())},
+        prefill_b1=b1["prefill_tokens_per_s"]["median"] if b1 else None,
+        ttft_ms_b1=1000 * b1["time_to_first_token_s"]["median"] if b1 else None,
+        memory_mib=mem["in_memory_bytes"] / 2**20 if mem.get("in_memory_bytes") else None,
+        peak_generate_mib=by_batch[max(by_batch)]["peak_memory_generate_mib"] if by_batch else None,
+        quantize_s=sum(q["timings_s"].values()) if q.get("timings_s") else None,
+        quantize_peak_mib=q.get("peak_memory_mib"),
+    )
 
 
 def pareto_front(rows: list[Row]) -> list[Row]:

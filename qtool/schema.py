@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qtool.errors import QtoolError
 
@@ -21,10 +21,29 @@ class RecipeError(QtoolError):
     """A recipe that cannot be read or whose values have the wrong type or range."""
 
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors; assignments are validated too."""
+    """Base of every recipe section: unknown keys are errors; assignments are validated too.
+
+    A YAML boolean is not a number here (pydantic would read `bits: true` as 1): a numeric field
+    given true/false is an error that names the key.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                values = value if isinstance(value, list) else [value]
+                if field and any(isinstance(v, bool) for v in values) and _numeric_only(field.annotation):
+                    raise ValueError(f"{key}: expected a number, got {str(value).lower()}")
+        return data
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -62,6 +81,24 @@ def describe_error(exc: ValidationError, cls: type[BaseModel], where: str, names
     given = error.get("input")
     shown = f" (got {given!r})" if not isinstance(given, (dict, list)) else ""
     return f"{where}: {path}: {message}{shown}" if path else f"{where}: {message}"
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """True when the annotation admits int or float (possibly in a list or optional) but not bool."""
+    kinds: set[Any] = set()
+
+    def walk(a: Any) -> None:
+        origin = typing.get_origin(a)
+        if origin is typing.Annotated:
+            walk(typing.get_args(a)[0])
+        elif origin in (typing.Union, types.UnionType, list):
+            for arg in typing.get_args(a):
+                walk(arg)
+        else:
+            kinds.add(a)
+
+    walk(annotation)
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 def _fields_at(cls: type[BaseModel], loc: list[Any]) -> list[str]:

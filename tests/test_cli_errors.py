@@ -387,3 +387,107 @@ def test_eval_json_and_compare_out_never_overwrite_an_input(small_checkpoint, tm
                             small_checkpoint / "qtool.json")
     assert_one_line_error(proc, "--json", "lies inside the input")
     assert (small_checkpoint / "qtool.json").read_text() == record
+
+
+# ---- found by the 309-case sweep from a clean clone (issue 17) -----------------------------------
+def write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+def test_sweep_cases_in_the_cli(tiny_llama, small_checkpoint, tmp_path):
+    """Each a case that once ended in an internal error, a misleading line or litter."""
+    import json
+
+    o = tmp_path / "o"
+    recipe = write(tmp_path / "bin.yaml", b"\xf2\x00\x9c binary")
+    cases = [
+        (["quantize", "--method", "rtn", "--seed", "99999999999999999999", tiny_llama, o], "--seed takes an integer from 0"),
+        (["quantize", "--recipe", recipe, tiny_llama, o], "is not UTF-8 text"),
+        (["quantize", "--recipe", write(tmp_path / "b.yaml", "quantize: {method: hqq, bits: true, group_size: 32}\n"),
+          tiny_llama, o], "bits: expected a number, got true"),
+        (["quantize", "--recipe", write(tmp_path / "s.yaml", "quantize: {method: rtn, seed: 99999999999999999999}\n"),
+          tiny_llama, o], "seed: Input should be less than or equal to 4294967295"),
+        (["quantize", "--method", "rtn", tiny_llama, "/proc/qtool-x"], "cannot be written"),
+        (["quantize", "--method", "rtn", tiny_llama, write(tmp_path / "f.txt", "x") / "o"], "is a file, not a folder"),
+        (["quantize", "--method", "rtn", tiny_llama, ""], "an empty value"),
+        (["eval", tiny_llama, "--ppl", "builtin", "--ctx", "64", "--json", "/proc/qtool-x.json"], "cannot be written"),
+        (["generate", tiny_llama, "hi", "--max-new-tokens", "100000"], "does not fit"),
+        (["methods", "--device", "tpu"], "unknown device 'tpu'"),
+        (["chat", tiny_llama, "--adapter", f"={tmp_path}"], "--adapter takes NAME=PATH or PATH"),
+        (["compare", "compare-smollm2", "--out", tmp_path / "f.txt"], "is a file"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(qtool_in_process(*args), needle)
+    link = tmp_path / "dangling.yaml"
+    link.symlink_to(tmp_path / "nowhere" / "r.yaml")
+    assert_one_line_error(qtool_in_process("recipes", "copy", "quantize-smollm2-rtn4", link), "already exists (a symbolic link)")
+    assert not (tmp_path / "nowhere").exists()
+
+    small_vocab = damaged_copy(tiny_llama, tmp_path / "v", vocab_size=1000)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(small_vocab)).save_pretrained(small_vocab)
+    assert_one_line_error(qtool_in_process("eval", small_vocab, "--ppl", "builtin", "--ctx", "64"),
+                          "its tokenizer has 49152 tokens but the model's embedding only 1000 rows")
+    no_tokenizer = tmp_path / "nt"
+    shutil.copytree(tiny_llama, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert_one_line_error(qtool_in_process("eval", no_tokenizer, "--ppl", "builtin", "--ctx", "64"), "has no tokenizer")
+    for record, needle in [({"method": "rtn"}, "'spec' is missing"), ({"method": "rtn", "spec": {}, "source": 5}, "'source'")]:
+        broken = tmp_path / f"r{len(needle)}"
+        shutil.copytree(small_checkpoint, broken)
+        (broken / "qtool.json").write_text(json.dumps(record))
+        assert_one_line_error(qtool_in_process("eval", broken, "--ppl", "builtin", "--ctx", "64"), needle)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_adapter_folders_are_checked_before_loading(tiny_llama, tmp_path):
+    adapter = tmp_path / "a"
+    write(adapter / "adapter_config.json", "[1, 2, 3]")
+    assert_one_line_error(qtool_in_process("chat", tiny_llama, "--adapter", f"a={adapter}"), "not a JSON object")
+    write(adapter / "adapter_config.json", '{"peft_type": "LORA"}')
+    assert_one_line_error(qtool_in_process("chat", tiny_llama, "--adapter", f"a={adapter}"), "has no weights")
+    write(adapter / "adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    assert_one_line_error(qtool_in_process("chat", tiny_llama, "--adapter", f"a={adapter}"), "adapter_model.safetensors")
+
+
+def test_text_that_is_not_utf8_is_replaced_and_said(tiny_llama):
+    proc = subprocess.run([sys.executable, "-m", "qtool.cli", "generate", str(tiny_llama).encode(), b"\xff\xfe bad",
+                           b"--max-new-tokens", b"4"], cwd=REPO, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert b"not UTF-8 text" in proc.stderr and b"Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "qtool.cli", "chat", str(tiny_llama), "--max-new-tokens", "4"],
+                          cwd=REPO, input=b"\xff\xfe\xfd bad\n/quit\n", capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert b"not UTF-8 text" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_report_only_skips_lines_that_are_not_results(tmp_path):
+    fixed = (REPO / "tests" / "data" / "compare-results.jsonl").read_text().splitlines()
+    out = tmp_path / "r"
+    write(out / "results.jsonl", "\n".join([fixed[0], '{"cell": [1], "status": "ok"}', "7",
+                                            '{"cell": "x", "status": "ok", "perplexity": 5}', "\udcff"
+                                            .encode("utf-8", "surrogateescape").decode("latin-1")]) + "\n")
+    proc = qtool_in_process("compare", "compare-smollm2", "--report-only", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 lines are not result records; skipped" in proc.stderr
+    assert (out / "report.md").is_file()
+
+
+def test_qlora_dataset_and_output_messages(tiny_llama, tmp_path):
+    def qlora(dataset, fmt="alpaca", out=None):
+        path = write(tmp_path / "q.yaml", f"qlora:\n  model: {tiny_llama}\n  dataset: {{path: {dataset}, format: {fmt}}}\n"
+                                          "  device: cpu\n")
+        return qtool_in_process("qlora", path, "--out", out or tmp_path / "run", "--quiet")
+
+    assert_one_line_error(qlora(write(tmp_path / "d.txt", "")), "reads .json or .jsonl rows")
+    (tmp_path / "folder.jsonl").mkdir()
+    assert_one_line_error(qlora(tmp_path / "folder.jsonl"), "is a folder")
+    rows = write(tmp_path / "rows.jsonl", '{"instruction": "q", "output": 5}\n')
+    assert_one_line_error(qlora(rows), "'output' must be a string, got int 5")
+    assert_one_line_error(qlora(rows, out=write(tmp_path / "out.txt", "x")), "is a file")
+    assert not (tmp_path / "run").exists()

@@ -90,15 +90,23 @@ def quantize_with_gptqmodel(
     rotated_folder = None
     if rotate:
         source, rotated_folder, rotation = rotated_copy(source, seed, compute_dtype(device))
-    log_path = Path(tempfile.mkstemp(prefix="qtool-gptqmodel-", suffix=".log")[1])
+    handle, name = tempfile.mkstemp(prefix="qtool-gptqmodel-", suffix=".log")
+    os.close(handle)
+    log_path = Path(name)
     losses: list[dict[str, Any]] = []
-    with library_output_to(log_path) as terminal:
-        from gptqmodel import GPTQModel
+    try:
+        with library_output_to(log_path) as terminal:
+            from gptqmodel import GPTQModel
 
-        model = GPTQModel.load(source.location, make_config(), dtype=compute_dtype(device), device=device,
-                               trust_remote_code=False)
-        with module_progress(modules, desc, terminal, losses):
-            model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
+            model = GPTQModel.load(source.location, make_config(), dtype=compute_dtype(device), device=device,
+                                   trust_remote_code=False)
+            with module_progress(modules, desc, terminal, losses):
+                model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
+    except BaseException:
+        log_path.unlink(missing_ok=True)  # the log moves into OUT only with a finished checkpoint
+        if rotated_folder is not None:
+            rotated_folder.cleanup()
+        raise
     model.qtool_losses = losses
     model.qtool_log = log_path
     if rotated_folder is not None:
@@ -107,14 +115,17 @@ def quantize_with_gptqmodel(
 
 
 def save_gptqmodel(model: Any, out: Path) -> None:
-    with library_output_to(model.qtool_log):
-        model.save(str(out))
-    rotated = getattr(model, "qtool_rotated_folder", None)
-    if rotated is not None:  # the rotated fp copy GPTQModel loaded from (qtool.rotation)
-        rotated.cleanup()
     log = Path(model.qtool_log)
-    if log.exists():
-        log.replace(out / "quantize.log")
+    try:
+        with library_output_to(log):
+            model.save(str(out))
+        if log.exists():
+            log.replace(out / "quantize.log")
+    finally:
+        log.unlink(missing_ok=True)
+        rotated = getattr(model, "qtool_rotated_folder", None)
+        if rotated is not None:  # the rotated fp copy GPTQModel loaded from (qtool.rotation)
+            rotated.cleanup()
 
 
 def loaded_kernels(model: torch.nn.Module) -> list[str]:

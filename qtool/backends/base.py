@@ -80,6 +80,8 @@ class Backend(ABC):
                 return f"package {module} is not importable ({detail}); install it: pip install 'qtool[{extra}]'"
         if device not in self.capabilities.devices:
             return f"needs a {' or '.join(self.capabilities.devices)} device (asked for {device})"
+        if device == "cuda" and not _cuda_visible():
+            return "no CUDA device is visible to torch on this machine"
         return None
 
     def require_available(self, device: str) -> None:
@@ -112,6 +114,10 @@ class Backend(ABC):
             calibration.check()
         elif calibration is not None:
             raise SpecError(f"{self.name} quantizes without calibration data; drop --calib, --nsamples and --seqlen")
+        from qtool.schema import MAX_SEED
+
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise SpecError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
         options_value = parse_options(self.Options, options or {}, self.name)
         spec = QuantSpec(self.name, bits, group_size, options_value, seed, calibration)
         self.check_spec(spec)
@@ -233,3 +239,9 @@ def _join(values: Any) -> str:
 def _suggest(widths: list[int]) -> str:
     common = [g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths)]
     return str(common[0]) if common else "-1"
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

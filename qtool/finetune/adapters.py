@@ -31,17 +31,40 @@ def parse_adapter_args(values: list[str]) -> dict[str, Path]:
     adapters: dict[str, Path] = {}
     for value in values:
         name, sep, path = value.partition("=")
+        if sep and not (name.strip() and path.strip()):
+            raise SpecError(f"--adapter takes NAME=PATH or PATH, got {value!r}")
         folder = Path(path if sep else name).expanduser()
         if (folder / "adapter").is_dir() and not (folder / "adapter_config.json").exists():
             folder = folder / "adapter"  # a qlora run folder
         if not sep:
             name = folder.parent.name if folder.name == "adapter" else folder.name
-        if not (folder / "adapter_config.json").is_file():
-            raise CheckpointError(f"adapter {folder} has no adapter_config.json (expected a PEFT adapter or a qtool qlora run)")
+        check_adapter_folder(folder)
         if name in adapters:
             raise SpecError(f"adapter name {name!r} is given twice")
         adapters[name] = folder
     return adapters
+
+
+def check_adapter_folder(folder: Path) -> None:
+    """A PEFT adapter folder: a JSON-object adapter_config.json and whole weights, or CheckpointError."""
+    import json
+
+    from qtool.checkpoint import verify_safetensors_file
+
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"adapter {folder} has no adapter_config.json (expected a PEFT adapter or a qtool qlora run)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"adapter {folder}: adapter_config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"adapter {folder}: adapter_config.json is not a JSON object")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        verify_safetensors_file(weights)
+    elif not (folder / "adapter_model.bin").is_file():
+        raise CheckpointError(f"adapter {folder} has no weights (adapter_model.safetensors)")
 
 
 def attach_adapters(model: Any, adapters: dict[str, Path], base: str | None = None) -> Any:

@@ -79,10 +79,12 @@ def to_messages(row: Any, fmt: str, number: int, path: Path) -> list[dict[str, s
     if not isinstance(row, dict):
         raise DatasetError(f"{where} is not a JSON object")
     if fmt == "alpaca":
-        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
-        if missing:
-            raise DatasetError(f"{where}: alpaca rows need 'instruction' and 'output' strings (missing {missing[0]!r}; "
-                               f"found {', '.join(sorted(row)) or 'no fields'})")
+        for key in ("instruction", "output"):
+            if key not in row:
+                raise DatasetError(f"{where}: alpaca rows need 'instruction' and 'output' strings (missing {key!r}; "
+                                   f"found {', '.join(sorted(map(str, row))) or 'no fields'})")
+            if not isinstance(row[key], str):
+                raise DatasetError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__} {row[key]!r}")
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
         return [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
@@ -192,6 +194,9 @@ def build_examples(section: DatasetSection, path: Path | str, tokenizer: Any, se
         rows, origin, digest = [(1, text.content)], text.origin, text.sha256
         path = Path(path)
     else:
+        if section.format != "text" and path.suffix not in (".json", ".jsonl"):
+            raise DatasetError(f"dataset {path}: format {section.format} reads .json or .jsonl rows, not a "
+                               f"{path.suffix or 'suffix-less'} file (format text reads plain text)")
         rows = read_rows(path)
         origin, digest = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
     if not rows:

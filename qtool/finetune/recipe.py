@@ -16,14 +16,13 @@ from typing import Any, Literal
 from pydantic import (
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     model_validator,
 )
 
 from qtool.recipes import OptionValue, read_recipe_section
-from qtool.schema import RecipeError, Section, parse_section
+from qtool.schema import RecipeError, Section, Seed, parse_section
 
 __all__ = ["RecipeError", "QloraRecipe", "load_qlora_recipe", "resolve_data_path"]
 
@@ -71,7 +70,7 @@ class TrainSection(Section):
     max_grad_norm: PositiveFloat = 1.0
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     logging_steps: PositiveInt = 1
     save_steps: PositiveInt = 20
     eval_steps: PositiveInt | None = None  # default: save_steps, when there is a validation split
@@ -122,5 +121,7 @@ def resolve_data_path(recipe: QloraRecipe) -> Path | str:
     for candidate in places:
         if candidate.is_file():
             return candidate
+        if candidate.is_dir():
+            raise DatasetError(f"dataset {candidate} is a folder; dataset.path names one .json, .jsonl or .txt file")
     raise DatasetError(f"dataset {name} not found (looked beside the recipe {recipe.path.parent}, in the current folder "
                        "and in qtool's bundled recipes)")

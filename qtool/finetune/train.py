@@ -43,10 +43,13 @@ def check_output(out: Path, resume: bool, force: bool, inputs: list[Any]) -> boo
     --force replaces only a run folder (or another qtool output, or an empty folder). Nothing is
     removed here: a --force run replaces OUT only once its inputs passed every check (see
     `provisional_output`), so a failed validation leaves the old run as it was."""
-    from qtool.checkpoint import check_output_dir, refuse_overlap
+    from qtool.checkpoint import check_output_dir, check_writable_location, refuse_overlap
 
     refuse_overlap(out, [i for i in inputs if i])
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file; a qlora run writes a folder: pick another --out")
     if not out.exists():
+        check_writable_location(out)
         return False
     if force:
         check_output_dir(out, force=True)
@@ -202,6 +205,11 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     folder = output_dir(recipe, out)
     data_path = resolve_data_path(recipe)
     replace = check_output(folder, resume, force, [recipe.model, recipe.quantized, data_path])
+    limit = max_steps or recipe.train.max_steps
+    done = last_checkpoint(folder / "checkpoints") if resume else None
+    if done and limit and int(done.name.split("-")[-1]) >= limit:
+        raise QtoolError(f"{folder} is already at step {done.name.split('-')[-1]}, at or past the {limit} steps asked "
+                         "for: nothing to train (raise --max-steps, or --force to train again from scratch)")
     device = resolve_device(recipe.device)
     if device == "cpu":
         torch.set_flush_denormal(True)  # LoRA through 4-bit layers hits denormals; 7x slower without this
