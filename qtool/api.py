@@ -64,19 +64,21 @@ def quantize(
     nsamples: int | None = None,
     seqlen: int | None = None,
     resume: bool = False,
+    bos: str | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
     Everything that can be checked without weights is checked first (method, spec, output,
     device, package, model, layer widths, calibration text); OUT appears only when the whole
-    run succeeded. `calib`, `nsamples` and `seqlen` are for the methods that calibrate
-    (default: qtool's built-in text, 128 samples of 2048 tokens capped to the model's context).
+    run succeeded. `calib`, `nsamples`, `seqlen` and `bos` are for the methods that calibrate
+    (default: qtool's built-in text, 128 samples of 2048 tokens capped to the model's context,
+    BOS first when the tokenizer adds it: qtool.bos).
     Resumable backends (aqlm) keep finished blocks in `.OUT.qtool-resume/` beside OUT until the
     run succeeds; `resume=True` continues from there.
     """
     out = Path(out)
     backend = backends.get(method)
-    spec = backend.make_spec(bits, group_size, options, seed, CalibrationSpec.from_arguments(calib, nsamples, seqlen))
+    spec = backend.make_spec(bits, group_size, options, seed, CalibrationSpec.from_arguments(calib, nsamples, seqlen, bos))
     inputs = [model, *([calib] if calib else [])]
     check_output_dir(out, force, inputs)
     workdir = resume_folder(out, backend, resume, force)
@@ -225,9 +227,11 @@ def evaluate_perplexity(
     stride: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> PerplexityResult:
+    """Token perplexity (qtool.evaluate.perplexity) of the model on a text source; `bos`: qtool.bos mode."""
     text = load_text(source, purpose="eval")
-    return token_perplexity(loaded.model, loaded.tokenizer, text, ctx, stride, max_tokens, progress)
+    return token_perplexity(loaded.model, loaded.tokenizer, text, ctx, stride, max_tokens, progress, bos)
 
 
 def evaluate_divergence(
@@ -238,19 +242,20 @@ def evaluate_divergence(
     stride: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> tuple[PerplexityResult, DivergenceResult]:
     """The model's token perplexity and its next-token KL from `base`, on the same windows."""
     text = load_text(source, purpose="eval")
     return perplexity_and_divergence(
-        loaded.model, base.model, base.source, loaded.tokenizer, text, ctx, stride, max_tokens, progress
+        loaded.model, base.model, base.source, loaded.tokenizer, text, ctx, stride, max_tokens, progress, bos
     )
 
 
 def evaluate_word_perplexity(
-    loaded: LoadedModel, source: str, max_length: int = 2048, limit: int | None = None
+    loaded: LoadedModel, source: str, max_length: int = 2048, limit: int | None = None, bos: str = "auto"
 ) -> WordPerplexityResult:
     """lm-evaluation-harness's word perplexity of the model on a local text; see evaluate.lm_harness."""
-    return word_perplexity(loaded.model, loaded.tokenizer, load_text(source, purpose="eval"), max_length, limit)
+    return word_perplexity(loaded.model, loaded.tokenizer, load_text(source, purpose="eval"), max_length, limit, bos)
 
 
 def evaluate_speed(

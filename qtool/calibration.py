@@ -5,6 +5,9 @@ tokens are drawn at random positions, with a seed. qtool draws non-overlapping w
 shuffled choice among the text's whole windows), so that a sample is never counted twice and
 "the text is too small" has one meaning: fewer than nsamples × seqlen tokens.
 
+With BOS (qtool.bos; by default when the tokenizer adds one itself) every sample is BOS followed
+by seqlen - 1 text tokens, so the model is calibrated on inputs shaped like those it was trained on.
+
 Defaults are the papers' 128 × 2048 (seqlen capped to the model's context). When the user did
 not ask for a sample count and the text holds fewer windows, qtool uses all it has and says so;
 an explicit --nsamples the text cannot fill is an error.
@@ -17,9 +20,13 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field, PositiveInt
+
+from qtool.bos import BosMode, check_bos_mode, resolve_bos
 from qtool.data import load_text
 from qtool.errors import DatasetError, SpecError
 from qtool.models import model_context
+from qtool.schema import Section
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +34,37 @@ DEFAULT_NSAMPLES = 128  # GPTQ and AWQ papers
 DEFAULT_SEQLEN = 2048
 
 
+class CalibrationFields(Section):
+    """The calibration keys every quantize request carries (quantize recipes, compare recipes,
+    qlora's `quantization:` section); `calibration_arguments()` gives them to qtool.quantize."""
+
+    calib: str | None = None  # calibration text for gptq/awq/aqlm/autoround (default: qtool's built-in text)
+    nsamples: PositiveInt | None = None
+    seqlen: int | None = Field(None, ge=2)
+    bos: BosMode | None = None  # qtool.bos mode (default auto)
+
+    def calibration_arguments(self) -> dict[str, Any]:
+        return {"calib": self.calib, "nsamples": self.nsamples, "seqlen": self.seqlen, "bos": self.bos}
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
     source: str = "builtin"
     nsamples: int | None = None  # None: 128, or as many as the text holds if fewer
-    seqlen: int | None = None  # None: 2048, capped to the model's context
+    seqlen: int | None = None  # None: 2048, capped to the model's context; BOS included
+    bos: str = "auto"  # qtool.bos mode
 
     @classmethod
-    def from_arguments(cls, calib: str | None, nsamples: int | None, seqlen: int | None) -> CalibrationSpec | None:
-        """The spec the --calib/--nsamples/--seqlen flags ask for; None when none was given."""
-        if calib is None and nsamples is None and seqlen is None:
+    def from_arguments(cls, calib: str | None, nsamples: int | None, seqlen: int | None,
+                       bos: str | None = None) -> CalibrationSpec | None:
+        """The spec the --calib/--nsamples/--seqlen/--bos flags ask for; None when none was given."""
+        if calib is None and nsamples is None and seqlen is None and bos is None:
             return None
-        return cls(source=cls.source if calib is None else calib, nsamples=nsamples, seqlen=seqlen)
+        return cls(source=cls.source if calib is None else calib, nsamples=nsamples, seqlen=seqlen,
+                   bos=cls.bos if bos is None else bos)
 
     def check(self) -> None:
+        check_bos_mode(self.bos)
         if self.nsamples is not None and self.nsamples < 1:
             raise SpecError(f"--nsamples must be at least 1, got {self.nsamples}")
         if self.seqlen is not None and self.seqlen < 2:
@@ -69,8 +93,10 @@ def build_calibration(spec: CalibrationSpec, tokenizer: Any, config: Any, seed: 
     spec.check()
     seqlen = spec.resolved_seqlen(model_context(config))
     text = load_text(spec.source, purpose="calibration")
+    rule = resolve_bos(tokenizer, spec.bos)
+    span = seqlen - len(rule.prefix)  # text tokens per sample; seqlen >= 2 (check)
     ids = tokenizer(text.content, add_special_tokens=False).input_ids
-    windows = len(ids) // seqlen
+    windows = len(ids) // span
     nsamples = spec.nsamples
     if nsamples is None:
         nsamples = min(DEFAULT_NSAMPLES, windows)
@@ -84,7 +110,7 @@ def build_calibration(spec: CalibrationSpec, tokenizer: Any, config: Any, seed: 
             f" requested; use {fit}, or a larger --calib"
         )
     starts = random.Random(seed).sample(range(windows), nsamples)
-    samples = [ids[s * seqlen : (s + 1) * seqlen] for s in starts]
+    samples = [rule.prefix + ids[s * span : (s + 1) * span] for s in starts]
     record = {
         **text.describe(),
         "nsamples": nsamples,
@@ -93,5 +119,6 @@ def build_calibration(spec: CalibrationSpec, tokenizer: Any, config: Any, seed: 
         "text_tokens": len(ids),
         "seed": seed,
         "sampling": "non-overlapping windows at random positions",
+        "bos": rule.record(),
     }
     return CalibrationSet(samples, record)

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or wikitext2/c4/pile (online) (default: builtin)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 128, as in the GPTQ and AWQ papers)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
+    p.add_argument("--bos", choices=["auto", "always", "never"], help="start every calibration sample with the BOS token: "
+                   "auto = when the tokenizer adds one itself, e.g. Gemma (default: auto)")
     p.add_argument("--codebooks", type=int, metavar="M", help="aqlm: number of additive codebooks (same as --opt codebooks=M)")
     p.add_argument("--nbits", type=int, metavar="B", help="aqlm: bits per code, 2**B vectors per codebook (--opt nbits=B)")
     p.add_argument("--in-group", type=int, metavar="G", help="aqlm: input weights per code group (--opt in_group=G); "
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_CTX}, or the model's context if shorter)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
+                   help="start every window with the BOS token (ctx counts it; it is never scored): auto = when the "
+                   "tokenizer adds one itself, as Gemma's does (default: auto); never = no BOS")
     p.add_argument("--lm-eval", action="store_true",
                    help="also run lm-evaluation-harness's word perplexity (rolling loglikelihood, max length = --ctx) on the --ppl text")
     p.add_argument("--lm-eval-limit", type=int, metavar="N", help="lm-eval: only the first N documents (WikiText articles)")
@@ -295,7 +300,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     kwargs = quantize_arguments(
         load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
         method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt) | _aqlm_opts(args),
-        device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, bos=args.bos,
     )
     _no_loading_bars()
     try:
@@ -380,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          f"top-1 agreement {100 * divergence.top1_agreement:.2f} % (base PPL {divergence.base_ppl:.3f})")
     if args.lm_eval:
         words = qtool.evaluate_word_perplexity(loaded, args.ppl, max_length=plan.ctx,
-                                               limit=plan.lm_eval.limit if plan.lm_eval else None)
+                                               limit=plan.lm_eval.limit if plan.lm_eval else None, bos=plan.bos)
         payload["word_perplexity"] = words.as_dict()
         lines.append(f"  lm-eval word_perplexity {words.word_perplexity:.3f}, bits_per_byte {words.bits_per_byte:.4f} "
                      f"[lm-evaluation-harness {words.harness}, loglikelihood_rolling, max length {words.max_length}, "
@@ -421,7 +426,7 @@ def _eval_plan(args: argparse.Namespace) -> Any:
     from qtool.schema import parse_section
 
     data: dict[str, Any] = {"text": args.ppl or "builtin", "ctx": args.ctx, "stride": args.stride,
-                            "max_tokens": args.max_tokens, "kl": bool(args.base)}
+                            "max_tokens": args.max_tokens, "bos": args.bos, "kl": bool(args.base)}
     if args.lm_eval or args.lm_eval_limit is not None:
         data["lm_eval"] = {"limit": args.lm_eval_limit}
     if args.speed:

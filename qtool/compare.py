@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt
 
-from qtool.calibration import CalibrationSpec
+from qtool.calibration import CalibrationFields, CalibrationSpec
 from qtool.errors import QtoolError
 from qtool.evaluate.plan import EvalPlan
 from qtool.recipes import OptionValue, read_recipe_section
@@ -58,7 +58,7 @@ class CellEntry(Section):
     options: dict[str, OptionValue | list[OptionValue]] = Field(default_factory=dict)
 
 
-class CompareSection(Section):
+class CompareSection(CalibrationFields):
     """A compare recipe's `compare:` section."""
 
     name: str | None = None
@@ -67,9 +67,6 @@ class CompareSection(Section):
     eval: EvalPlan = Field(default_factory=EvalPlan)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: Seed = 0
-    calib: str | None = None
-    nsamples: PositiveInt | None = None
-    seqlen: PositiveInt | None = None
     description: str = ""
     report: dict[str, Any] = Field(default_factory=dict)  # see qtool.report.ReportSettings
 
@@ -149,7 +146,7 @@ def _calibration(recipe: CompareRecipe, backend: Any) -> dict[str, Any]:
     """The recipe's calibration settings, for the methods that calibrate."""
     if not backend.capabilities.needs_calibration:
         return {}
-    return {"calib": recipe.calib, "nsamples": recipe.nsamples, "seqlen": recipe.seqlen}
+    return recipe.calibration_arguments()
 
 
 RECORD_SECTIONS = {"quantization": dict, "memory": dict, "divergence": dict, "perplexity": dict,
@@ -261,7 +258,8 @@ def _run_cell(recipe: CompareRecipe, cell: Cell, base: Any, device: str, out: Pa
         perplexity = qtool.evaluate_perplexity(loaded, settings.text, **windows)
     result["perplexity"] = perplexity.as_dict()
     if settings.lm_eval:
-        words = qtool.evaluate_word_perplexity(loaded, settings.text, max_length=settings.ctx, limit=settings.lm_eval.limit)
+        words = qtool.evaluate_word_perplexity(loaded, settings.text, max_length=settings.ctx, limit=settings.lm_eval.limit,
+                                               bos=settings.bos)
         result["word_perplexity"] = words.as_dict()
     if settings.speed:
         s = settings.speed

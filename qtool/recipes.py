@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PositiveInt
 
+from qtool.calibration import CalibrationFields
 from qtool.resources import bundled_dir
 from qtool.schema import RecipeError, Section, Seed, parse_section
 
@@ -22,7 +23,7 @@ __all__ = ["RecipeError", "QuantizeRecipe", "load_quantize_recipe", "quantize_ar
 OptionValue = bool | int | float | str
 
 
-class QuantizeRecipe(Section):
+class QuantizeRecipe(CalibrationFields):
     """A `quantize:` section (or a flat quantize recipe): the flags of `qtool quantize`."""
 
     method: str = Field(min_length=1)
@@ -32,9 +33,6 @@ class QuantizeRecipe(Section):
     options: dict[str, OptionValue] | None = None
     device: Literal["auto", "cpu", "cuda"] | None = None
     seed: Seed | None = None
-    calib: str | None = None
-    nsamples: PositiveInt | None = None
-    seqlen: PositiveInt | None = None
     description: str = ""
 
 
@@ -106,6 +104,7 @@ def quantize_arguments(
     calib: str | None = None,
     nsamples: int | None = None,
     seqlen: int | None = None,
+    bos: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for qtool.quantize: explicit values win over the recipe's."""
     r = recipe.model_dump() if recipe else {}
@@ -130,6 +129,7 @@ def quantize_arguments(
         "calib": _first(calib, r.get("calib")),
         "nsamples": _first(nsamples, r.get("nsamples")),
         "seqlen": _first(seqlen, r.get("seqlen")),
+        "bos": _first(bos, r.get("bos")),
     }
 
 

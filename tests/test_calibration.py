@@ -68,6 +68,6 @@ def test_calibration_flags_are_refused_by_methods_that_do_not_calibrate():
 def test_calibrating_methods_get_the_paper_defaults():
     spec = backends.get("gptq").make_spec(4, 64)
     assert spec.calibration == CalibrationSpec("builtin", None, None)
-    assert spec.as_dict()["calibration"] == {"source": "builtin", "nsamples": None, "seqlen": None}
+    assert spec.as_dict()["calibration"] == {"source": "builtin", "nsamples": None, "seqlen": None, "bos": "auto"}
     with pytest.raises(SpecError, match="--nsamples must be at least 1"):
         backends.get("gptq").make_spec(4, 64, calibration=CalibrationSpec("builtin", nsamples=0))

@@ -338,7 +338,7 @@ def test_eval_numbers_are_checked_before_loading(args, needle):
         (["generate", "smollm2-135m", "Hi", "--max-new-tokens", "-3"], "--max-new-tokens takes a positive"),
         (["generate", "smollm2-135m", "  "], "the prompt is empty"),
         (["chat", "smollm2-135m", "--max-new-tokens", "0"], "--max-new-tokens takes a positive"),
-        (["quantize", "--method", "rtn", "--seed", "-1", "smollm2-135m", "o"], "--seed takes a non-negative"),
+        (["quantize", "--method", "rtn", "--seed", "-1", "smollm2-135m", "o"], "--seed takes an integer from 0"),
     ],
 )
 def test_generation_and_seed_numbers(command, needle):

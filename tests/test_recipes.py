@@ -18,7 +18,7 @@ def test_bundled_recipes_are_listed_and_valid():
             recipe = load_quantize_recipe(name)
             assert recipe.model == "smollm2-135m"
             # The options, bits and group size are ones the backend accepts (SpecError otherwise).
-            backends.get(recipe.method).make_spec(recipe.bits, recipe.group_size, recipe.options, recipe.seed)
+            backends.get(recipe.method).make_spec(recipe.bits, recipe.group_size, recipe.options, recipe.seed or 0)
 
 
 def test_copy_then_edit(tmp_path):

@@ -113,7 +113,7 @@ class Backend(ABC):
             calibration = calibration or CalibrationSpec()
             calibration.check()
         elif calibration is not None:
-            raise SpecError(f"{self.name} quantizes without calibration data; drop --calib, --nsamples and --seqlen")
+            raise SpecError(f"{self.name} quantizes without calibration data; drop --calib, --nsamples, --seqlen and --bos")
         from qtool.schema import MAX_SEED
 
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:

@@ -48,9 +48,13 @@ def perplexity_and_divergence(
     stride: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> tuple[PerplexityResult, DivergenceResult]:
-    """One pass over the windows: the model's perplexity and its divergence from `base`."""
-    windows = windowed(tokenizer, text, ctx, stride, max_tokens)
+    """One pass over the windows: the model's perplexity and its divergence from `base`.
+
+    Both models see the same windows (`bos`: a qtool.bos mode, resolved with the model's tokenizer).
+    """
+    windows = windowed(tokenizer, text, ctx, stride, max_tokens, bos)
     started = time.perf_counter()
     meter, base_meter = PerplexityMeter(), PerplexityMeter()
     kl_parts, agree, total = [], 0, 0

@@ -10,6 +10,13 @@ A WikiText file is cut into articles at its top-level ` = Title = ` headings, as
 document-level release lm-eval uses; any other text is one document (lm-eval rolls its
 windows over it). Word perplexity divides by whitespace-separated words of the original documents: it is
 not token perplexity and the two must never be compared with each other.
+
+BOS (qtool.bos): lm-eval rolls windows of max_length over each document; its first window starts
+with a prefix token (BOS, or EOS when the tokenizer has none) and later windows take the preceding
+text as context. When qtool's rule prepends BOS, the prefix is BOS and the text is encoded without
+special tokens, so BOS comes once per document and is never scored; otherwise lm-eval's default
+prefix is kept (today's numbers). Either way `add_bos_token=False`: a tokenizer that adds BOS by
+itself would otherwise make lm-eval score a second BOS after the prefix.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qtool.bos import resolve_bos
 from qtool.data import Text
 from qtool.errors import QtoolError
 from qtool.runtime import library_output_to
@@ -66,6 +74,7 @@ class WordPerplexityResult:
     max_length: int
     dataset: dict[str, Any]
     seconds: float
+    bos: dict[str, Any]  # qtool.bos.BosRule.record(): BOS as lm-eval's prefix token when prepended
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,9 +92,12 @@ def split_documents(text: Text) -> list[str]:
 
 
 def word_perplexity(model: Any, tokenizer: Any, text: Text, max_length: int = 2048, limit: int | None = None,
-                    batch_size: int = 1) -> WordPerplexityResult:
-    """Run lm-eval's rolling-loglikelihood word perplexity on `text` (first `limit` documents)."""
+                    bos: str = "auto", batch_size: int = 1) -> WordPerplexityResult:
+    """Run lm-eval's rolling-loglikelihood word perplexity on `text` (first `limit` documents);
+    `bos` is a qtool.bos mode (see the module docstring)."""
     import time
+
+    rule = resolve_bos(tokenizer, bos)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -106,7 +118,8 @@ def word_perplexity(model: Any, tokenizer: Any, text: Text, max_length: int = 20
         (Path(folder) / "hooks.py").write_text(_HOOKS)
         (Path(folder) / f"{TASK}.yaml").write_text(_TASK_YAML.format(task=TASK, data=json.dumps(str(data))))
         with _harness_quiet(Path(folder) / "lm-eval.log"):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                      add_bos_token=False, prefix_token_id=rule.token_id)
             output = lm_eval.simple_evaluate(
                 model=lm, tasks=[TASK], task_manager=TaskManager(include_path=folder), log_samples=False,
                 random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
@@ -117,7 +130,7 @@ def word_perplexity(model: Any, tokenizer: Any, text: Text, max_length: int = 20
         metric="word_perplexity,none", word_perplexity=float(metrics["word_perplexity,none"]),
         byte_perplexity=float(metrics["byte_perplexity,none"]), bits_per_byte=float(metrics["bits_per_byte,none"]),
         documents=len(documents), max_length=max_length, dataset={**text.describe(), "documents": len(documents)},
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(time.perf_counter() - started, 3), bos=rule.record(),
     )
 
 

@@ -4,6 +4,12 @@ Protocol "token-ppl": the whole text is tokenised once (no special tokens added)
 windows of `ctx` tokens that start every `stride` tokens (stride = ctx: non-overlapping windows,
 the GPTQ protocol). Each window scores only tokens no earlier window scored, and never its own
 first token (it has no context). Trailing tokens that do not fill a window are dropped.
+
+With BOS (qtool.bos: by default when the tokenizer adds one itself, e.g. Gemma), every window is
+BOS followed by ctx - 1 text tokens, windows start every `stride` text tokens (default ctx - 1),
+and the first text token of a window is scored too (BOS is its context; BOS itself never is).
+The protocol is then named "token-ppl+bos". The GPTQ papers put BOS once before the whole text
+(Llama's tokenizer adds it to the one encoding), so only their first window starts with it.
 PPL = exp(sum of NLL / scored tokens); bpb = sum of NLL in bits / UTF-8 bytes of the scored tokens.
 This is *token* perplexity: it depends on the tokenizer and is not lm-eval's word perplexity.
 """
@@ -20,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qtool.bos import BosRule, resolve_bos
 from qtool.data import Text
 from qtool.errors import DatasetError
 
 PROTOCOL = "token-ppl"
+PROTOCOL_BOS = "token-ppl+bos"
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class PerplexityResult:
     bpb: float
     dataset: dict[str, Any]
     seconds: float
+    bos: dict[str, Any]  # qtool.bos.BosRule.record()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,19 +81,26 @@ def _bytes_per_token(text: str, offsets: list[tuple[int, int]]) -> list[int]:
     return counts
 
 
-def window_plan(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored position) for every window; see the module docstring."""
+def window_plan(n_tokens: int, ctx: int, stride: int, bos: bool = False) -> list[tuple[int, int]]:
+    """(start, first scored position) in text tokens for every window; see the module docstring.
+
+    A window holds `ctx` tokens, BOS included when `bos`: ctx - 1 text tokens then, the first of
+    them scored. Raises DatasetError for ctx < 2, a stride outside 1..text tokens per window, or a
+    text shorter than one window.
+    """
     if ctx < 2:
         raise DatasetError(f"ctx must be at least 2 tokens, got {ctx}")
-    if not 1 <= stride <= ctx:
-        raise DatasetError(f"stride must be between 1 and ctx ({ctx}), got {stride}")
-    if n_tokens < ctx:
+    span = ctx - 1 if bos else ctx
+    if not 1 <= stride <= span:
+        limit = f"the {span} text tokens of a window (ctx {ctx} less BOS)" if bos else f"ctx ({ctx})"
+        raise DatasetError(f"stride must be between 1 and {limit}, got {stride}")
+    if n_tokens < span:
         raise DatasetError(f"the text has {n_tokens} tokens, fewer than one window of ctx={ctx}")
     plan, scored_until = [], 0
-    for start in range(0, n_tokens - ctx + 1, stride):
-        first = max(scored_until, start + 1)
+    for start in range(0, n_tokens - span + 1, stride):
+        first = max(scored_until, start if bos else start + 1)
         plan.append((start, first))
-        scored_until = start + ctx
+        scored_until = start + span
     return plan
 
 
@@ -95,14 +111,30 @@ class WindowedText:
     ctx: int
     stride: int
     dataset: dict[str, Any]  # the text's description plus the token cap, recorded with results
+    bos: BosRule
+
+    @property
+    def span(self) -> int:
+        """Text tokens per window: ctx, less one for BOS."""
+        return self.ctx - len(self.bos.prefix)
+
+    @property
+    def protocol(self) -> str:
+        return PROTOCOL_BOS if self.bos.prefix else PROTOCOL
 
 
-def windowed(tokenizer: Any, text: Text, ctx: int, stride: int | None, max_tokens: int | None) -> WindowedText:
-    """Tokenise once and plan the windows; the same for every evaluator on this text."""
-    stride = ctx if stride is None else stride
+def windowed(tokenizer: Any, text: Text, ctx: int, stride: int | None, max_tokens: int | None,
+             bos: str = "auto") -> WindowedText:
+    """Tokenise once and plan the windows; the same for every evaluator on this text.
+
+    `bos` is a qtool.bos mode; `max_tokens` caps the text tokens (BOS not counted).
+    """
+    rule = resolve_bos(tokenizer, bos)
+    span = ctx - len(rule.prefix)
+    stride = span if stride is None else stride
     tokens = tokenize(tokenizer, text.content, max_tokens)
-    return WindowedText(tokens, window_plan(len(tokens.ids), ctx, stride), ctx, stride,
-                        {**text.describe(), "max_tokens": max_tokens})
+    return WindowedText(tokens, window_plan(len(tokens.ids), ctx, stride, bos=bool(rule.prefix)), ctx, stride,
+                        {**text.describe(), "max_tokens": max_tokens}, rule)
 
 
 @dataclass(frozen=True)
@@ -115,16 +147,18 @@ class ScoredWindow:
 @torch.no_grad()
 def scored_windows(model: torch.nn.Module, text: WindowedText) -> Iterator[ScoredWindow]:
     device = next(model.parameters()).device
-    tokens, ctx = text.tokens, text.ctx
+    tokens, span = text.tokens, text.span
+    prefix = torch.tensor(text.bos.prefix, dtype=torch.long)
     for start, first in text.plan:
-        window = tokens.ids[start : start + ctx].to(device)
+        window = torch.cat([prefix, tokens.ids[start : start + span]]).to(device)
         logits = model(window.unsqueeze(0)).logits[0].float()
-        # logits[i] predicts window[i + 1]; score targets at absolute positions [first, start+ctx).
-        offset = first - start
+        # logits[i] predicts window[i + 1]; score the text tokens at absolute positions [first, start+span),
+        # which sit at window positions [offset, ctx).
+        offset = first - start + len(prefix)
         yield ScoredWindow(
             logprobs=F.log_softmax(logits[offset - 1 : -1], dim=-1),
             targets=window[offset:],
-            nbytes=int(tokens.nbytes[first : start + ctx].sum()),
+            nbytes=int(tokens.nbytes[first : start + span].sum()),
         )
 
 
@@ -146,9 +180,10 @@ class PerplexityMeter:
 
     def result(self, text: WindowedText, seconds: float) -> PerplexityResult:
         return PerplexityResult(
-            protocol=PROTOCOL, ctx=text.ctx, stride=text.stride, windows=self.windows, tokens_scored=self.tokens,
+            protocol=text.protocol, ctx=text.ctx, stride=text.stride, windows=self.windows, tokens_scored=self.tokens,
             bytes_scored=self.nbytes, nll_sum=self.nll_sum, ppl=self.ppl,
             bpb=self.nll_sum / math.log(2) / max(self.nbytes, 1), dataset=text.dataset, seconds=round(seconds, 3),
+            bos=text.bos.record(),
         )
 
 
@@ -160,8 +195,13 @@ def token_perplexity(
     stride: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> PerplexityResult:
-    windows = windowed(tokenizer, text, ctx, stride, max_tokens)
+    """Token perplexity of `model` on `text` under the module's protocol; `bos` is a qtool.bos mode.
+
+    Raises DatasetError when the text holds less than one window, SpecError for a bad `bos`.
+    """
+    windows = windowed(tokenizer, text, ctx, stride, max_tokens, bos)
     started = time.perf_counter()
     meter = PerplexityMeter()
     for window in tqdm(scored_windows(model, windows), total=len(windows.plan), desc="perplexity",

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import Field, PositiveInt, model_validator
 
+from qtool.bos import BosMode
 from qtool.errors import SpecError
 from qtool.models import model_context
 from qtool.schema import Section, parse_section
@@ -35,12 +36,13 @@ class LmEvalPlan(Section):
 
 
 class EvalPlan(Section):
-    """Token-perplexity windows (ctx, stride, max_tokens) on `text`, KL from the base, lm-eval, speed."""
+    """Token-perplexity windows (ctx, stride, max_tokens, bos) on `text`, KL from the base, lm-eval, speed."""
 
     text: str = "builtin"
     ctx: int | None = Field(None, ge=2)  # None: DEFAULT_CTX, capped to the model's context (for_model)
     stride: PositiveInt | None = None  # default: ctx (non-overlapping windows)
     max_tokens: PositiveInt | None = None
+    bos: BosMode = "auto"  # windows start with BOS: qtool.bos
     kl: bool = True
     speed: SpeedPlan | None = None
     lm_eval: LmEvalPlan | None = None
@@ -56,7 +58,8 @@ class EvalPlan(Section):
 
     def windows(self, progress: bool = True) -> dict[str, Any]:
         """Keyword arguments of qtool.evaluate_perplexity / evaluate_divergence."""
-        return {"ctx": self.ctx or DEFAULT_CTX, "stride": self.stride, "max_tokens": self.max_tokens, "progress": progress}
+        return {"ctx": self.ctx or DEFAULT_CTX, "stride": self.stride, "max_tokens": self.max_tokens, "progress": progress,
+                "bos": self.bos}
 
     def for_model(self, config: Any, model: str) -> EvalPlan:
         """This plan for one model (its config, before weights load): ctx defaults to DEFAULT_CTX

@@ -21,19 +21,17 @@ from pydantic import (
     model_validator,
 )
 
+from qtool.calibration import CalibrationFields
 from qtool.recipes import OptionValue, read_recipe_section
 from qtool.schema import RecipeError, Section, Seed, parse_section
 
 __all__ = ["RecipeError", "QloraRecipe", "load_qlora_recipe", "resolve_data_path"]
 
-class QuantizationSection(Section):
+class QuantizationSection(CalibrationFields):
     method: str = Field(min_length=1)
     bits: PositiveInt | None = None
     group_size: int | None = Field(None, ge=-1)
     options: dict[str, OptionValue] = Field(default_factory=dict)
-    calib: str | None = None  # calibration text for gptq/awq (default: qtool's built-in text)
-    nsamples: PositiveInt | None = None
-    seqlen: PositiveInt | None = None
 
 
 class DatasetSection(Section):

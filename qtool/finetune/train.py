@@ -107,8 +107,7 @@ def base_model_folder(recipe: QloraRecipe, out: Path, device: str) -> tuple[str,
     folder = out / "base"
     if not (folder.is_dir() and read_record(folder)):
         qtool.quantize(recipe.model, folder, q.method, q.bits, q.group_size, _option_strings(q.options),
-                       device=device, force=True, seed=recipe.train.seed, calib=q.calib, nsamples=q.nsamples,
-                       seqlen=q.seqlen)
+                       device=device, force=True, seed=recipe.train.seed, **q.calibration_arguments())
     return str(folder), read_record(folder)
 
 
