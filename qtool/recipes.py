@@ -16,7 +16,7 @@ from pydantic import Field, PositiveInt
 
 from qtool.calibration import CalibrationFields
 from qtool.resources import bundled_dir
-from qtool.schema import RecipeError, Section, Seed, parse_section
+from qtool.schema import RecipeError, Seed, parse_section
 
 __all__ = ["RecipeError", "QuantizeRecipe", "load_quantize_recipe", "quantize_arguments"]
 
