@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from qtool import backends
-from qtool.calibration import CalibrationSpec, build_calibration
+from qtool.backends.base import Quantized
+from qtool.calibration import build_calibration
 from qtool.checkpoint import (
     atomic_output_dir,
     check_output_dir,
@@ -31,6 +32,7 @@ from qtool.evaluate.memory import peak_memory, tensor_bytes
 from qtool.evaluate.perplexity import PerplexityResult, token_perplexity, tokenize
 from qtool.evaluate.speed import SpeedResult, measure_speed
 from qtool.models import ModelSource, describe_load_error, quantizable_linears, resolve_model
+from qtool.request import QuantizeRequest
 from qtool.runtime import (
     Stopwatch,
     compute_dtype,
@@ -39,6 +41,7 @@ from qtool.runtime import (
     resolve_device,
     seed_everything,
 )
+from qtool.schema import parse_section
 
 
 @dataclass
@@ -56,7 +59,7 @@ def quantize(
     method: str,
     bits: int | None = None,
     group_size: int | None = None,
-    options: dict[str, str] | None = None,
+    options: dict[str, Any] | None = None,
     device: str = "auto",
     force: bool = False,
     seed: int = 0,
@@ -68,21 +71,33 @@ def quantize(
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
-    Everything that can be checked without weights is checked first (method, spec, output,
-    device, package, model, layer widths, calibration text); OUT appears only when the whole
-    run succeeded. `calib`, `nsamples`, `seqlen` and `bos` are for the methods that calibrate
-    (default: qtool's built-in text, 128 samples of 2048 tokens capped to the model's context,
-    BOS first when the tokenizer adds it: qtool.bos).
+    The arguments make one qtool.request.QuantizeRequest (see `quantize_request`). `calib`,
+    `nsamples`, `seqlen` and `bos` are for the methods that calibrate (default: qtool's built-in
+    text, 128 samples of 2048 tokens capped to the model's context, BOS first when the tokenizer
+    adds it: qtool.bos). Raises SpecError for what the backend refuses.
+    """
+    request = parse_section(QuantizeRequest, {
+        "method": method, "bits": bits, "group_size": group_size, "options": options or {}, "device": device,
+        "seed": seed, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "bos": bos,
+    }, "quantize", error=SpecError)
+    return quantize_request(model, out, request, force=force, resume=resume)
+
+
+def quantize_request(model: str, out: str | Path, request: QuantizeRequest, force: bool = False,
+                     resume: bool = False) -> dict[str, Any]:
+    """Quantize `model` as `request` says into the folder `out`; return its qtool.json record.
+
+    Everything that can be checked without weights is checked first (output, device, package,
+    model, layer widths, calibration text); OUT appears only when the whole run succeeded.
     Resumable backends (aqlm) keep finished blocks in `.OUT.qtool-resume/` beside OUT until the
-    run succeeds; `resume=True` continues from there.
+    run succeeds; `resume=True` continues from there. Raises QtoolError subclasses, one line each.
     """
     out = Path(out)
-    backend = backends.get(method)
-    spec = backend.make_spec(bits, group_size, options, seed, CalibrationSpec.from_arguments(calib, nsamples, seqlen, bos))
+    backend, spec, seed, calib = backends.get(request.method), request.spec, request.seed, request.calib
     inputs = [model, *([calib] if calib else [])]
     check_output_dir(out, force, inputs)
     workdir = resume_folder(out, backend, resume, force)
-    device = resolve_device(device)
+    device = resolve_device(request.device)
     backend.require_available(device)
     source = resolve_model(model)
     inputs.append(source.location)  # a .gguf's converted folder in qtool's cache
@@ -108,19 +123,19 @@ def quantize(
         # the peak is reset here so that runs in one process (qtool compare) each get their own
         with peak_memory(device) as peak:
             with watch.stage("quantize"):
-                qmodel = backend.quantize(source, spec, device, calibration, **({"workdir": workdir} if workdir else {}))
+                result = backend.quantize(source, spec, device, calibration, **({"workdir": workdir} if workdir else {}))
+                result = result if isinstance(result, Quantized) else Quantized(result)
             with watch.stage("save"):
-                backend.save(qmodel, tmp)
+                backend.save(result.model, tmp)
                 source.load_tokenizer().save_pretrained(tmp)
-        layer_losses = getattr(qmodel, "qtool_losses", None)
-        rotation = getattr(qmodel, "qtool_rotation", None)
-        del qmodel
+        layer_losses, extra = result.losses, result.record
+        del result
         with watch.stage("reload_check"):
             reload_check = backend.reload_check(tmp, device)
         record = {
             "qtool_format": 1,
             "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "method": method,
+            "method": request.method,
             "spec": spec.as_dict(),
             "source": source.describe(),
             "device": device,
@@ -138,8 +153,7 @@ def quantize(
         }
         if calibration:
             record["calibration"] = calibration.record
-        if rotation:
-            record["rotation"] = rotation
+        record |= extra
         if layer_losses:
             record["layer_losses"] = layer_losses
         if reload_check:

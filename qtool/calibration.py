@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, PositiveInt
+from pydantic import model_validator
 
 from qtool.bos import BosMode, check_bos_mode, resolve_bos
 from qtool.data import load_text
@@ -39,9 +39,14 @@ class CalibrationFields(Section):
     qlora's `quantization:` section); `calibration_arguments()` gives them to qtool.quantize."""
 
     calib: str | None = None  # calibration text for gptq/awq/aqlm/autoround (default: qtool's built-in text)
-    nsamples: PositiveInt | None = None
-    seqlen: int | None = Field(None, ge=2)
+    nsamples: int | None = None  # ranges: CalibrationSpec.check, one message for flags and recipes
+    seqlen: int | None = None
     bos: BosMode | None = None  # qtool.bos mode (default auto)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CalibrationFields:
+        CalibrationSpec(nsamples=self.nsamples, seqlen=self.seqlen, bos=self.bos or "auto").check()  # SpecError
+        return self
 
     def calibration_arguments(self) -> dict[str, Any]:
         return {"calib": self.calib, "nsamples": self.nsamples, "seqlen": self.seqlen, "bos": self.bos}

@@ -198,8 +198,10 @@ def read_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is unreadable or not JSON ({exc}); the checkpoint is corrupt") from None
-    if not isinstance(record, dict) or not isinstance(record.get("method"), str):
+    if not isinstance(record, dict) or "method" not in record:
         raise CheckpointError(f"{path} has no 'method' field; the checkpoint is corrupt")
+    if not isinstance(record["method"], str):
+        raise CheckpointError(f"{path}: its 'method' is {record['method']!r}, not a method name; the checkpoint is corrupt")
     for key, kind in (("spec", dict), ("source", dict), ("timings_s", dict)):
         if key in record and not isinstance(record[key], kind) or key == "spec" and key not in record:
             raise CheckpointError(f"{path}: its '{key}' is missing or not a mapping; the checkpoint is corrupt")

@@ -52,13 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list built-in model aliases")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    p = sub.add_parser(
+    p = parser.quantize_parser = sub.add_parser(  # type: ignore[attr-defined]
         "quantize",
         help="quantize MODEL into a new checkpoint folder OUT",
         usage="qtool quantize [options] MODEL OUT\n       qtool quantize --recipe YAML [options] [MODEL] OUT",
         description="Quantize MODEL with one backend and write a checkpoint folder OUT (with qtool.json). "
         "OUT is written to a temporary folder and renamed at the end: an interrupted run leaves nothing.",
-        epilog="Backend options (--opt KEY=VALUE) are listed by `qtool methods`.\n"
+        epilog="Backend options: --opt KEY=VALUE, or with --method given, --KEY VALUE (e.g. --method aqlm --codebooks 1 "
+        "--nbits 16); `qtool quantize --method NAME --help` and `qtool methods` list them.\n"
         "examples:\n"
         "  qtool quantize --recipe quantize-smollm2-hqq4 out/hqq4           # calibration-free, seconds\n"
         "  qtool quantize --recipe quantize-smollm2-gptq4-rotated out/gptq4 # calibrated, most accurate 4-bit here\n"
@@ -73,18 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="YAML", help="a quantize recipe (file or bundled name, see `qtool recipes list`); flags override it")
     p.add_argument("--method", help="backend name, e.g. hqq, bnb, rtn (see `qtool methods`)")
     p.add_argument("--bits", type=int, help="bits per weight (default: the backend's, usually 4)")
-    p.add_argument("--group-size", type=int, help="weights per scale group along the input dim; -1 = per channel (default 64)")
+    p.add_argument("--group-size", type=int, help="weights per scale group along the input dim; -1 = per channel (default: the method's, "
+                   "64 for most; -1 for eetq, aqlm and bnb 8-bit; see docs/methods.md)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
-    p.add_argument("--calib", metavar="SOURCE", help="calibration text for gptq/awq: .txt/.jsonl/.json file, 'builtin', "
+    p.add_argument("--calib", metavar="SOURCE", help="calibration text for gptq/awq/autoround/aqlm: .txt/.jsonl/.json file, 'builtin', "
                    "or wikitext2/c4/pile (online) (default: builtin)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 128, as in the GPTQ and AWQ papers)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
     p.add_argument("--bos", choices=["auto", "always", "never"], help="start every calibration sample with the BOS token: "
                    "auto = when the tokenizer adds one itself, e.g. Gemma (default: auto)")
-    p.add_argument("--codebooks", type=int, metavar="M", help="aqlm: number of additive codebooks (same as --opt codebooks=M)")
-    p.add_argument("--nbits", type=int, metavar="B", help="aqlm: bits per code, 2**B vectors per codebook (--opt nbits=B)")
-    p.add_argument("--in-group", type=int, metavar="G", help="aqlm: input weights per code group (--opt in_group=G); "
-                   "bits/weight = M * B / G, e.g. 2x8 over 8 = 2")
     p.add_argument("--device", help="cpu, cuda or auto (default: auto, cuda if present)")
     p.add_argument("--seed", type=int, help="random seed; also picks the calibration samples (and gptq's rotation) (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of a resumable method (aqlm) "
@@ -206,8 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    method = _add_option_flags(parser, argv) if argv[:1] == ["quantize"] else None
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), None)
+        if method and flag:
+            from qtool.backends import get
+            from qtool.backends.base import option_help
+
+            known = ", ".join("--" + o["name"].replace("_", "-") for o in option_help(get(method).Options)) or "none"
+            name = flag[2:].split("=")[0].replace("-", "_")
+            sys.stderr.write(f"qtool: error: {flag.split('=')[0]} is not a quantize flag and {method} has no option "
+                             f"'{name}'; its options: {known} (see qtool quantize --method {method} --help)\n")
+            return 2
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     empty = [name for name, value in vars(args).items()
              if value == "" or (isinstance(value, list) and "" in value)]
     if empty:
@@ -292,29 +304,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import qtool
+    from qtool import api
     from qtool.recipes import load_quantize_recipe, quantize_arguments
 
     _check_seed(args.seed)
 
-    kwargs = quantize_arguments(
+    model, out, request = quantize_arguments(
         load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
-        method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt) | _aqlm_opts(args),
+        method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt) | _option_flags(args),
         device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, bos=args.bos,
     )
     _no_loading_bars()
     try:
-        record = qtool.quantize(**kwargs, force=args.force, resume=args.resume)
+        record = api.quantize_request(model, out, request, force=args.force, resume=args.resume)
     except KeyboardInterrupt:
         from qtool.checkpoint import resume_dir
 
-        kept = resume_dir(kwargs["out"])
+        kept = resume_dir(out)
         if kept.is_dir():
             sys.stderr.write(f"qtool: interrupted; OUT was not written, finished blocks are kept in {kept}: "
                              "rerun the same command with --resume\n")
             return _interrupted()
         raise
-    out = kwargs["out"]
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -325,9 +336,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _aqlm_opts(args: argparse.Namespace) -> dict[str, str]:
-    given = {"codebooks": args.codebooks, "nbits": args.nbits, "in_group": args.in_group}
-    return {key: str(value) for key, value in given.items() if value is not None}
+def _option_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The backend options given as flags (see _add_option_flags), as --opt KEY=VALUE strings."""
+    return {key.removeprefix(OPTION_DEST): value for key, value in vars(args).items()
+            if key.startswith(OPTION_DEST) and value is not None}
+
+
+OPTION_DEST = "option:"
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """Give `qtool quantize` one flag per option of the method that --method names (--codebooks M
+    = --opt codebooks=M): backend-specific flags come from the backend's Options dataclass, so a
+    backend file adds its flags by itself. Returns the method, or None when --method names none."""
+    from qtool import backends
+    from qtool.backends.base import option_help
+    from qtool.errors import QtoolError
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    method = pre.parse_known_args(argv[1:])[0].method
+    if not method:
+        return None
+    try:
+        backend = backends.get(method)
+    except QtoolError:
+        return None  # reported by the command itself, in one line
+    quantize = parser.quantize_parser  # type: ignore[attr-defined]
+    taken = {flag for action in quantize._actions for flag in action.option_strings}
+    group = quantize.add_argument_group(f"options of {method} (same as --opt KEY=VALUE)")
+    for option in option_help(backend.Options):
+        flag = "--" + option["name"].replace("_", "-")
+        if flag not in taken:
+            choices = f" ({'/'.join(map(str, option['choices']))})" if "choices" in option else ""
+            group.add_argument(flag, dest=OPTION_DEST + option["name"], metavar="V",
+                               help=f"{option['help']}{choices} (default {option['default']})")
+    return method
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -342,8 +386,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import qtool
+    from qtool import api
     from qtool.errors import SpecError
+    from qtool.evaluate.run import as_records, run_plan, summaries
     from qtool.runtime import package_versions
 
     if not (args.ppl or args.speed):
@@ -360,47 +405,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from qtool.data import load_text
 
         load_text(args.ppl, purpose="eval")
-    plan = plan.for_model(qtool.model_config(args.model), args.model)
+    plan = plan.for_model(api.model_config(args.model), args.model)
     _no_loading_bars()
-    loaded = qtool.load(args.model, device=args.device)
-    payload: dict[str, Any] = {
-        "model": args.model, "device": loaded.device, "quantization": loaded.record and loaded.record["spec"],
-        "memory": qtool.memory_footprint(loaded), "perplexity": None, "divergence": None, "word_perplexity": None,
-        "speed": None,
-    }
-    lines = [f"{args.model}: weights {payload['memory']['in_memory_bytes'] / 2**20:.1f} MiB in memory"]
-    if args.ppl:
-        window_args = plan.windows(progress=not args.quiet)
-        if args.base:
-            base = qtool.load(args.base, device=loaded.device)
-            result, divergence = qtool.evaluate_divergence(loaded, base, args.ppl, **window_args)
-            payload["divergence"] = divergence.as_dict()
-        else:
-            result = qtool.evaluate_perplexity(loaded, args.ppl, **window_args)
-        payload["perplexity"] = result.as_dict()
-        lines.append(f"  token PPL {result.ppl:.3f}, bits/byte {result.bpb:.4f} [{result.protocol}, ctx {result.ctx}, "
-                     f"stride {result.stride}, {result.tokens_scored} tokens scored, {Path(result.dataset['origin']).name}]")
-        if args.base:
-            lines.append(f"  vs {args.base}: KL mean {divergence.kl_mean:.4f} nats, p99 {divergence.kl_p99:.4f}, "
-                         f"top-1 agreement {100 * divergence.top1_agreement:.2f} % (base PPL {divergence.base_ppl:.3f})")
-    if args.lm_eval:
-        words = qtool.evaluate_word_perplexity(loaded, args.ppl, max_length=plan.ctx,
-                                               limit=plan.lm_eval.limit if plan.lm_eval else None, bos=plan.bos)
-        payload["word_perplexity"] = words.as_dict()
-        lines.append(f"  lm-eval word_perplexity {words.word_perplexity:.3f}, bits_per_byte {words.bits_per_byte:.4f} "
-                     f"[lm-evaluation-harness {words.harness}, loglikelihood_rolling, max length {words.max_length}, "
-                     f"{words.documents} documents] (word PPL: not comparable with token PPL)")
-    if args.speed:
-        sp = plan.speed
-        speeds = qtool.evaluate_speed(loaded, tuple(sp.batch), sp.prompt_len, sp.new_tokens, sp.repeats,
-                                      prompt_source=args.ppl or "builtin")
-        payload["speed"] = [s.as_dict() for s in speeds]
-        for s in speeds:
-            lines.append(f"  batch {s.batch}: prefill {s.prefill_tokens_per_s.median:.0f} tok/s, decode "
-                         f"{s.decode_tokens_per_s.median:.1f} tok/s (min {s.decode_tokens_per_s.min:.1f}, max "
-                         f"{s.decode_tokens_per_s.max:.1f}), first token {1000 * s.time_to_first_token_s.median:.0f} ms, "
-                         f"peak {s.peak_memory_generate_mib:.0f} MiB [{s.device}, {s.prompt_tokens}+{s.new_tokens} tokens, "
-                         f"median of {s.repeats}]")
+    loaded = api.load(args.model, device=args.device)
+    base = api.load(args.base, device=loaded.device) if args.base else None
+    results = run_plan(plan, loaded, base, progress=not args.quiet)
+    payload: dict[str, Any] = {"model": args.model, "device": loaded.device,
+                               "quantization": loaded.record and loaded.record["spec"], **as_records(results)}
+    lines = [f"{args.model}: weights {payload['memory']['in_memory_bytes'] / 2**20:.1f} MiB in memory", *summaries(results)]
     payload["versions"] = package_versions()
     # With --json -, stdout carries only JSON so that scripts can parse it.
     print("\n".join(lines), file=sys.stderr if args.json == "-" else sys.stdout)
@@ -426,7 +438,8 @@ def _eval_plan(args: argparse.Namespace) -> Any:
     from qtool.schema import parse_section
 
     data: dict[str, Any] = {"text": args.ppl or "builtin", "ctx": args.ctx, "stride": args.stride,
-                            "max_tokens": args.max_tokens, "bos": args.bos, "kl": bool(args.base)}
+                            "max_tokens": args.max_tokens, "bos": args.bos, "perplexity": bool(args.ppl),
+                            "kl": bool(args.base)}
     if args.lm_eval or args.lm_eval_limit is not None:
         data["lm_eval"] = {"limit": args.lm_eval_limit}
     if args.speed:
@@ -466,7 +479,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.report_only:
         results = read_results(out)
         if not results:
-            raise DatasetError(f"{out} has no results.jsonl to report on; run the compare first")
+            what = ("no result records in its results.jsonl (no line is a record qtool compare writes)"
+                    if (out / "results.jsonl").exists() else "no results.jsonl")
+            raise DatasetError(f"{out} has {what} to report on; run the compare first")
     else:
         _no_loading_bars()
         try:
@@ -520,7 +535,7 @@ def cmd_qlora(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import qtool
+    from qtool import api
     from qtool.chat import Chat, run_chat
     from qtool.finetune.adapters import attach_adapters, parse_adapter_args
 
@@ -528,7 +543,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _check_generation_length(args)
     adapters = parse_adapter_args(args.adapter)
     _no_loading_bars()
-    loaded = qtool.load(args.model, device=args.device)
+    loaded = api.load(args.model, device=args.device)
     model = attach_adapters(loaded.model, adapters, args.model)
     chat = Chat(model, loaded.tokenizer, loaded.device, list(adapters), args.system, args.max_new_tokens,
                 name=args.model)
@@ -559,7 +574,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import qtool
+    from qtool import api
     from qtool.data import as_valid_text
     from qtool.errors import SpecError
 
@@ -571,18 +586,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stderr.write("qtool: the prompt was not UTF-8 text; its invalid bytes were replaced by U+FFFD\n")
     _check_generation_length(args)
     _no_loading_bars()
-    loaded = qtool.load(args.model, device=args.device)
-    print(qtool.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat))
+    loaded = api.load(args.model, device=args.device)
+    print(api.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat))
     return 0
 
 
 def _check_generation_length(args: argparse.Namespace) -> None:
     """--max-new-tokens must fit the model's context (read from its config, before weights load)."""
-    import qtool
+    from qtool import api
     from qtool.errors import SpecError
     from qtool.models import model_context
 
-    context = model_context(qtool.model_config(args.model))
+    context = model_context(api.model_config(args.model))
     if context is not None and args.max_new_tokens >= context:
         raise SpecError(f"--max-new-tokens {args.max_new_tokens} does not fit {args.model}'s context of {context} "
                         f"tokens (prompt included); use fewer than {context}")

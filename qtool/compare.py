@@ -22,11 +22,12 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt
 
-from qtool.calibration import CalibrationFields, CalibrationSpec
+from qtool.calibration import CalibrationFields
 from qtool.errors import QtoolError
 from qtool.evaluate.plan import EvalPlan
-from qtool.recipes import OptionValue, read_recipe_section
+from qtool.recipes import read_recipe_section
 from qtool.report import ReportSettings
+from qtool.request import OptionValue, QuantizeRequest
 from qtool.schema import Section, Seed, parse_section
 
 BASE = "base"
@@ -105,9 +106,15 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def cell_options(cell: Cell) -> dict[str, str]:
-    """A cell's options as the KEY=VALUE strings backends parse (YAML booleans as true/false)."""
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cell.options.items()}
+def cell_request(recipe: CompareRecipe, cell: Cell, device: str) -> QuantizeRequest:
+    """The checked quantize request of one cell: its method, bits, group size and options, the
+    recipe's seed, and the recipe's calibration keys when the method calibrates."""
+    from qtool import backends
+
+    calibration = recipe.calibration_arguments() if backends.get(cell.method).capabilities.needs_calibration else {}
+    return QuantizeRequest.model_validate({"method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
+                                           "options": cell.options, "seed": recipe.seed, "device": device,
+                                           **calibration})
 
 
 def check_recipe(recipe: CompareRecipe, device: str) -> None:
@@ -129,10 +136,8 @@ def check_recipe(recipe: CompareRecipe, device: str) -> None:
         if cell.method == BASE:
             continue
         try:
+            spec = cell_request(recipe, cell, device).spec
             backend = backends.get(cell.method)
-            calibration = _calibration(recipe, backend)
-            spec = backend.make_spec(cell.bits, cell.group_size, cell_options(cell), recipe.seed,
-                                     CalibrationSpec.from_arguments(**calibration) if calibration else None)
             backend.check_model(spec, config)
             backend.check_layers(spec, linears)
             backend.require_available(device)
@@ -140,13 +145,6 @@ def check_recipe(recipe: CompareRecipe, device: str) -> None:
             raise type(exc)(f"cell {cell.id}: {exc}") from None
     if recipe.calib:
         load_text(recipe.calib, purpose="calibration")
-
-
-def _calibration(recipe: CompareRecipe, backend: Any) -> dict[str, Any]:
-    """The recipe's calibration settings, for the methods that calibrate."""
-    if not backend.capabilities.needs_calibration:
-        return {}
-    return recipe.calibration_arguments()
 
 
 RECORD_SECTIONS = {"quantization": dict, "memory": dict, "divergence": dict, "perplexity": dict,
@@ -173,7 +171,7 @@ def read_results(out: Path) -> dict[str, dict[str, Any]]:
             latest[record["cell"]] = record
         elif line.strip():
             skipped += 1
-    if skipped:
+    if skipped and latest:  # with no record at all, the caller's error says so in one line
         import logging
 
         logging.getLogger("qtool").warning(f"{path}: {skipped} lines are not result records; skipped")
@@ -194,7 +192,7 @@ def _append(out: Path, record: dict[str, Any]) -> None:
 
 def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: Any = None) -> dict[str, dict[str, Any]]:
     """Run every cell not done yet; return the latest record per cell."""
-    import qtool
+    from qtool import api
     from qtool.runtime import resolve_device
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -210,7 +208,7 @@ def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: An
             log(f"[{cell.id}] done already, skipped")
     if not todo:
         return read_results(out)
-    base = qtool.load(recipe.model, device=device)
+    base = api.load(recipe.model, device=device)
     for number, cell in enumerate(todo, 1):
         log(f"[{cell.id}] ({number}/{len(todo)}) quantize and evaluate")
         started = dt.datetime.now(dt.timezone.utc)
@@ -230,9 +228,9 @@ def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: An
 
 
 def _run_cell(recipe: CompareRecipe, cell: Cell, base: Any, device: str, out: Path, progress: bool) -> dict[str, Any]:
-    import qtool
-    from qtool import backends
+    from qtool import api
     from qtool.checkpoint import read_record
+    from qtool.evaluate.run import as_records, run_plan
     from qtool.runtime import package_versions
 
     if cell.method == BASE:
@@ -240,30 +238,13 @@ def _run_cell(recipe: CompareRecipe, cell: Cell, base: Any, device: str, out: Pa
     else:
         folder = out / "models" / cell.id
         if not (folder.exists() and read_record(folder)):
-            qtool.quantize(recipe.model, folder, cell.method, cell.bits, cell.group_size, cell_options(cell),
-                           device=device, force=True, seed=recipe.seed, **_calibration(recipe, backends.get(cell.method)))
-        loaded = qtool.load(folder, device=device)
-    settings = recipe.eval
-    windows = settings.windows(progress)
+            api.quantize_request(recipe.model, folder, cell_request(recipe, cell, device), force=True)
+        loaded = api.load(folder, device=device)
     record = loaded.record or {}
     kept = ("spec", "kernel", "format", "effective_bits_per_weight", "timings_s", "peak_memory_mib",
             "peak_memory_kind", "weights_bytes", "calibration", "reload_check")
     result: dict[str, Any] = {"device": loaded.device, "quantization": {k: record[k] for k in kept if k in record} or None,
-                              "memory": qtool.memory_footprint(loaded), "divergence": None}
+                              **as_records(run_plan(recipe.eval, loaded, base, progress))}
     result["memory"]["parameters"] = sum(p.numel() for p in base.model.parameters())
-    if settings.kl and cell.method != BASE:
-        perplexity, divergence = qtool.evaluate_divergence(loaded, base, settings.text, **windows)
-        result["divergence"] = divergence.as_dict()
-    else:
-        perplexity = qtool.evaluate_perplexity(loaded, settings.text, **windows)
-    result["perplexity"] = perplexity.as_dict()
-    if settings.lm_eval:
-        words = qtool.evaluate_word_perplexity(loaded, settings.text, max_length=settings.ctx, limit=settings.lm_eval.limit,
-                                               bos=settings.bos)
-        result["word_perplexity"] = words.as_dict()
-    if settings.speed:
-        s = settings.speed
-        speeds = qtool.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats, settings.text)
-        result["speed"] = [r.as_dict() for r in speeds]
     result["versions"] = package_versions()
     return result

@@ -9,30 +9,24 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
-from qtool.calibration import CalibrationFields
+from qtool.errors import SpecError
+from qtool.request import OptionValue, QuantizeFields, QuantizeRequest
 from qtool.resources import bundled_dir
-from qtool.schema import RecipeError, Seed, parse_section
+from qtool.schema import RecipeError, parse_section
 
-__all__ = ["RecipeError", "QuantizeRecipe", "load_quantize_recipe", "quantize_arguments"]
-
-OptionValue = bool | int | float | str
+__all__ = ["OptionValue", "RecipeError", "QuantizeRecipe", "load_quantize_recipe", "quantize_arguments"]
 
 
-class QuantizeRecipe(CalibrationFields):
+class QuantizeRecipe(QuantizeFields):
     """A `quantize:` section (or a flat quantize recipe): the flags of `qtool quantize`."""
 
     method: str = Field(min_length=1)
     model: str | None = None
-    bits: PositiveInt | None = None
-    group_size: int | None = Field(None, ge=-1)
-    options: dict[str, OptionValue] | None = None
-    device: Literal["auto", "cpu", "cuda"] | None = None
-    seed: Seed | None = None
     description: str = ""
 
 
@@ -91,46 +85,28 @@ def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
     return parse_section(QuantizeRecipe, data, f"recipe {path}")
 
 
-def quantize_arguments(
-    recipe: QuantizeRecipe | None,
-    paths: list[str],
-    *,
-    method: str | None = None,
-    bits: int | None = None,
-    group_size: int | None = None,
-    options: dict[str, str] | None = None,
-    device: str | None = None,
-    seed: int | None = None,
-    calib: str | None = None,
-    nsamples: int | None = None,
-    seqlen: int | None = None,
-    bos: str | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments for qtool.quantize: explicit values win over the recipe's."""
-    r = recipe.model_dump() if recipe else {}
+QUANTIZE_FLAGS = {"group_size": "--group-size", "options": "--opt", "nsamples": "--nsamples", "seqlen": "--seqlen",
+                  "calib": "--calib", "bits": "--bits", "method": "--method", "seed": "--seed", "device": "--device",
+                  "bos": "--bos"}
+
+
+def quantize_arguments(recipe: QuantizeRecipe | None, paths: list[str], **flags: Any) -> tuple[str, str, QuantizeRequest]:
+    """(MODEL, OUT, the checked request) from a recipe and the command line's flags (`flags`:
+    QuantizeRequest's keys; None = not given). Flags win over the recipe; options merge, flags last.
+
+    Raises RecipeError for missing MODEL/OUT/method, SpecError for what the backend refuses.
+    """
+    r = recipe.model_dump(exclude={"model", "description"}) if recipe else {}
     if not 1 <= len(paths) <= 2:
         raise RecipeError(f"quantize takes MODEL OUT, got {len(paths)} paths")
-    model, out = paths if len(paths) == 2 else (r.get("model"), paths[0])
+    model, out = paths if len(paths) == 2 else (recipe.model if recipe else None, paths[0])
     if not model:
         raise RecipeError("no MODEL given: pass MODEL OUT, or a --recipe with a 'model'")
-    if not (method or r.get("method")):
+    if not (flags.get("method") or r.get("method")):
         raise RecipeError("no method given: pass --method (see `qtool methods`) or a --recipe")
-    return {
-        "model": model,
-        "out": out,
-        "method": method or r["method"],
-        "bits": _first(bits, r.get("bits")),
-        "group_size": _first(group_size, r.get("group_size")),
-        # YAML gives typed values; backends parse option strings, as from the command line
-        "options": {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (r.get("options") or {}).items()}
-        | (options or {}),
-        "device": _first(device, r.get("device"), "auto"),
-        "seed": _first(seed, r.get("seed"), 0),
-        "calib": _first(calib, r.get("calib")),
-        "nsamples": _first(nsamples, r.get("nsamples")),
-        "seqlen": _first(seqlen, r.get("seqlen")),
-        "bos": _first(bos, r.get("bos")),
-    }
+    merged = {k: v for k, v in r.items() if v is not None} | {k: v for k, v in flags.items() if v is not None}
+    merged["options"] = (r.get("options") or {}) | (flags.get("options") or {})
+    return model, out, parse_section(QuantizeRequest, merged, "qtool quantize", names=QUANTIZE_FLAGS, error=SpecError)
 
 
 def _first(*values: Any) -> Any:

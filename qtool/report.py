@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Row:
     peak_generate_mib: float | None  # largest batch
     quantize_s: float | None
     quantize_peak_mib: float | None
+    record: dict[str, Any] = field(default_factory=dict, repr=False)  # the cell's result record as compare wrote it
 
 
 def rows_from_results(results: dict[str, dict[str, Any]]) -> list[Row]:
@@ -102,6 +103,7 @@ def _row(cell: str, r: dict[str, Any]) -> Row:
         peak_generate_mib=by_batch[max(by_batch)]["peak_memory_generate_mib"] if by_batch else None,
         quantize_s=sum(q["timings_s"].values()) if q.get("timings_s") else None,
         quantize_peak_mib=q.get("peak_memory_mib"),
+        record=r,
     )
 
 
@@ -236,6 +238,8 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+# (title, what): a Row attribute, or a dotted path into the cell's result record
+# (e.g. "word_perplexity.bits_per_byte"), which is all a new metric's column needs.
 COLUMNS = [
     ("cell", "cell"), ("weights MiB", "size_mib"), ("bits/w", "bits_per_weight"), ("token PPL", "ppl"), ("ΔPPL", None),
     ("bits/byte", "bpb"), ("KL mean", "kl_mean"), ("KL p99", "kl_p99"), ("top-1 agree", "top1"),
@@ -253,8 +257,15 @@ def table_cells(row: Row, base: Row | None) -> list[str]:
         elif _title == "decode tok/s":
             cells.append(" / ".join(f"{v:.1f}" for v in row.decode.values()) or "—")
         else:
-            cells.append(_fmt(attr, getattr(row, attr)))
+            cells.append(_fmt(attr, getattr(row, attr) if hasattr(row, attr) else _dig(row.record, attr)))
     return cells
+
+
+def _dig(record: dict[str, Any], path: str) -> Any:
+    value: Any = record
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _fmt(attr: str, value: Any) -> str:

@@ -18,17 +18,31 @@ import torch
 
 from qtool.errors import DeviceError
 
-RECORDED_PACKAGES = (
-    "qtool", "torch", "transformers", "accelerate", "safetensors", "tokenizers",
-    "bitsandbytes", "hqq", "gguf", "datasets", "peft", "gptqmodel", "optimum", "lm_eval", "aqlm", "numba",
-    "auto-round",
+# The packages every run goes through; each backend adds its own (Capabilities.packages).
+CORE_PACKAGES = (
+    "qtool", "torch", "transformers", "accelerate", "safetensors", "tokenizers", "gguf", "datasets", "peft", "lm_eval",
 )
+
+
+def recorded_packages() -> list[str]:
+    """Distribution names whose versions go next to every result: CORE_PACKAGES, then each
+    registered backend's `Capabilities.packages` (import names, mapped to their distributions)."""
+    from qtool import backends
+
+    distributions = importlib.metadata.packages_distributions()
+    names = list(CORE_PACKAGES)
+    for method in backends.known_methods():
+        for module in backends.get(method).capabilities.packages:
+            for name in (n.lower() for n in distributions.get(module.split(".")[0], [module])):
+                if name not in names:
+                    names.append(name)
+    return names
 
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that can change a result; missing ones are left out."""
     versions = {"python": platform.python_version()}
-    for name in RECORDED_PACKAGES:
+    for name in recorded_packages():
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -1,5 +1,6 @@
 """Every bad input a user can give: one line on stderr, non-zero exit, no traceback, OUT untouched."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -476,6 +477,17 @@ def test_report_only_skips_lines_that_are_not_results(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "4 lines are not result records; skipped" in proc.stderr
     assert (out / "report.md").is_file()
+
+
+def test_results_with_no_record_and_a_record_with_a_bad_method_name_the_problem(tiny_llama, tmp_path):
+    out = tmp_path / "r"
+    write(out / "results.jsonl", '{"cell": [1], "status": "ok"}\n\x00\x01binary\n')
+    assert_one_line_error(qtool_in_process("compare", "compare-smollm2", "--report-only", "--out", out),
+                          "has no result records in its results.jsonl")
+    folder = tmp_path / "bad-method"
+    shutil.copytree(tiny_llama, folder)
+    write(folder / "qtool.json", json.dumps({"method": 5, "spec": {}}))
+    assert_one_line_error(qtool_in_process("eval", folder, "--ppl", "builtin"), "its 'method' is 5, not a method name")
 
 
 def test_qlora_dataset_and_output_messages(tiny_llama, tmp_path):

@@ -161,6 +161,24 @@ def test_report_from_a_fixed_results_file(tmp_path):
     assert html.count("<img") == 3 and "data:image/png;base64," in html and "<table id='results'>" in html
 
 
+def test_a_report_column_is_one_entry_naming_a_path_in_the_record(monkeypatch):
+    from qtool import report
+
+    rows = {r.cell: r for r in rows_from_results(_read_fixed())}
+    monkeypatch.setattr(report, "COLUMNS", [*report.COLUMNS, ("word bits/byte", "word_perplexity.bits_per_byte")])
+    cells = report.table_cells(rows["hqq-b4-g32"], rows["base"])
+    expected = rows["hqq-b4-g32"].record["word_perplexity"]["bits_per_byte"]
+    assert cells[-1] == f"{expected:.1f}" and len(cells) == len(report.COLUMNS)
+
+
+def _read_fixed() -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(FIXED_RESULTS, Path(folder) / "results.jsonl")
+        return read_results(Path(folder))
+
+
 def _row(cell: str, size: float, ppl: float, decode: float = 10.0, quantize_s: float | None = 5.0) -> Row:
     return Row(cell=cell, method=cell.split("-")[0], status="ok", error=None, size_mib=size, bits_per_weight=4.0,
                ppl=ppl, bpb=1.0, kl_mean=0.1, kl_p99=0.5, top1=0.9, word_ppl=None, decode={1: decode},

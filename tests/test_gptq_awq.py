@@ -247,3 +247,22 @@ def test_gptq_rounding_fits_awq_layout_and_beats_round_to_nearest(sym):
         return (x @ (w - q).T).pow(2).mean()
 
     assert output_error(rounded) < 0.9 * output_error(nearest)
+
+
+def test_ctrl_c_during_gptq_leaves_no_offloaded_layers_behind(tiny_llama, tmp_path):
+    """GPTQModel offloads finished layers to a temporary folder; qtool owns it and removes it however
+    the run ends (its own default, /tmp/gptqmodel_*, survived Ctrl-C)."""
+    import glob
+    import tempfile
+
+    from tests.conftest import interrupt_qtool_when
+
+    pattern = [f"{tempfile.gettempdir()}/{p}*" for p in ("gptqmodel_", "qtool-gptqmodel-")]
+    before = {path for p in pattern for path in glob.glob(p)}
+    out = tmp_path / "out"
+    code, stderr = interrupt_qtool_when(
+        ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", *FAST_CALIB, tiny_llama, out],
+        lambda: bool(glob.glob(f"{tempfile.gettempdir()}/qtool-gptqmodel-offload-*/*")))
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "qtool: interrupted; nothing was written"
+    assert not out.exists() and {path for p in pattern for path in glob.glob(p)} <= before

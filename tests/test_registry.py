@@ -1,3 +1,5 @@
+import pkgutil
+
 import pytest
 
 from qtool import backends
@@ -7,16 +9,23 @@ from qtool.errors import SpecError, UnknownMethodError
 from qtool.models import quantizable_linears
 from tests.conftest import assert_one_line_error, env_without, run_qtool
 
+BUILT_IN = {"gptq", "awq", "aqlm", "bnb", "hqq", "eetq", "rtn", "autoround"}
 
-def test_all_six_methods_rtn_and_autoround_are_listed_with_a_status():
+
+def test_every_backend_module_registers_one_method_listed_with_a_status():
+    """The method list comes from the registry: one method per public module of qtool/backends."""
+    modules = sorted(m.name for m in pkgutil.iter_modules(backends.__path__) if m.name != "base" and not m.name.startswith("_"))
+    names = backends.known_methods()
+    assert sorted(type(backends.get(name)).__module__.rsplit(".", 1)[-1] for name in names) == modules
+    assert BUILT_IN <= set(names)
     rows = {r.name: r for r in backends.available("cpu")}
-    assert set(rows) == {"gptq", "awq", "aqlm", "bnb", "hqq", "eetq", "rtn", "autoround"}
-    for ready in ("bnb", "hqq", "rtn", "eetq", "gptq", "awq", "aqlm", "autoround"):
-        assert rows[ready].ready, rows[ready].reason
+    assert sorted(rows) == names
+    for row in rows.values():
+        assert row.ready, (row.name, row.reason)
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(UnknownMethodError, match="known methods: aqlm, autoround, awq, bnb, eetq, gptq, hqq, rtn"):
+    with pytest.raises(UnknownMethodError, match=f"known methods: {', '.join(backends.known_methods())}$"):
         backends.get("gguf")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from qtool.backends.base import Backend, Quantized
 from qtool.calibration import CalibrationSet
 from qtool.models import ModelSource
 from qtool.rotation import check_rotatable, rotated_copy
@@ -74,22 +76,24 @@ def _as_float(value: Any) -> float | None:
 
 
 def quantize_with_gptqmodel(
-    source: ModelSource, make_config: Callable[[], Any], calibration: CalibrationSet, device: str, desc: str,
+    source: ModelSource, make_config: Callable[[str], Any], calibration: CalibrationSet, device: str, desc: str,
     modules: int, rotate: bool = False, seed: int = 0,
-) -> Any:
+) -> Quantized:
     """Load `source` into GPTQModel, calibrate layer by layer, and return the quantized wrapper.
 
-    `make_config` builds the GPTQModel config; it runs inside the redirection, as it logs too.
+    `make_config(offload_dir)` builds the GPTQModel config; it runs inside the redirection, as it
+    logs too. `offload_dir` is a folder qtool owns and removes however the run ends (GPTQModel's own
+    default, a /tmp/gptqmodel_* TemporaryDirectory, survives Ctrl-C: qtool leaves at once then).
     With `rotate`, GPTQModel loads a rotated copy of `source` (qtool.rotation) instead.
 
-    The wrapper keeps the per-module losses in `qtool_losses`, the library log path in
-    `qtool_log` for the backend's save(), and with `rotate` what qtool.json records about the
-    rotation in `qtool_rotation`.
+    Returns a Quantized: the wrapper (which keeps the library log path in `qtool_log` for the
+    backend's save()), the per-module losses, and with `rotate` the `rotation` record.
     """
     prepare_environment()
     rotated_folder = None
     if rotate:
         source, rotated_folder, rotation = rotated_copy(source, seed, compute_dtype(device))
+    offload_dir = tempfile.mkdtemp(prefix="qtool-gptqmodel-offload-")
     handle, name = tempfile.mkstemp(prefix="qtool-gptqmodel-", suffix=".log")
     os.close(handle)
     log_path = Path(name)
@@ -98,20 +102,22 @@ def quantize_with_gptqmodel(
         with library_output_to(log_path) as terminal:
             from gptqmodel import GPTQModel
 
-            model = GPTQModel.load(source.location, make_config(), dtype=compute_dtype(device), device=device,
+            model = GPTQModel.load(source.location, make_config(offload_dir), dtype=compute_dtype(device), device=device,
                                    trust_remote_code=False)
             with module_progress(modules, desc, terminal, losses):
                 model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
     except BaseException:
         log_path.unlink(missing_ok=True)  # the log moves into OUT only with a finished checkpoint
+        shutil.rmtree(offload_dir, ignore_errors=True)
         if rotated_folder is not None:
             rotated_folder.cleanup()
         raise
-    model.qtool_losses = losses
     model.qtool_log = log_path
-    if rotated_folder is not None:
-        model.qtool_rotation, model.qtool_rotated_folder = rotation, rotated_folder
-    return model
+    model.qtool_offload_dir = offload_dir
+    if rotated_folder is None:
+        return Quantized(model, losses)
+    model.qtool_rotated_folder = rotated_folder
+    return Quantized(model, losses, {"rotation": rotation})
 
 
 def save_gptqmodel(model: Any, out: Path) -> None:
@@ -123,6 +129,7 @@ def save_gptqmodel(model: Any, out: Path) -> None:
             log.replace(out / "quantize.log")
     finally:
         log.unlink(missing_ok=True)
+        shutil.rmtree(getattr(model, "qtool_offload_dir", ""), ignore_errors=True)
         rotated = getattr(model, "qtool_rotated_folder", None)
         if rotated is not None:  # the rotated fp copy GPTQModel loaded from (qtool.rotation)
             rotated.cleanup()
@@ -158,8 +165,9 @@ def packed_bits_per_weight(bits: int, group_size: int) -> float:
     return float(bits) if group_size == -1 else bits + (16 + bits) / group_size
 
 
-class GptqModelBackend:
-    """What the gptq and awq backends share: quiet import, save, quiet load, reload check, size.
+class GptqModelBackend(Backend):
+    """The base of the backends that write GPTQModel checkpoints (gptq, awq, autoround): quiet
+    import, save, quiet load, kernel choice at load, reload check, size.
 
     Loading goes through transformers, which asks GPTQModel to pick a kernel for the layers. Its
     `auto` choice depends on the CPU: with AVX-512 bf16 it is the inference-only
@@ -172,7 +180,7 @@ class GptqModelBackend:
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         import_quietly()
-        return super().unavailable_reason(device)  # type: ignore[misc]
+        return super().unavailable_reason(device)
 
     def save(self, model: Any, out: Path) -> None:
         save_gptqmodel(model, out)

@@ -40,7 +40,7 @@ from qtool.backends._additive import (
     reconstruct,
     unpack_codes,
 )
-from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.backends.base import Backend, Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import QtoolError, SpecError
 from qtool.models import ModelSource
@@ -138,7 +138,7 @@ class AqlmBackend(Backend):
 
     # ---- quantize -------------------------------------------------------------------------
     def quantize(self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None,
-                 workdir: Path | None = None) -> nn.Module:
+                 workdir: Path | None = None) -> Quantized:
         assert calibration is not None
         o = spec.options
         settings = AqSettings(o.codebooks, o.nbits, o.in_group, o.rounds, o.beam, o.adam_steps, o.lr)
@@ -165,8 +165,7 @@ class AqlmBackend(Backend):
                 hidden = run_block(block, hidden, kwargs)
             bar.update(1)
         bar.close()
-        model.qtool_losses = losses
-        return model
+        return Quantized(model, losses)
 
     def save(self, model: nn.Module, out: Path) -> None:
         first = next(m for m in model.modules() if isinstance(m, AqLinear))

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from qtool.backends import register
 from qtool.backends._gptqmodel import GptqModelBackend
-from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.backends.gptq import gptq_kernel
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -54,7 +53,7 @@ class AutoRoundOptions:
 
 
 @register
-class AutoRoundBackend(GptqModelBackend, Backend):
+class AutoRoundBackend(GptqModelBackend):
     name = "autoround"
     summary = "AutoRound (SignRound) via auto-round: learned rounding per block, calibrated, standard GPTQ checkpoint"
     capabilities = Capabilities(
@@ -88,7 +87,7 @@ class AutoRoundBackend(GptqModelBackend, Backend):
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
-    ) -> nn.Module:
+    ) -> Quantized:
         assert calibration is not None
         o = spec.options
         export = Path(tempfile.mkdtemp(prefix="qtool-autoround-"))
@@ -128,8 +127,7 @@ class AutoRoundBackend(GptqModelBackend, Backend):
         result = rounder.model
         result.qtool_export = folder
         result.qtool_log = log_path
-        result.qtool_losses = losses
-        return result
+        return Quantized(result, losses)
 
     def save(self, model: Any, out: Path) -> None:
         for item in Path(model.qtool_export).iterdir():

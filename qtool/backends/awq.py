@@ -32,7 +32,7 @@ from qtool.backends import register
 from qtool.backends._awq_clip import batched_clip_search
 from qtool.backends._awq_gptq import gptq_rounding
 from qtool.backends._gptqmodel import GptqModelBackend, check_damp_percent, quantize_with_gptqmodel
-from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 from qtool.models import ModelSource, quantizable_linears
@@ -49,7 +49,7 @@ class AwqOptions:
 
 
 @register
-class AwqBackend(GptqModelBackend, Backend):
+class AwqBackend(GptqModelBackend):
     name = "awq"
     summary = "AWQ via GPTQModel: activation-aware scaling, calibrated, standard AWQ GEMM checkpoint (transformers, vLLM)"
     capabilities = Capabilities(
@@ -71,13 +71,13 @@ class AwqBackend(GptqModelBackend, Backend):
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
-    ) -> nn.Module:
+    ) -> Quantized:
         from gptqmodel.quantization.config import AWQConfig
 
-        def config():
+        def config(offload_dir: str):
             return AWQConfig(
                 bits=spec.bits, group_size=spec.group_size, sym=spec.options.sym,
-                offload_to_disk=spec.options.offload_to_disk,
+                offload_to_disk=spec.options.offload_to_disk, offload_to_disk_path=offload_dir,
             )
 
         modules = len(quantizable_linears(source.config()))

@@ -58,6 +58,19 @@ class NoOptions:
     pass
 
 
+@dataclass
+class Quantized:
+    """What `Backend.quantize` returns: the quantized model and what qtool.json records about the run.
+
+    `losses`: per-module reconstruction losses ({"module", "loss", ...} rows) for `layer_losses`;
+    `record`: extra top-level qtool.json keys (e.g. gptq's `rotation`).
+    """
+
+    model: nn.Module
+    losses: list[dict[str, Any]] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 class Backend(ABC):
     """One quantization method. Subclasses live one per file and register with @register."""
 
@@ -146,11 +159,14 @@ class Backend(ABC):
     # ---- work -----------------------------------------------------------------------------
     @abstractmethod
     def quantize(
-        self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
-    ) -> nn.Module:
-        """Load the source and return the quantized model (weights on `device`).
+        self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None,
+        workdir: Path | None = None,
+    ) -> Quantized | nn.Module:
+        """Load the source and quantize it (weights on `device`); return a Quantized (or just the model).
 
         `calibration` holds the token samples when the backend's capabilities need calibration.
+        `workdir` is given to `resumable` backends only: a folder that survives Ctrl-C, where the
+        backend keeps finished work for `--resume` (see api.resume_folder).
         """
 
     def save(self, model: nn.Module, out: Path) -> None:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
 from qtool.backends import register
 from qtool.backends._gptqmodel import GptqModelBackend, check_damp_percent, quantize_with_gptqmodel
-from qtool.backends.base import Backend, Capabilities, QuantSpec
+from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 from qtool.models import ModelSource, quantizable_linears
@@ -42,7 +40,7 @@ class GptqOptions:
 
 
 @register
-class GptqBackend(GptqModelBackend, Backend):
+class GptqBackend(GptqModelBackend):
     name = "gptq"
     summary = "GPTQ via GPTQModel: calibrated 2/3/4/8-bit, standard GPTQ checkpoint (transformers, vLLM, SGLang)"
     capabilities = Capabilities(
@@ -63,13 +61,13 @@ class GptqBackend(GptqModelBackend, Backend):
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
-    ) -> nn.Module:
+    ) -> Quantized:
         from gptqmodel import QuantizeConfig
         from gptqmodel.quantization.config import GPTAQConfig
 
         o = spec.options
 
-        def config():
+        def config(offload_dir: str):
             return QuantizeConfig(
                 bits=spec.bits,
                 group_size=spec.group_size,
@@ -79,6 +77,7 @@ class GptqBackend(GptqModelBackend, Backend):
                 true_sequential=o.true_sequential,
                 damp_percent=o.damp_percent,
                 offload_to_disk=o.offload_to_disk,
+                offload_to_disk_path=offload_dir,
                 mse=o.mse,
                 gptaq=GPTAQConfig() if o.gptaq else None,
             )

@@ -37,6 +37,10 @@ class DivergenceResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        return (f"  vs {self.base}: KL mean {self.kl_mean:.4f} nats, p99 {self.kl_p99:.4f}, "
+                f"top-1 agreement {100 * self.top1_agreement:.2f} % (base PPL {self.base_ppl:.3f})")
+
 
 def perplexity_and_divergence(
     model: torch.nn.Module,

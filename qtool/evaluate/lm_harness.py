@@ -79,6 +79,11 @@ class WordPerplexityResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        return (f"  lm-eval word_perplexity {self.word_perplexity:.3f}, bits_per_byte {self.bits_per_byte:.4f} "
+                f"[lm-evaluation-harness {self.harness}, loglikelihood_rolling, max length {self.max_length}, "
+                f"{self.documents} documents] (word PPL: not comparable with token PPL)")
+
 
 def split_documents(text: Text) -> list[str]:
     """WikiText articles at top-level headings; any other text is one document."""

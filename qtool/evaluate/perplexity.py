@@ -52,6 +52,12 @@ class PerplexityResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        from pathlib import Path
+
+        return (f"  token PPL {self.ppl:.3f}, bits/byte {self.bpb:.4f} [{self.protocol}, ctx {self.ctx}, "
+                f"stride {self.stride}, {self.tokens_scored} tokens scored, {Path(self.dataset['origin']).name}]")
+
 
 @dataclass(frozen=True)
 class Tokens:

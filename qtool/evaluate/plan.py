@@ -43,7 +43,8 @@ class EvalPlan(Section):
     stride: PositiveInt | None = None  # default: ctx (non-overlapping windows)
     max_tokens: PositiveInt | None = None
     bos: BosMode = "auto"  # windows start with BOS: qtool.bos
-    kl: bool = True
+    perplexity: bool = True  # token perplexity on `text`
+    kl: bool = True  # and, with a base model, KL and top-1 agreement on the same windows
     speed: SpeedPlan | None = None
     lm_eval: LmEvalPlan | None = None
 

@@ -49,6 +49,14 @@ class SpeedResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        s = self
+        return (f"  batch {s.batch}: prefill {s.prefill_tokens_per_s.median:.0f} tok/s, decode "
+                f"{s.decode_tokens_per_s.median:.1f} tok/s (min {s.decode_tokens_per_s.min:.1f}, max "
+                f"{s.decode_tokens_per_s.max:.1f}), first token {1000 * s.time_to_first_token_s.median:.0f} ms, "
+                f"peak {s.peak_memory_generate_mib:.0f} MiB [{s.device}, transformers eager generate loop, "
+                f"{s.prompt_tokens}+{s.new_tokens} tokens, median of {s.repeats}]")
+
 
 def _sync(device: str) -> None:
     if device == "cuda":

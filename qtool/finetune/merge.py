@@ -34,6 +34,7 @@ from qtool.finetune.adapters import (
     targets_among,
     weightless_model,
 )
+from qtool.request import QuantizeRequest
 from qtool.rotation import rotate_with_seed
 
 
@@ -41,16 +42,17 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
                   group_size: int | None = None, options: dict[str, str] | None = None, device: str = "auto",
                   force: bool = False, seed: int = 0, ppl: str | None = None, ctx: int = 512,
                   max_tokens: int | None = None) -> dict[str, Any]:
-    import qtool
-    from qtool import backends
+    from qtool import api
     from qtool.checkpoint import atomic_output_dir, check_output_dir, write_record
 
     out = Path(out)
     check_output_dir(out, force, [base, adapter])
     if requantize is None and (bits is not None or group_size is not None or options):
         raise SpecError("--bits, --group-size and --opt describe the re-quantization: add --requantize METHOD")
-    if requantize:
-        backends.get(requantize).make_spec(bits, group_size, options or {}, seed)  # bad specs fail before any work
+    request = None
+    if requantize:  # bad specs fail before any work
+        request = QuantizeRequest.model_validate({"method": requantize, "bits": bits, "group_size": group_size,
+                                                  "options": options or {}, "seed": seed, "device": device})
     (name, folder), = parse_adapter_args([adapter]).items()
     base_record = quantized_base_record(base)
     original = full_precision_source(base, base_record)
@@ -62,26 +64,26 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
 
     before = None
     if ppl:
-        trained = qtool.load(base, device=device)
+        trained = api.load(base, device=device)
         trained.model = attach_adapters(trained.model, {name: folder}, base)
-        before = qtool.evaluate_perplexity(trained, ppl, **windows)
+        before = api.evaluate_perplexity(trained, ppl, **windows)
         del trained
         gc.collect()
 
-    full = qtool.load(original, device=device)
+    full = api.load(original, device=device)
     if rotation:
         rotate_with_seed(full.model, rotation["seed"])
     merged = attach_adapters(full.model, {name: folder}, original).merge_and_unload()
     info = {"base": base, "full_precision_source": original, "adapter": str(folder), "requantize": requantize}
     if rotation:
         info["rotation_seed"] = rotation["seed"]
-    if requantize:
+    if request:
         with tempfile.TemporaryDirectory(prefix=".qtool-merged-", dir=out.parent if out.parent.exists() else None) as tmp:
             merged.save_pretrained(tmp)
             full.tokenizer.save_pretrained(tmp)
             del merged, full
             gc.collect()
-            record = qtool.quantize(tmp, out, requantize, bits, group_size, options, device=device, force=force, seed=seed)
+            record = api.quantize_request(tmp, out, request, force=force)
         record["source"] = {"name": f"{original} + adapter {folder}", "kind": "merged", "location": str(original)}
     else:
         with atomic_output_dir(out, force, inputs) as tmp:
@@ -91,7 +93,7 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
         record = None
     after = None
     if ppl:
-        after = qtool.evaluate_perplexity(qtool.load(out, device=device), ppl, **windows)
+        after = api.evaluate_perplexity(api.load(out, device=device), ppl, **windows)
         info |= {"ppl_source": ppl, "ppl_protocol": after.protocol, "ctx": ctx, "tokens_scored": after.tokens_scored,
                  "ppl_before": before.ppl, "ppl_after": after.ppl}
     if record is not None:

@@ -21,17 +21,17 @@ from pydantic import (
     model_validator,
 )
 
-from qtool.calibration import CalibrationFields
-from qtool.recipes import OptionValue, read_recipe_section
+from qtool.recipes import read_recipe_section
+from qtool.request import QuantizeFields
 from qtool.schema import RecipeError, Section, Seed, parse_section
 
 __all__ = ["RecipeError", "QloraRecipe", "load_qlora_recipe", "resolve_data_path"]
 
-class QuantizationSection(CalibrationFields):
+class QuantizationSection(QuantizeFields):
+    """qlora's `quantization:` section: a quantize request without model or OUT (seed defaults to
+    train.seed, device to the run's)."""
+
     method: str = Field(min_length=1)
-    bits: PositiveInt | None = None
-    group_size: int | None = Field(None, ge=-1)
-    options: dict[str, OptionValue] = Field(default_factory=dict)
 
 
 class DatasetSection(Section):

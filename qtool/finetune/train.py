@@ -96,23 +96,18 @@ def target_modules(model: torch.nn.Module, wanted: str | list[str], base_linears
 
 def base_model_folder(recipe: QloraRecipe, out: Path, device: str) -> tuple[str, dict[str, Any] | None]:
     """What LoRA trains on: an existing qtool folder, one quantized into OUT/base now, or the model itself."""
-    import qtool
+    from qtool import api
     from qtool.checkpoint import read_record
 
     if recipe.quantized:
         return recipe.quantized, None
     if recipe.quantization is None:
         return recipe.model, None
-    q = recipe.quantization
     folder = out / "base"
     if not (folder.is_dir() and read_record(folder)):
-        qtool.quantize(recipe.model, folder, q.method, q.bits, q.group_size, _option_strings(q.options),
-                       device=device, force=True, seed=recipe.train.seed, **q.calibration_arguments())
+        api.quantize_request(recipe.model, folder, recipe.quantization.request(seed=recipe.train.seed, device=device),
+                             force=True)
     return str(folder), read_record(folder)
-
-
-def _option_strings(options: dict[str, Any]) -> dict[str, str]:
-    return {key: str(value) for key, value in options.items()}
 
 
 def check_before_quantizing(recipe: QloraRecipe, data_path: Path | str, device: str) -> Examples:
@@ -121,13 +116,12 @@ def check_before_quantizing(recipe: QloraRecipe, data_path: Path | str, device: 
     The quantization spec, the data (tokenised with the original's tokenizer, which quantizing
     copies unchanged into the base) and the LoRA targets (named on a weightless skeleton of the
     original: quantizing replaces layers under the same names) all fail before OUT exists."""
-    from qtool import backends
     from qtool.finetune.adapters import weightless_model
     from qtool.models import resolve_model
 
     q = recipe.quantization
     refuse_known_failures(q.method, device)  # before minutes of quantizing
-    backends.get(q.method).make_spec(q.bits, q.group_size, _option_strings(q.options), recipe.train.seed)
+    q.request(seed=recipe.train.seed, device=device)  # the backend checks bits, group size, options, calibration
     source = resolve_model(recipe.model)
     examples = build_examples(recipe.dataset, data_path, source.load_tokenizer(), recipe.train.seed)
     skeleton = weightless_model(source.config())
@@ -198,7 +192,7 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     OUT appears only once everything that can fail without training has been checked (recipe,
     data, LoRA targets, the base when it need not be quantized into OUT first); whatever fails
     after that but before the first step removes it again, so the corrected command just works."""
-    import qtool
+    from qtool import api
     from qtool.runtime import Stopwatch, resolve_device
 
     folder = output_dir(recipe, out)
@@ -218,14 +212,14 @@ def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False,
     else:
         base_name, base_record = base_model_folder(recipe, folder, device)
         with watch.stage("base"):
-            loaded = qtool.load(base_name, device=device, trainable=True)
+            loaded = api.load(base_name, device=device, trainable=True)
         examples = build_examples(recipe.dataset, data_path, loaded.tokenizer, recipe.train.seed)
         model, method, targets = lora_model(loaded, recipe, device)
     with provisional_output(folder, replace):
         if recipe.quantization:
             with watch.stage("base"):
                 base_name, base_record = base_model_folder(recipe, folder, device)
-                loaded = qtool.load(base_name, device=device, trainable=True)
+                loaded = api.load(base_name, device=device, trainable=True)
             model, method, targets = lora_model(loaded, recipe, device)
         tokenizer = loaded.tokenizer
         if tokenizer.pad_token is None:
