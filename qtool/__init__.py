@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _API = (
     "LoadedModel", "evaluate_divergence", "evaluate_perplexity", "evaluate_speed", "evaluate_word_perplexity",
     "generate", "load",
-    "memory_footprint", "model_config", "quantize",
+    "memory_footprint", "model_config", "quantize", "quantize_request",
 )
 __all__ = [*_API, "QtoolError", "__version__"]
 

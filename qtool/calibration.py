@@ -45,7 +45,10 @@ class CalibrationFields(Section):
 
     @model_validator(mode="after")
     def _ranges(self) -> CalibrationFields:
-        CalibrationSpec(nsamples=self.nsamples, seqlen=self.seqlen, bos=self.bos or "auto").check()  # SpecError
+        try:
+            CalibrationSpec(nsamples=self.nsamples, seqlen=self.seqlen, bos=self.bos or "auto").check()
+        except SpecError as exc:  # as a validation error, so that the message names the recipe or flags
+            raise ValueError(str(exc)) from None
         return self
 
     def calibration_arguments(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveInt
 
 from qtool.calibration import CalibrationFields
-from qtool.errors import QtoolError
+from qtool.errors import QtoolError, SpecError
 from qtool.evaluate.plan import EvalPlan
 from qtool.recipes import read_recipe_section
 from qtool.report import ReportSettings
@@ -112,9 +112,9 @@ def cell_request(recipe: CompareRecipe, cell: Cell, device: str) -> QuantizeRequ
     from qtool import backends
 
     calibration = recipe.calibration_arguments() if backends.get(cell.method).capabilities.needs_calibration else {}
-    return QuantizeRequest.model_validate({"method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
+    return parse_section(QuantizeRequest, {"method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
                                            "options": cell.options, "seed": recipe.seed, "device": device,
-                                           **calibration})
+                                           **calibration}, "cell", error=SpecError)
 
 
 def check_recipe(recipe: CompareRecipe, device: str) -> None:

@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
 from qtool.calibration import CalibrationFields, CalibrationSpec
-from qtool.errors import DeviceError
-from qtool.schema import Seed
+from qtool.errors import DeviceError, SpecError
+from qtool.schema import Seed, parse_section
 
 OptionValue = bool | int | float | str
 Device = Literal["auto", "cpu", "cuda"]
@@ -42,7 +42,8 @@ class QuantizeFields(CalibrationFields):
     def request(self, **defaults: Any) -> QuantizeRequest:
         """The checked request: these keys, with `defaults` for the ones left out (None)."""
         given = {k: v for k, v in self.model_dump().items() if v is not None and k in QuantizeRequest.model_fields}
-        return QuantizeRequest.model_validate({**{k: v for k, v in defaults.items() if v is not None}, **given})
+        merged = {**{k: v for k, v in defaults.items() if v is not None}, **given}
+        return parse_section(QuantizeRequest, merged, "quantization", error=SpecError)
 
 
 class QuantizeRequest(QuantizeFields):

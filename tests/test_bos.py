@@ -21,7 +21,7 @@ from qtool.data import Text
 from qtool.errors import DatasetError, SpecError
 from qtool.evaluate.perplexity import scored_windows, token_perplexity, window_plan, windowed
 
-from .conftest import run_qtool
+from .conftest import qtool_in_process
 
 TEXT = Text("t", "inline", "The quick brown fox jumps over the lazy dog, and then it sleeps in the sun. " * 16)
 CTX = 16
@@ -145,14 +145,14 @@ def test_calibration_samples_start_with_bos(loaded_bos, tiny_llama):
 
 def test_eval_cli_records_the_rule(tiny_bos, wikitext_test):
     args = ["eval", tiny_bos, "--ppl", wikitext_test, "--ctx", "64", "--max-tokens", "640", "--json", "-"]
-    auto = json.loads(run_qtool(*args).stdout)["perplexity"]
-    never = json.loads(run_qtool(*args, "--bos", "never").stdout)["perplexity"]
+    auto = json.loads(qtool_in_process(*args).stdout)["perplexity"]
+    never = json.loads(qtool_in_process(*args, "--bos", "never").stdout)["perplexity"]
     assert (auto["protocol"], auto["bos"]["prepended"], auto["windows"], auto["tokens_scored"]) == \
         ("token-ppl+bos", True, 10, 630)
     assert (never["protocol"], never["bos"]["prepended"], never["windows"], never["tokens_scored"]) == \
         ("token-ppl", False, 10, 630)
     assert auto["ppl"] != never["ppl"]
-    bad = run_qtool(*args, "--bos", "maybe")
+    bad = qtool_in_process(*args, "--bos", "maybe")
     assert bad.returncode != 0 and "--bos" in bad.stderr
 
 

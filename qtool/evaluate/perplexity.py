@@ -56,7 +56,7 @@ class PerplexityResult:
         from pathlib import Path
 
         return (f"  token PPL {self.ppl:.3f}, bits/byte {self.bpb:.4f} [{self.protocol}, ctx {self.ctx}, "
-                f"stride {self.stride}, {self.tokens_scored} tokens scored, {Path(self.dataset['origin']).name}]")
+                f"stride {self.stride}, {self.tokens_scored} tokens scored, {Path(self.dataset.get('source') or self.dataset['origin']).name}]")
 
 
 @dataclass(frozen=True)

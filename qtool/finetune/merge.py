@@ -36,6 +36,7 @@ from qtool.finetune.adapters import (
 )
 from qtool.request import QuantizeRequest
 from qtool.rotation import rotate_with_seed
+from qtool.schema import parse_section
 
 
 def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | None = None, bits: int | None = None,
@@ -51,8 +52,10 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
         raise SpecError("--bits, --group-size and --opt describe the re-quantization: add --requantize METHOD")
     request = None
     if requantize:  # bad specs fail before any work
-        request = QuantizeRequest.model_validate({"method": requantize, "bits": bits, "group_size": group_size,
-                                                  "options": options or {}, "seed": seed, "device": device})
+        request = parse_section(QuantizeRequest, {"method": requantize, "bits": bits, "group_size": group_size,
+                                                  "options": options or {}, "seed": seed, "device": device},
+                                "merge --requantize", names={"group_size": "--group-size", "bits": "--bits"},
+                                error=SpecError)
     (name, folder), = parse_adapter_args([adapter]).items()
     base_record = quantized_base_record(base)
     original = full_precision_source(base, base_record)
