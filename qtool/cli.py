@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     empty = [name for name, value in vars(args).items()
              if value == "" or (isinstance(value, list) and "" in value)]
     if empty:
-        parser.error(f"an empty value for {empty[0].replace('_', '-')}: give a path, name or text")
+        shown = {"targets": "MODEL/OUT"}.get(empty[0], empty[0].removeprefix(OPTION_DEST).replace("_", "-"))
+        parser.error(f"an empty value for {shown}: give a path, name or text")
     quiet = getattr(args, "quiet", False)
     _quiet_libraries(progress_bars=not quiet and args.command not in ("generate", "chat"))
     _log_to_stderr(quiet)
