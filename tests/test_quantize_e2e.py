@@ -26,7 +26,8 @@ def base_ppl(wikitext_test, tmp_path_factory):
     ("method", "args", "layer_type"),
     [
         ("hqq", ["--bits", "4", "--group-size", "64"], "HQQLinear"),
-        ("bnb", ["--bits", "4"], "Linear4bit"),
+        # bnb's save/reload is exact on the tiny model in the default suite; its real-model quality run (~40 s) is slow
+        pytest.param("bnb", ["--bits", "4"], "Linear4bit", marks=pytest.mark.slow),
         ("rtn", ["--bits", "4", "--group-size", "64"], "Linear"),
     ],
 )
