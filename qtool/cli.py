@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from qtool.bos import BOS_MODES  # light: no torch
+
 DEFAULT_CTX = 2048  # qtool.evaluate.plan.DEFAULT_CTX (not imported here: --help stays fast)
 
 EPILOG = """examples:
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or wikitext2/c4/pile (online) (default: builtin)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 128, as in the GPTQ and AWQ papers)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
-    p.add_argument("--bos", choices=["auto", "always", "never"], help="start every calibration sample with the BOS token: "
+    p.add_argument("--bos", choices=BOS_MODES, help="start every calibration sample with the BOS token: "
                    "auto = when the tokenizer adds one itself, e.g. Gemma (default: auto)")
     p.add_argument("--device", help="cpu, cuda or auto (default: auto, cuda if present)")
     p.add_argument("--seed", type=int, help="random seed; also picks the calibration samples (and gptq's rotation) (default 0)")
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_CTX}, or the model's context if shorter)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, non-overlapping)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
-    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
+    p.add_argument("--bos", choices=BOS_MODES, default="auto",
                    help="start every window with the BOS token (ctx counts it; it is never scored): auto = when the "
                    "tokenizer adds one itself, as Gemma's does (default: auto); never = no BOS")
     p.add_argument("--lm-eval", action="store_true",

@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
 from qtool.calibration import CalibrationFields, CalibrationSpec
-from qtool.errors import DeviceError, SpecError
+from qtool.errors import SpecError
+from qtool.runtime import check_device_name
 from qtool.schema import Seed, parse_section
 
 OptionValue = bool | int | float | str
@@ -55,15 +56,14 @@ class QuantizeRequest(QuantizeFields):
 
     method: str = Field(min_length=1)
     seed: Seed = 0
-    device: str = "auto"  # auto, cpu or cuda; checked below with the message of qtool.runtime.resolve_device
+    device: str = "auto"  # auto, cpu or cuda (qtool.runtime.check_device_name, the message resolve_device gives)
     _spec: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _checked_by_the_backend(self) -> QuantizeRequest:
         from qtool import backends
 
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise DeviceError(f"unknown device {self.device!r}: use cpu, cuda or auto")
+        check_device_name(self.device)
         backend = backends.get(self.method)
         self._spec = backend.make_spec(self.bits, self.group_size, option_strings(self.options), self.seed,
                                        self.calibration_spec())

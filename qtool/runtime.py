@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -24,9 +25,11 @@ CORE_PACKAGES = (
 )
 
 
-def recorded_packages() -> list[str]:
+@functools.cache
+def recorded_packages() -> tuple[str, ...]:
     """Distribution names whose versions go next to every result: CORE_PACKAGES, then each
-    registered backend's `Capabilities.packages` (import names, mapped to their distributions)."""
+    registered backend's `Capabilities.packages` (import names, mapped to their distributions).
+    Computed once per process: mapping import names to distributions reads every installed one."""
     from qtool import backends
 
     distributions = importlib.metadata.packages_distributions()
@@ -36,7 +39,7 @@ def recorded_packages() -> list[str]:
             for name in (n.lower() for n in distributions.get(module.split(".")[0], [module])):
                 if name not in names:
                     names.append(name)
-    return names
+    return tuple(names)
 
 
 def package_versions() -> dict[str, str]:
@@ -50,10 +53,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def resolve_device(requested: str) -> str:
-    """'auto' picks CUDA when present; asking for CUDA without it is a user error."""
+def check_device_name(requested: str) -> None:
+    """DeviceError unless `requested` is auto, cpu or cuda."""
     if requested not in ("auto", "cpu", "cuda"):
         raise DeviceError(f"unknown device {requested!r}: use cpu, cuda or auto")
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' picks CUDA when present; asking for CUDA without it is a user error."""
+    check_device_name(requested)
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
