@@ -208,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    method = _add_option_flags(parser, argv) if argv[:1] == ["quantize"] else None
+    method = None
+    if argv[:1] == ["quantize"]:
+        # the option flags import the backends, and with them tqdm, which reads TQDM_DISABLE only once
+        _quiet_libraries(progress_bars="--quiet" not in argv)
+        method = _add_option_flags(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next((u for u in unknown if u.startswith("--")), None)

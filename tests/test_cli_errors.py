@@ -375,8 +375,9 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_saved(tmp_path, monk
     assert log.name in line and "ZeroDivisionError" in log.read_text()
 
 
-def test_quiet_quantize_prints_nothing_but_the_result(tiny_llama, tmp_path):
-    proc = run_qtool("quantize", "--method", "hqq", "--bits", "4", "--group-size", "32", "--quiet", tiny_llama,
+@pytest.mark.parametrize("method", ["hqq", "rtn"])  # hqq's own bars; rtn's tqdm, imported while parsing the flags
+def test_quiet_quantize_prints_nothing_but_the_result(tiny_llama, tmp_path, method):
+    proc = run_qtool("quantize", "--method", method, "--bits", "4", "--group-size", "32", "--quiet", tiny_llama,
                      tmp_path / "o", env={"TQDM_DISABLE": ""})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith("wrote ")
