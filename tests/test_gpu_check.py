@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from gpu_check import BITS_PER_WEIGHT, LLAMA_7B, decode_bytes_per_step  # noqa: E402
 
 
-def test_dry_run_writes_every_part(tmp_path):
+def test_dry_run_writes_every_part(tmp_path, wikitext_test):  # wikitext_test: skips where ../shared is absent
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
