@@ -25,7 +25,7 @@ from qtool.checkpoint import (
     write_record,
 )
 from qtool.data import load_text
-from qtool.errors import CheckpointError, DatasetError, OutputExistsError, SpecError
+from qtool.errors import CheckpointError, DatasetError, OutputExistsError, QtoolError, SpecError
 from qtool.evaluate.divergence import DivergenceResult, perplexity_and_divergence
 from qtool.evaluate.lm_harness import WordPerplexityResult, word_perplexity
 from qtool.evaluate.memory import peak_memory, tensor_bytes
@@ -281,10 +281,48 @@ def evaluate_speed(
     prompt_source: str = "builtin",
 ) -> list[SpeedResult]:
     """Prefill/decode throughput and time to first token at each batch size; see evaluate.speed."""
-    ids = tokenize(loaded.tokenizer, load_text(prompt_source).content, max_tokens=prompt_tokens).ids
-    if len(ids) < prompt_tokens:
-        raise DatasetError(f"{prompt_source} has {len(ids)} tokens, fewer than --prompt-len {prompt_tokens}")
+    ids = speed_prompt(loaded, prompt_source, prompt_tokens)
     return [measure_speed(loaded.model, ids, batch, new_tokens, repeats) for batch in batches]
+
+
+def speed_prompt(loaded: LoadedModel, source: str, prompt_tokens: int) -> torch.Tensor:
+    """The speed runs' prompt: the first prompt_tokens tokens of a text source, int64 [prompt_tokens]."""
+    ids = tokenize(loaded.tokenizer, load_text(source).content, max_tokens=prompt_tokens).ids
+    if len(ids) < prompt_tokens:
+        raise DatasetError(f"{source} has {len(ids)} tokens, fewer than --prompt-len {prompt_tokens}")
+    return ids
+
+
+def checkpoint_folder(loaded: LoadedModel) -> Path:
+    """The folder (or .gguf) a loaded model came from, as engines load it: a qtool output folder,
+    or the local folder qtool resolved a model name to (a built-in model's converted folder)."""
+    folder = Path(loaded.source).expanduser()
+    if folder.is_dir():
+        return folder
+    return Path(resolve_model(loaded.source).location)
+
+
+def evaluate_engine_speed(loaded: LoadedModel, engine_name: str, plan: Any, prompt_source: str = "builtin") -> Any:
+    """Speed and peak memory of the loaded model's checkpoint in a serving engine (qtool.engines).
+
+    plan: a SpeedPlan (batch sizes, prompt_len, new_tokens, repeats, compile). The prompt is the
+    first prompt_len tokens of `prompt_source`, as in evaluate_speed. Returns an EngineRun, or an
+    EngineFailure when the engine cannot take this checkpoint (the error in one line).
+    """
+    from qtool import engines
+    from qtool.engines import EngineFailure, EngineJob
+
+    ids = speed_prompt(loaded, prompt_source, plan.prompt_len)
+    engine = engines.get(engine_name)
+    try:
+        path = engine.checkpoint_for(checkpoint_folder(loaded))
+        job = EngineJob(model=str(path), prompts=[], new_tokens=plan.new_tokens,
+                        max_model_len=plan.prompt_len + plan.new_tokens + 16, compile=plan.compile,
+                        speed={"batch": list(plan.batch), "prompt_ids": ids.tolist(), "new_tokens": plan.new_tokens,
+                               "repeats": plan.repeats})
+        return engine.run(job)
+    except QtoolError as exc:
+        return EngineFailure(engine_name, str(exc))
 
 
 def memory_footprint(loaded: LoadedModel) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from qtool import cli_engines  # light: no torch
 from qtool.bos import BOS_MODES  # light: no torch
 
 DEFAULT_CTX = 2048  # qtool.evaluate.plan.DEFAULT_CTX (not imported here: --help stays fast)
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for --speed (default 128)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens for --speed (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions for --speed after one warm-up (default 3)")
+    p.add_argument("--engine", action="append", choices=cli_engines.ENGINE_NAMES, metavar="ENGINE",
+                   help="engine that measures --speed: hf (transformers in qtool's process, the default), vllm, "
+                        "llamacpp (a folder is first exported to its lossless GGUF); repeat for several. See "
+                        "`qtool engines`")
+    p.add_argument("--no-compile", action="store_true",
+                   help="vllm: skip its torch.compile warm-up (eager PyTorch: faster to start, not the deployed speed)")
     p.add_argument("--base", metavar="MODEL", help="also measure next-token KL from this model and top-1 agreement with it, on the same windows")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
@@ -195,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     copy = rsub.add_parser("copy", help="copy a bundled recipe to DEST")
     copy.add_argument("name")
     copy.add_argument("dest")
+
+    cli_engines.add_parsers(sub)
 
     p = sub.add_parser("generate", help="greedy completion of a prompt (chat template applied if the model has one)")
     p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
@@ -413,6 +422,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         load_text(args.ppl, purpose="eval")
     plan = plan.for_model(api.model_config(args.model), args.model)
+    plan.check_engines()
     _no_loading_bars()
     loaded = api.load(args.model, device=args.device)
     base = api.load(args.base, device=loaded.device) if args.base else None
@@ -435,7 +445,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 EVAL_FLAGS = {"ctx": "--ctx", "stride": "--stride", "max_tokens": "--max-tokens", "lm_eval.limit": "--lm-eval-limit",
               "speed.batch": "--batch", "speed.prompt_len": "--prompt-len", "speed.new_tokens": "--new-tokens",
-              "speed.repeats": "--repeats"}
+              "speed.repeats": "--repeats", "engines": "--engine"}
 
 
 def _eval_plan(args: argparse.Namespace) -> Any:
@@ -451,7 +461,9 @@ def _eval_plan(args: argparse.Namespace) -> Any:
         data["lm_eval"] = {"limit": args.lm_eval_limit}
     if args.speed:
         data["speed"] = {"batch": list(_int_list(args.batch, "--batch")), "prompt_len": args.prompt_len,
-                         "new_tokens": args.new_tokens, "repeats": args.repeats}
+                         "new_tokens": args.new_tokens, "repeats": args.repeats, "compile": not args.no_compile}
+    if args.engine:
+        data["engines"] = args.engine
     return parse_section(EvalPlan, data, "qtool eval", names=EVAL_FLAGS, error=SpecError)
 
 
@@ -630,6 +642,9 @@ COMMANDS = {
     "generate": cmd_generate, "recipes": cmd_recipes, "compare": cmd_compare,
     "qlora": cmd_qlora, "chat": cmd_chat, "merge": cmd_merge,
 }
+
+COMMANDS.update({"engines": cli_engines.cmd_engines, "serve-check": cli_engines.cmd_serve_check,
+                 "export": cli_engines.cmd_export})
 
 
 

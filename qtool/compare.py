@@ -145,10 +145,11 @@ def check_recipe(recipe: CompareRecipe, device: str) -> None:
             raise type(exc)(f"cell {cell.id}: {exc}") from None
     if recipe.calib:
         load_text(recipe.calib, purpose="calibration")
+    recipe.eval.check_engines()
 
 
 RECORD_SECTIONS = {"quantization": dict, "memory": dict, "divergence": dict, "perplexity": dict,
-                   "word_perplexity": dict, "speed": list, "versions": dict}
+                   "word_perplexity": dict, "speed": list, "engines": dict, "versions": dict}
 
 
 def read_results(out: Path) -> dict[str, dict[str, Any]]:

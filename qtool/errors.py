@@ -39,6 +39,10 @@ class DeviceError(QtoolError):
     pass
 
 
+class EngineError(QtoolError):
+    """A serving engine that is not set up, or that failed to load or run a checkpoint."""
+
+
 def describe_library_error(exc: BaseException) -> str | None:
     """One line for the errors that libraries raise at qtool's boundaries, or None when unknown.
 

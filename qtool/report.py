@@ -48,7 +48,7 @@ class Row:
     kl_p99: float | None
     top1: float | None
     word_ppl: float | None
-    decode: dict[int, float]  # batch -> median decode tokens/s
+    decode: dict[int, float]  # batch -> median decode tokens/s in transformers (engine hf)
     prefill_b1: float | None
     ttft_ms_b1: float | None
     memory_mib: float | None  # weights in memory
@@ -56,6 +56,11 @@ class Row:
     quantize_s: float | None
     quantize_peak_mib: float | None
     record: dict[str, Any] = field(default_factory=dict, repr=False)  # the cell's result record as compare wrote it
+    engine_decode: dict[str, dict[int, float]] = field(default_factory=dict)  # engine -> batch -> decode tokens/s
+
+    def decode_in(self, engine: str) -> dict[int, float]:
+        """batch -> median decode tokens/s in `engine` (hf: transformers in qtool's process)."""
+        return self.decode if engine == "hf" else self.engine_decode.get(engine, {})
 
 
 def rows_from_results(results: dict[str, dict[str, Any]]) -> list[Row]:
@@ -104,6 +109,8 @@ def _row(cell: str, r: dict[str, Any]) -> Row:
         quantize_s=sum(q["timings_s"].values()) if q.get("timings_s") else None,
         quantize_peak_mib=q.get("peak_memory_mib"),
         record=r,
+        engine_decode={name: {e["batch"]: e["decode_tokens_per_s"]["median"] for e in run.get("speed") or []
+                              if "decode_tokens_per_s" in e} for name, run in (r.get("engines") or {}).items()},
     )
 
 
@@ -145,6 +152,8 @@ def recommendations(rows: list[Row], settings: ReportSettings) -> list[Recommend
             f"smallest within {pct:g} % of base PPL", pick and pick.cell,
             f"{pick.size_mib:.1f} MiB of weights, {delta(pick)}" if pick else f"no quantized cell is within {pct:g} %",
         ))
+    engine = deployment_engine(rows)
+    where = "" if engine == "hf" else f", in {engine}"
     budgets = settings.size_budgets_mib or [round(base.size_mib * f, 1) for f in (0.5, 0.3)]
     for budget in budgets:
         fits = [r for r in quantized if r.size_mib is not None and r.size_mib <= budget]
@@ -153,14 +162,24 @@ def recommendations(rows: list[Row], settings: ReportSettings) -> list[Recommend
             f"best quality with weights ≤ {budget:g} MiB", pick and pick.cell,
             f"{delta(pick)}, {pick.size_mib:.1f} MiB" if pick else f"no cell fits in {budget:g} MiB",
         ))
-        batches = sorted({b for r in fits for b in r.decode})
+        batches = sorted({b for r in fits for b in r.decode_in(engine)})
         if batches:
             batch = batches[-1]
-            fast = max((r for r in fits if batch in r.decode), key=lambda r: r.decode[batch])
+            fast = max((r for r in fits if batch in r.decode_in(engine)), key=lambda r: r.decode_in(engine)[batch])
             out.append(Recommendation(
-                f"fastest decode at batch {batch} with weights ≤ {budget:g} MiB", fast.cell,
-                f"{fast.decode[batch]:.1f} tokens/s (base {base.decode.get(batch, float('nan')):.1f}), {delta(fast)}",
+                f"fastest decode at batch {batch} with weights ≤ {budget:g} MiB{where}", fast.cell,
+                f"{fast.decode_in(engine)[batch]:.1f} tokens/s (base "
+                f"{base.decode_in(engine).get(batch, float('nan')):.1f}), {delta(fast)}",
             ))
+    for name in engines_in(rows):
+        base_b1 = base.decode_in(name).get(1)
+        faster = [r for r in quantized if base_b1 and r.decode_in(name).get(1)]
+        pick = max(faster, key=lambda r: r.decode_in(name)[1], default=None)
+        if pick:
+            ratio = pick.decode_in(name)[1] / base_b1
+            out.append(Recommendation(
+                f"fastest batch-1 decode against the base, in {name}", pick.cell,
+                f"{ratio:.2f}× the base ({pick.decode_in(name)[1]:.1f} vs {base_b1:.1f} tokens/s), {delta(pick)}"))
     loose = max(settings.ppl_tolerances_pct)
     timed = [r for r in within(loose) if r.quantize_s is not None]
     pick = min(timed, key=lambda r: r.quantize_s, default=None)
@@ -170,6 +189,21 @@ def recommendations(rows: list[Row], settings: ReportSettings) -> list[Recommend
         else f"no quantized cell is within {loose:g} %",
     ))
     return out
+
+
+DEPLOYMENT_ENGINES = ("vllm", "llamacpp")  # preferred, in order, over transformers' eager loop (hf)
+
+
+def engines_in(rows: list[Row]) -> list[str]:
+    """The engines with decode numbers in any row: hf first, then the others in DEPLOYMENT_ENGINES order."""
+    found = {"hf"} if any(r.decode for r in rows) else set()
+    found |= {name for r in rows for name, speeds in r.engine_decode.items() if speeds}
+    return [e for e in ("hf", *DEPLOYMENT_ENGINES) if e in found] + sorted(found - {"hf", *DEPLOYMENT_ENGINES})
+
+
+def deployment_engine(rows: list[Row]) -> str:
+    """The engine whose speeds rank the cells: a serving engine when one was measured, else hf."""
+    return next((e for e in DEPLOYMENT_ENGINES if e in engines_in(rows)), "hf")
 
 
 def plot(rows: list[Row], folder: Path) -> dict[str, Path]:
@@ -199,16 +233,17 @@ def plot(rows: list[Row], folder: Path) -> dict[str, Path]:
         ax.legend(fontsize=8)
         ax.set_title("Quality vs size")
         paths["quality_vs_size"] = _save(fig, folder / PLOTS["quality_vs_size"])
-    timed = [r for r in ok if r.decode]
+    timed = [r for r in ok if r.decode or any(r.engine_decode.values())]
     if timed:
-        batches = sorted({b for r in timed for b in r.decode})
+        series = [(e, b) for e in engines_in(timed) for b in sorted({b for r in timed for b in r.decode_in(e)})]
         fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
-        width = 0.8 / len(batches)
-        for i, batch in enumerate(batches):
-            ax.bar([x + i * width for x in range(len(timed))], [r.decode.get(batch, 0) for r in timed], width,
-                   label=f"batch {batch}")
-        ax.set_xticks([x + width * (len(batches) - 1) / 2 for x in range(len(timed))], [r.cell for r in timed],
+        width = 0.8 / len(series)
+        for i, (engine, batch) in enumerate(series):
+            ax.bar([x + i * width for x in range(len(timed))], [r.decode_in(engine).get(batch, 0) for r in timed], width,
+                   label=f"{engine}, batch {batch}")
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(timed))], [r.cell for r in timed],
                       rotation=35, ha="right", fontsize=8)
+        ax.set_yscale("log" if len(series) > 1 else "linear")
         ax.set_ylabel("decode tokens/s (median)")
         ax.set_title("Decode speed")
         ax.legend(fontsize=8)
@@ -249,16 +284,50 @@ COLUMNS = [
 ]
 
 
-def table_cells(row: Row, base: Row | None) -> list[str]:
+def columns(rows: list[Row]) -> list[tuple[str, str | None]]:
+    """COLUMNS, with the decode column named after transformers and, per serving engine measured,
+    its decode speeds, peak memory and how it ran the cell (kernel, weights' types)."""
+    out: list[tuple[str, str | None]] = []
+    extra = [e for e in engines_in(rows) if e != "hf"]
+    for title, attr in COLUMNS:
+        if title == "decode tok/s" and extra:
+            out.append(("decode tok/s hf", None))
+            for engine in extra:
+                out += [(f"decode tok/s {engine}", None), (f"peak MiB {engine}", f"engines.{engine}.peak_memory_mib"),
+                        (f"{engine} ran", f"engines.{engine}")]
+        else:
+            out.append((title, attr))
+    return out
+
+
+def _ran(run: dict[str, Any] | None) -> str:
+    if not run:
+        return "—"
+    if run.get("error"):
+        return "not loaded (see notes)"
+    kernel = run.get("kernel") or ""
+    return f"{run.get('dtype')}; {kernel}" if kernel and run.get("engine") == "vllm" else str(run.get("dtype"))
+
+
+def table_cells(row: Row, base: Row | None, cols: list[tuple[str, str | None]] | None = None) -> list[str]:
     cells = []
-    for _title, attr in COLUMNS:
+    for _title, attr in cols or COLUMNS:
         if _title == "ΔPPL":
             cells.append(f"{100 * (row.ppl / base.ppl - 1):+.1f} %" if base and row.ppl and base.ppl else "—")
-        elif _title == "decode tok/s":
-            cells.append(" / ".join(f"{v:.1f}" for v in row.decode.values()) or "—")
+        elif _title.startswith("decode tok/s"):
+            engine = _title.removeprefix("decode tok/s").strip() or "hf"
+            cells.append(" / ".join(f"{v:.1f}" for v in row.decode_in(engine).values()) or "—")
+        elif _title.endswith(" ran"):
+            cells.append(_ran(_dig(row.record, attr or "")))
         else:
             cells.append(_fmt(attr, getattr(row, attr) if hasattr(row, attr) else _dig(row.record, attr)))
     return cells
+
+
+def engine_notes(rows: list[Row]) -> list[str]:
+    """One line per cell an engine could not load, with the engine's reason."""
+    return [f"`{r.cell}` in {name}: {run['error']}" for r in rows if r.status == "ok"
+            for name, run in (r.record.get("engines") or {}).items() if isinstance(run, dict) and run.get("error")]
 
 
 def _dig(record: dict[str, Any], path: str) -> Any:
@@ -328,6 +397,21 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
         lines.append(f"Speed: {s['prompt_tokens']}-token prompt + {s['new_tokens']} greedy tokens, median of "
                      f"{s['repeats']} runs after a warm-up, on {s['device']}; decode column = batch "
                      f"{' / '.join(str(x['batch']) for x in speed)}. Memory peak: {s['peak_memory_kind']}.")
+    for name, run in (first.get("engines") or {}).items():
+        if not isinstance(run, dict) or run.get("error"):
+            continue
+        timed = [e for e in run.get("speed") or [] if "decode_tokens_per_s" in e]
+        lines.append(
+            f"Speed in {name} {run.get('version')} on {run.get('device')}: {run.get('mode')}, threads "
+            f"{run.get('threads')}; "
+            + (f"{timed[0]['prompt_tokens']}-token prompt + {timed[0]['new_tokens']} greedy tokens (EOS ignored), "
+               f"median of {timed[0]['repeats']} after a warm-up; " if timed else "")
+            + "decode tok/s = batch × (new tokens − 1) / (time to all tokens − time to the first); each run "
+            "prefills (no prefix cache). Peak MiB: resident memory of the engine's process tree over load and "
+            "all runs. Kernel and weight types per cell in its 'ran' column."
+            + (" Not measured: " + "; ".join(f"batch {e['batch']} ({e['not_measured']})" for e in run.get("speed")
+                                              if "not_measured" in e) if any("not_measured" in e for e in
+                                                                              run.get("speed") or []) else ""))
     versions = first.get("versions") or {}
     if versions:
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
@@ -340,9 +424,13 @@ def write_markdown(report: Report, path: Path) -> Path:
     base = report.base
     lines = [f"# {report.title}", "", "## Recommendations", ""]
     lines += [f"- **{r.constraint}**: {f'`{r.cell}`' if r.cell else 'none'} — {r.why}" for r in report.recommendations]
-    lines += ["", "## Results", "", "| " + " | ".join(t for t, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = columns(report.rows)
+    lines += ["", "## Results", "", "| " + " | ".join(t for t, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in [r for r in report.rows if r.status == "ok"]:
-        lines.append("| " + " | ".join(table_cells(row, base)) + " |")
+        lines.append("| " + " | ".join(table_cells(row, base, cols)) + " |")
+    notes = engine_notes(report.rows)
+    if notes:
+        lines += ["", "## Engine notes", ""] + [f"- {n}" for n in notes]
     failed = [r for r in report.rows if r.status != "ok"]
     if failed:
         lines += ["", "## Failed cells", ""] + [f"- `{r.cell}`: {r.error}" for r in failed]
@@ -374,12 +462,16 @@ def write_html(report: Report, path: Path) -> Path:
     for r in report.recommendations:
         parts.append(f"<li><b>{esc(r.constraint)}</b>: {f'<code>{esc(r.cell)}</code>' if r.cell else 'none'} — {esc(r.why)}</li>")
     parts.append("</ul><h2>Results</h2><table id='results'><thead><tr>")
-    parts += [f"<th>{esc(t)}</th>" for t, _ in COLUMNS]
+    cols = columns(report.rows)
+    parts += [f"<th>{esc(t)}</th>" for t, _ in cols]
     parts.append("</tr></thead><tbody>")
     for row in [r for r in report.rows if r.status == "ok"]:
         cls = " class='front'" if row.cell in front else ""
-        parts.append(f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in table_cells(row, base)) + "</tr>")
+        parts.append(f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in table_cells(row, base, cols)) + "</tr>")
     parts.append("</tbody></table><p>Bold cells lie on the quality-vs-size Pareto front.</p>")
+    notes = engine_notes(report.rows)
+    if notes:
+        parts.append("<h2>Engine notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     failed = [r for r in report.rows if r.status != "ok"]
     if failed:
         parts.append("<h2>Failed cells</h2><ul>")

@@ -8,7 +8,7 @@ before minutes of loading or quantizing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -27,6 +27,11 @@ class SpeedPlan(Section):
     prompt_len: PositiveInt = 128
     new_tokens: int = Field(32, ge=2)  # the first token comes from prefill
     repeats: PositiveInt = 3
+    # vLLM's torch.compile warm-up, as deployed (minutes per checkpoint on CPU); off: eager PyTorch
+    compile: bool = True
+
+
+EngineName = Literal["hf", "vllm", "llamacpp"]  # qtool.engines.ENGINES
 
 
 class LmEvalPlan(Section):
@@ -46,6 +51,8 @@ class EvalPlan(Section):
     perplexity: bool = True  # token perplexity on `text`
     kl: bool = True  # and, with a base model, KL and top-1 agreement on the same windows
     speed: SpeedPlan | None = None
+    # engines that measure speed and memory: hf (transformers in qtool's process), vllm, llamacpp
+    engines: list[EngineName] = Field(default_factory=lambda: ["hf"], min_length=1)
     lm_eval: LmEvalPlan | None = None
 
     @model_validator(mode="after")
@@ -55,7 +62,21 @@ class EvalPlan(Section):
             raise ValueError(f"stride {self.stride} is longer than ctx {ctx}: windows would skip tokens")
         if self.max_tokens is not None and self.ctx is not None and self.max_tokens < self.ctx:
             raise ValueError(f"max_tokens {self.max_tokens} is fewer than one window of ctx {self.ctx} tokens")
+        if len(set(self.engines)) != len(self.engines):
+            raise ValueError(f"engines {self.engines} names an engine twice")
+        if self.engines != ["hf"] and self.speed is None:
+            raise ValueError(f"engines {self.engines} measure speed: add speed settings (--speed)")
         return self
+
+    def check_engines(self) -> None:
+        """EngineError (one line with the set-up command) for an engine of the plan that cannot run here."""
+        from qtool import engines
+        from qtool.errors import EngineError
+
+        for name in self.engines if self.speed else []:
+            reason = engines.get(name).unavailable()
+            if reason:
+                raise EngineError(reason)
 
     def windows(self, progress: bool = True) -> dict[str, Any]:
         """Keyword arguments of qtool.evaluate_perplexity / evaluate_divergence."""

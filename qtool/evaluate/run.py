@@ -18,13 +18,14 @@ from qtool.evaluate.plan import EvalPlan
 def run_plan(plan: EvalPlan, loaded: Any, base: Any | None = None, progress: bool = True) -> dict[str, Any]:
     """Measure `loaded` (a qtool.api.LoadedModel) as `plan` says; `base` adds KL when plan.kl.
 
-    Returns {"memory", "perplexity", "divergence", "word_perplexity", "speed"} → result objects
-    (None for what the plan leaves out). Raises the metrics' QtoolErrors (text too short, ...).
+    Returns {"memory", "perplexity", "divergence", "word_perplexity", "speed", "engines"} → result
+    objects (None for what the plan leaves out); "speed" is transformers' (engine hf), "engines"
+    maps every other engine of plan.engines to its EngineRun or EngineFailure. Raises the metrics' QtoolErrors (text too short, ...).
     """
     from qtool import api
 
     results: dict[str, Any] = {"memory": api.memory_footprint(loaded), "perplexity": None, "divergence": None,
-                               "word_perplexity": None, "speed": None}
+                               "word_perplexity": None, "speed": None, "engines": None}
     windows = plan.windows(progress)
     if plan.perplexity:
         if plan.kl and base is not None and base is not loaded:
@@ -36,7 +37,12 @@ def run_plan(plan: EvalPlan, loaded: Any, base: Any | None = None, progress: boo
                                                                   limit=plan.lm_eval.limit, bos=plan.bos)
     if plan.speed:
         s = plan.speed
-        results["speed"] = api.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats, plan.text)
+        if "hf" in plan.engines:
+            results["speed"] = api.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats,
+                                                  plan.text)
+        others = [name for name in plan.engines if name != "hf"]
+        if others:
+            results["engines"] = {name: api.evaluate_engine_speed(loaded, name, s, plan.text) for name in others}
     return results
 
 
@@ -45,6 +51,8 @@ def as_records(results: dict[str, Any]) -> dict[str, Any]:
     def record(value: Any) -> Any:
         if isinstance(value, list):
             return [v.as_dict() for v in value]
+        if isinstance(value, dict) and value and all(hasattr(v, "as_dict") for v in value.values()):
+            return {k: v.as_dict() for k, v in value.items()}
         return value.as_dict() if hasattr(value, "as_dict") else value
 
     return {key: record(value) for key, value in results.items()}
@@ -54,7 +62,8 @@ def summaries(results: dict[str, Any]) -> list[str]:
     """One line per measured result, in run_plan's order."""
     lines = []
     for value in results.values():
-        for item in value if isinstance(value, list) else [value]:
+        items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+        for item in items:
             if hasattr(item, "summary"):
                 lines.append(item.summary())
     return lines

@@ -1,0 +1,98 @@
+"""The serving-engine commands of `qtool`: engines, serve-check, export. Parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ENGINE_NAMES = ("hf", "vllm", "llamacpp")  # qtool.engines.ENGINE_NAMES (not imported here: --help stays fast)
+GGUF_HELP = ("Q4_0 / Q4_1: blocks written from a 4-bit checkpoint's own codes (gptq, awq, autoround, rtn with groups "
+             "a multiple of 32); F16, BF16, F32: dense; Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...: llama.cpp's quantizer "
+             "(default: the checkpoint's lossless type)")
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("engines", help="list serving engines: ready, or how to set one up")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser(
+        "serve-check", help="load a checkpoint in a serving engine and compare its greedy tokens with transformers'",
+        description="Load OUT in the engine (vLLM: the folder; llama.cpp: a .gguf, or the folder's lossless GGUF "
+                    "export), greedy-generate from three fixed chat prompts, generate the same with transformers, "
+                    "and report per prompt the first token where they differ, with each side's dtype and kernel. "
+                    "Exits 0 when the engine loads OUT and every prompt agrees for its first --require tokens, 1 "
+                    "otherwise.",
+        epilog="examples:\n  qtool serve-check out/gptq4 --engine vllm\n"
+               "  qtool serve-check out/gptq4-Q4_0.gguf --engine llamacpp",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="OUT", help="qtool output folder, or a .gguf file for llamacpp")
+    p.add_argument("--engine", required=True, choices=[e for e in ENGINE_NAMES if e != "hf"])
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    p.add_argument("--require", type=int, default=4,
+                   help="tokens that must agree at the start of every prompt (default 4); later differences are "
+                        "reported, not failed (bf16 vs fp32 rounding)")
+    p.add_argument("--compile", action="store_true", help="vLLM: its torch.compile warm-up as deployed (minutes on CPU)")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
+
+    p = sub.add_parser(
+        "export", help="write a checkpoint in a deployment format (GGUF for llama.cpp)",
+        description="Write OUT as a GGUF file. " + GGUF_HELP + ". Writing to a temporary sibling, renamed at the "
+                    "end. Needs the llamacpp engine environment (llama.cpp's converter): make engine-llamacpp.",
+        epilog="examples:\n  qtool export out/gptq4 --format gguf                 # Q4_0/Q4_1 from the codes\n"
+               "  qtool export out/gptq4 --format gguf --type Q8_0 -o out/gptq4-q8.gguf",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="OUT", help="qtool output folder (or any unquantized model folder)")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (the one format so far)")
+    p.add_argument("--type", dest="gguf_type", metavar="TYPE", help=GGUF_HELP)
+    p.add_argument("-o", "--output", metavar="FILE", help="the .gguf to write (default: OUT-TYPE.gguf beside OUT)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    from qtool import engines
+
+    rows = [(name, engines.get(name)) for name in engines.ENGINE_NAMES]
+    if args.json:
+        print(json.dumps([{"engine": n, "ready": e.unavailable() is None, "reason": e.unavailable(),
+                           "summary": e.summary, "inputs": e.inputs} for n, e in rows], indent=2))
+        return 0
+    for name, engine in rows:
+        reason = engine.unavailable()
+        print(f"{name:<9} {'ready' if reason is None else 'not ready':<9}  {engine.summary if reason is None else reason}")
+    return 0
+
+
+def cmd_serve_check(args: argparse.Namespace) -> int:
+    from qtool.serve_check import serve_check
+
+    result = serve_check(args.checkpoint, args.engine, new_tokens=args.new_tokens, require=args.require,
+                         compile=args.compile)
+    print(result.summary(), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        print(json.dumps(result.as_dict(), indent=2))
+    elif args.json:
+        from qtool.checkpoint import write_text_atomic
+
+        write_text_atomic(Path(args.json), json.dumps(result.as_dict(), indent=2) + "\n")
+    return 0 if result.passed else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qtool.export.gguf import export_gguf
+
+    result = export_gguf(args.checkpoint, args.output, args.gguf_type, force=args.force)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    how = (f"{result.mapped_tensors} tensors from the checkpoint's codes (max |difference| from its weights "
+           f"{result.max_mapping_error:.2g})" if result.mapped_tensors else "converted by llama.cpp")
+    print(f"wrote {result.path}: {result.type}, {result.size_bytes / 2**20:.1f} MiB, {how}, {result.seconds:.0f} s")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0

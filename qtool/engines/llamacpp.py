@@ -1,0 +1,35 @@
+"""llama.cpp through llama-cpp-python: the engine of CPU deployments, which loads GGUF files.
+
+A qtool checkpoint folder is first exported to GGUF (qtool.export.gguf: the lossless type for its
+method, cached); a .gguf file is loaded as it is. Its environment (a source build of llama.cpp,
+~9 min on 2 cores): scripts/setup-engine.sh llamacpp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtool.engines.base import EngineJob, EngineRun
+from qtool.engines.external import ExternalEngine
+
+
+class LlamaCppEngine(ExternalEngine):
+    name = "llamacpp"
+    summary = "llama.cpp (llama-cpp-python, built from source), GGUF files, own venv, subprocess"
+    inputs = "gguf"
+    worker = "llamacpp_worker.py"
+    setup_minutes = "~9 min source build on 2 cores"
+
+    def checkpoint_for(self, path: Path) -> Path:
+        if path.is_file() and path.suffix == ".gguf":
+            return path
+        from qtool.export.gguf import cached_export
+
+        return cached_export(path)
+
+    def run(self, job: EngineJob) -> EngineRun:
+        from qtool.export.gguf import tensor_types
+
+        result = super().run(job)
+        result.dtype = tensor_types(Path(job.model))
+        return result

@@ -1,0 +1,62 @@
+"""llama.cpp worker (llama-cpp-python): load a GGUF, greedy tokens, speed. See __init__.
+
+Job keys as in vllm_worker. llama-cpp-python's Llama decodes one sequence, so batch sizes above 1
+are reported as not measured (batched decode is llama.cpp's server, not this API). Each timed run
+starts from an empty KV cache (reset), so the prompt is prefilled every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    job = json.loads(open(sys.argv[1]).read())
+    import llama_cpp
+    from _timing import speed_entry
+
+    threads = job.get("threads") or max(1, (os.cpu_count() or 2) - 1)  # like vLLM: leave a core to the host
+    llm = llama_cpp.Llama(model_path=job["model"], n_ctx=job["max_model_len"], n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, seed=0, verbose=False)
+
+    def greedy(prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+        """Tokens, seconds to the first new token, seconds to all of them."""
+        llm.reset()
+        start = time.perf_counter()
+        tokens, first = [], 0.0
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            tokens.append(token)
+            if len(tokens) == 1:
+                first = time.perf_counter() - start
+            if len(tokens) == new_tokens:
+                break
+        return tokens, first, time.perf_counter() - start
+
+    info = llama_cpp.llama_print_system_info()
+    features = [f.split("=")[0].strip() for f in (info.decode() if isinstance(info, bytes) else info).split("|")
+                if f.strip().endswith("= 1")]
+    result = {
+        "engine": "llamacpp", "version": llama_cpp.__version__, "device": "cpu", "dtype": "gguf",
+        "quantization": "gguf", "threads": threads, "mode": "llama.cpp graph", "kernel": "ggml-cpu (" + ", ".join(features) + ")",
+        "tokens": [greedy(p, job["new_tokens"])[0] for p in job["prompts"]], "speed": [],
+    }
+    speed = job.get("speed")
+    if speed:
+        ids, n = speed["prompt_ids"], speed["new_tokens"]
+        for batch in speed["batch"]:
+            if batch != 1:
+                result["speed"].append({"batch": batch, "not_measured": "llama-cpp-python decodes one sequence; "
+                                        "batched decode is llama.cpp's server"})
+                continue
+            greedy(ids, n)  # warm-up
+            runs = [greedy(ids, n)[1:] for _ in range(speed["repeats"])]
+            result["speed"].append(speed_entry(1, len(ids), n, [f for f, _ in runs], [t for _, t in runs]))
+    with open(sys.argv[2], "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Integer codes, scales and zero points of a 4-bit checkpoint's linear layers, read from its files.
+
+Why qtool's own code: GGUF export maps these codes straight onto llama.cpp blocks, and no library
+exposes unpacked codes of GPTQ/AWQ checkpoints without loading a kernel. The layouts are the
+published ones:
+- GPTQ (AutoGPTQ / GPTQModel "gptq" checkpoint format, v1): qweight int32 [in/8, out], eight 4-bit
+  codes per int32 along the input dimension, low bits first; qzeros int32 [groups, out/8] along the
+  output dimension, stored as zero - 1; scales fp16 [groups, out]; g_idx int32 [in] (group of
+  each input column). "gptq_v2" stores zeros without the - 1.
+- AWQ GEMM (llm-awq / AutoAWQ): qweight int32 [in, out/8] and qzeros int32 [groups, out/8], eight
+  codes per int32 along the output dimension in the order 0, 2, 4, 6, 1, 3, 5, 7; scales fp16
+  [groups, out]; no g_idx (groups are contiguous).
+- rtn: dense weights on a per-group min-max (or absmax) grid; the grid is recovered from each
+  group's range (qtool.backends.rtn) and checked to reproduce every weight.
+Every layer: weight[o, i] = scales[o, g(i)] * (codes[o, i] - zeros[o, g(i)]).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qtool.errors import CheckpointError
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+@dataclass
+class Codes:
+    """One linear layer as integer codes on per-group grids.
+
+    codes: uint8 [out, in] in [0, 2**bits); scales: float32 [out, groups]; zeros: float32 [out, groups]
+    (integers); group_size: input columns per group (contiguous).
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    group_size: int
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [out, in]."""
+        g = np.arange(self.codes.shape[1]) // self.group_size
+        return self.scales[:, g] * (self.codes.astype(np.float32) - self.zeros[:, g])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How a checkpoint stores its quantized layers: method, bits, group size, symmetric or not."""
+
+    method: str
+    bits: int
+    group_size: int
+    sym: bool
+    layout: str  # "gptq", "gptq_v2", "awq" or "dense"
+
+
+def grid_of(folder: Path) -> Grid | None:
+    """The checkpoint's quantization grid from config.json / qtool.json, or None when unquantized."""
+    config = json.loads((folder / "config.json").read_text())
+    qc = config.get("quantization_config")
+    record = {}
+    if (folder / "qtool.json").is_file():
+        record = json.loads((folder / "qtool.json").read_text())
+    if qc:
+        method = str(qc.get("quant_method", "?")).lower()
+        bits, group = int(qc.get("bits", 0) or qc.get("w_bit", 0)), int(qc.get("group_size", 0) or qc.get("q_group_size", 0))
+        if method == "gptq":
+            fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+            return Grid("gptq", bits, group, bool(qc.get("sym", True)), "gptq_v2" if fmt == "gptq_v2" else "gptq")
+        if method == "awq":
+            return Grid("awq", bits, group, not bool(qc.get("zero_point", True)), "awq")
+        return Grid(method, bits, group, True, method)
+    if record.get("method") == "rtn":
+        spec = record.get("spec") or record
+        options = spec.get("options") or {}
+        return Grid("rtn", int(spec.get("bits") or 0), int(spec.get("group_size") or 0), bool(options.get("symmetric")),
+                    "dense")
+    return None
+
+
+def _unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
+    """int32 [r, c] -> uint8 [r * 32/bits, c]: codes packed along the first dimension, low bits first."""
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, :, None]
+    words = packed.astype(np.uint32)[:, None, :]
+    return ((words >> shifts) & (2**bits - 1)).astype(np.uint8).reshape(-1, packed.shape[1])
+
+
+def _unpack_cols(packed: np.ndarray, bits: int, order: list[int] | None = None) -> np.ndarray:
+    """int32 [r, c] -> uint8 [r, c * 32/bits]: codes packed along the second dimension."""
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
+    codes = ((packed.astype(np.uint32)[:, :, None] >> shifts) & (2**bits - 1)).astype(np.uint8)
+    if order is not None:  # codes[..., j] holds the column order[j] of its block of eight
+        unordered = np.empty_like(codes)
+        unordered[..., order] = codes
+        codes = unordered
+    return codes.reshape(packed.shape[0], -1)
+
+
+def layer_codes(grid: Grid, tensors: dict[str, np.ndarray], prefix: str) -> Codes:
+    """Codes of the layer `prefix` (e.g. "model.layers.0.self_attn.q_proj") from its tensors.
+
+    Raises CheckpointError when its groups are not contiguous (act-order with a permuting g_idx).
+    """
+    scales = tensors[f"{prefix}.scales"].astype(np.float32).T  # [out, groups]
+    if grid.layout in ("gptq", "gptq_v2"):
+        codes = _unpack_rows(tensors[f"{prefix}.qweight"], grid.bits).T  # [out, in]
+        zeros = _unpack_cols(tensors[f"{prefix}.qzeros"], grid.bits).astype(np.float32).T
+        if grid.layout == "gptq":
+            zeros = zeros + 1
+        g_idx = tensors.get(f"{prefix}.g_idx")
+        if g_idx is not None and not np.array_equal(g_idx, np.arange(codes.shape[1]) // grid.group_size):
+            raise CheckpointError(f"{prefix}: its groups are not contiguous input columns (act-order g_idx)")
+    elif grid.layout == "awq":
+        codes = _unpack_cols(tensors[f"{prefix}.qweight"], grid.bits, AWQ_ORDER).T
+        zeros = _unpack_cols(tensors[f"{prefix}.qzeros"], grid.bits, AWQ_ORDER).astype(np.float32).T
+    else:
+        raise CheckpointError(f"{prefix}: layout {grid.layout} has no integer codes qtool can read")
+    return Codes(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros), grid.group_size)
+
+
+def grid_codes(weight: np.ndarray, grid: Grid, tolerance: float = 1e-5) -> Codes | None:
+    """Codes of a dense weight [out, in] that lies on rtn's per-group grid, or None when it does not.
+
+    The grid of each group is recovered from its range exactly as qtool.backends.rtn builds it;
+    None unless every weight is reproduced within `tolerance` of the group's step.
+    """
+    out, cols = weight.shape
+    g = grid.group_size if grid.group_size > 0 else cols
+    w = weight.astype(np.float32).reshape(out, cols // g, g)
+    if grid.sym:
+        qmax = 2 ** (grid.bits - 1) - 1
+        scale = np.maximum(np.abs(w).max(-1, keepdims=True) / qmax, 1e-10)
+        # rtn's absmax grid uses codes in [-qmax, qmax] (|w| <= absmax); unsigned: q + 2**(bits-1)
+        zero = np.full_like(scale, 2 ** (grid.bits - 1))
+    else:
+        qmax = 2**grid.bits - 1
+        low, high = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+        scale = np.maximum((high - low) / qmax, 1e-10)
+        zero = np.round(-low / scale)
+    codes = np.clip(np.round(w / scale + zero), 0, 2**grid.bits - 1)
+    if np.abs((codes - zero) * scale - w).max(initial=0.0) > tolerance * float(scale.max(initial=1.0)) + 1e-7:
+        return None
+    return Codes(codes.reshape(out, cols).astype(np.uint8), scale[..., 0].astype(np.float32),
+                 zero[..., 0].astype(np.float32), g)

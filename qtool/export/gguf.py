@@ -1,0 +1,355 @@
+"""`qtool export OUT --format gguf --type T`: a qtool checkpoint as a GGUF file for llama.cpp.
+
+The path every type takes: the checkpoint's weights, dense (4-bit layers dequantized from their
+codes, qtool.export.codes), go through llama.cpp's own converter (convert_hf_to_gguf.py from the
+llamacpp engine's environment) into an F16 GGUF that carries the architecture, tokenizer and chat
+template. Then:
+- Q4_0 / Q4_1 from a 4-bit checkpoint whose groups are contiguous and a multiple of 32 input
+  columns (gptq, awq, autoround, rtn): each GGUF block is written from the checkpoint's own integer
+  codes, scale and zero point, not re-quantized. A symmetric grid with zero point 8 is Q4_0
+  (d = scale); any other is Q4_1 (d = scale, m = -scale * zero), exact up to fp16 rounding of d
+  and m. Each mapped tensor is dequantized again (gguf.quants) and compared with the converter's
+  F16 tensor before the file is kept; the rows the converter permutes (llama's q/k) are found the
+  same way.
+- F16, BF16, F32: the converter's output as it is.
+- other llama.cpp types (Q8_0, Q4_K_M, ...): llama.cpp's quantizer (llama_model_quantize) on the
+  F16 file. For an already-quantized checkpoint this quantizes twice, which costs quality: qtool
+  says so.
+The result is written next to its final name and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qtool.errors import CheckpointError, EngineError, OutputExistsError, SpecError
+from qtool.export.codes import Codes, Grid, grid_codes, grid_of, layer_codes
+
+log = logging.getLogger("qtool")
+
+EXACT_TYPES = ("Q4_0", "Q4_1")
+CONVERTER_TYPES = ("F16", "BF16", "F32")
+# llama.cpp's quantizer types (llama_ftype names without the LLAMA_FTYPE_MOSTLY_ prefix)
+QUANTIZER_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_L",
+                   "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4_MOE")
+GGUF_TYPES = EXACT_TYPES + CONVERTER_TYPES + QUANTIZER_TYPES
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExportResult:
+    """What `export_gguf` wrote: path, GGUF type, how each tensor got there, and checks.
+
+    mapped_tensors: tensors written from the checkpoint's codes; max_mapping_error: the largest
+    |dequantized block - converter's F16 weight| over them; requantized: True when llama.cpp's
+    quantizer re-quantized already-quantized weights.
+    """
+
+    path: str
+    type: str
+    source: str
+    method: str
+    mapped_tensors: int = 0
+    max_mapping_error: float | None = None
+    requantized: bool = False
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    size_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def exact_type(grid: Grid | None) -> tuple[str | None, str]:
+    """(Q4_0 / Q4_1 / None, why): the GGUF type the checkpoint's codes map onto without re-quantizing."""
+    if grid is None:
+        return None, "the checkpoint is not quantized (F16 keeps it as it is)"
+    if grid.bits != 4:
+        return None, f"{grid.method} {grid.bits}-bit has no GGUF block type with the same grid (Q4_0/Q4_1 are 4-bit)"
+    if grid.layout not in ("gptq", "gptq_v2", "awq", "dense"):
+        return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
+    if grid.group_size <= 0 or grid.group_size % 32:
+        return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
+    return ("Q4_0" if grid.sym else "Q4_1"), "the checkpoint's codes map exactly"
+
+
+def default_type(folder: Path) -> str:
+    """The lossless GGUF type for a checkpoint: its exact 4-bit block type, F16 when unquantized.
+
+    Raises SpecError when a quantized checkpoint has none (say a --type; it will be re-quantized)."""
+    grid = grid_of(folder)
+    kind, why = exact_type(grid)
+    if kind:
+        return kind
+    if grid is None:
+        return "F16"
+    raise SpecError(f"{folder}: no GGUF type holds its weights unchanged ({why}); give --type (e.g. Q8_0), "
+                    "knowing that llama.cpp then quantizes already-quantized weights again")
+
+
+def converter_paths() -> tuple[Path, Path]:
+    """(python, convert_hf_to_gguf.py) of the llamacpp engine environment; EngineError when missing."""
+    from qtool.engines import get
+
+    engine = get("llamacpp")
+    reason = engine.unavailable()
+    script = engine.python().parents[1] / "convert" / "convert_hf_to_gguf.py"  # type: ignore[attr-defined]
+    if reason or not script.is_file():
+        raise EngineError(f"GGUF export runs llama.cpp's converter: {reason or f'{script} is missing'}")
+    return engine.python(), script  # type: ignore[attr-defined]
+
+
+def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: str | None = None,
+                force: bool = False) -> ExportResult:
+    """Write the checkpoint `folder` as a GGUF file (see the module docstring).
+
+    out: the .gguf path (default: FOLDER-TYPE.gguf beside the folder). Raises SpecError (unknown
+    type, no lossless type), OutputExistsError (out exists and not force), CheckpointError (not a
+    checkpoint), EngineError (the converter or quantizer is missing or fails).
+    """
+    start = time.perf_counter()
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json)")
+    gguf_type = (gguf_type or default_type(folder)).upper()
+    if gguf_type not in GGUF_TYPES:
+        raise SpecError(f"unknown GGUF type {gguf_type}; types: {', '.join(GGUF_TYPES)}")
+    out = Path(out).expanduser() if out else folder.with_name(f"{folder.name}-{gguf_type}.gguf")
+    if out.suffix != ".gguf":
+        raise SpecError(f"{out}: a GGUF export's name ends in .gguf")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    grid = grid_of(folder)
+    method = grid.method if grid else "unquantized"
+    kind, why = exact_type(grid)
+    if gguf_type in EXACT_TYPES and grid is not None and kind != gguf_type:
+        raise SpecError(f"{folder} ({method}) cannot be written as {gguf_type} without re-quantizing: "
+                        f"{why if kind is None else f'its grid is {kind}'}; use --type {kind or 'Q8_0'}")
+    python, script = converter_paths()
+    result = ExportResult(str(out), gguf_type, str(folder), method)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    with tempfile.TemporaryDirectory(prefix="qtool-gguf-", dir=out.parent) as tmp:
+        try:
+            codes = _dense_folder(folder, Path(tmp) / "dense", grid)
+            f16 = Path(tmp) / "model-F16.gguf"
+            outtype = gguf_type.lower() if gguf_type in CONVERTER_TYPES else "f16"
+            _run([str(python), str(script), str(Path(tmp) / "dense"), "--outfile", str(f16), "--outtype", outtype],
+                 "llama.cpp's converter")
+            if gguf_type in EXACT_TYPES and codes:
+                result.mapped_tensors, result.max_mapping_error = write_mapped(f16, codes, partial, gguf_type, folder)
+            elif gguf_type in EXACT_TYPES or gguf_type in QUANTIZER_TYPES:
+                result.requantized = grid is not None
+                if grid is not None:
+                    result.notes.append(f"{method} weights quantized again by llama.cpp's {gguf_type} quantizer: "
+                                        "quality is that of quantizing twice")
+                _run([str(python), "-c", QUANTIZE_SNIPPET, str(f16), str(partial), gguf_type], "llama.cpp's quantizer")
+            else:
+                shutil.move(str(f16), partial)
+                if grid is not None:
+                    result.notes.append(f"{method} weights stored dequantized in {gguf_type}")
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
+    result.seconds = round(time.perf_counter() - start, 1)
+    result.size_bytes = out.stat().st_size
+    return result
+
+
+QUANTIZE_SNIPPET = """
+import sys, llama_cpp
+src, dst, kind = sys.argv[1:4]
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + kind)
+rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+sys.exit("llama_model_quantize returned %d" % rc if rc else 0)
+"""
+
+
+def _run(cmd: list[str], what: str) -> None:
+    from qtool.engines.external import last_error
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EngineError(f"{what} failed: {last_error(proc.stdout + proc.stderr)}")
+
+
+def _dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Codes]:
+    """Write `folder` as an unquantized HF folder for the converter; return the 4-bit layers' codes
+    (empty when the checkpoint has none that map)."""
+    from safetensors.numpy import load_file, save_file
+
+    dense.mkdir(parents=True)
+    for item in folder.iterdir():
+        if item.is_file() and not item.name.endswith((".safetensors", ".json")) or item.name in (
+                "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+            shutil.copy2(item, dense / item.name)
+    tokenizer_config = dense / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        # transformers 5 names a tokenizer.json-backed tokenizer "TokenizersBackend"; the converter's
+        # transformers 4.57 knows the same class as PreTrainedTokenizerFast.
+        data = json.loads(tokenizer_config.read_text())
+        if data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_config.write_text(json.dumps(data, indent=2))
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (dense / "config.json").write_text(json.dumps(config, indent=2))
+    tensors: dict[str, np.ndarray] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    codes: dict[str, Codes] = {}
+    out: dict[str, np.ndarray] = {}
+    mapped = exact_type(grid)[0] is not None
+    for name, value in tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        if grid is not None and grid.layout != "dense" and leaf == "qweight":
+            layer = layer_codes(grid, tensors, prefix)
+            out[f"{prefix}.weight"] = layer.dequantize()
+            if f"{prefix}.bias" in tensors:
+                out[f"{prefix}.bias"] = tensors[f"{prefix}.bias"].astype(np.float32)
+            if mapped:
+                codes[f"{prefix}.weight"] = layer
+        elif grid is not None and grid.layout != "dense" and leaf in ("qzeros", "scales", "g_idx", "bias") and \
+                f"{prefix}.qweight" in tensors:
+            continue
+        else:
+            out[name] = value.astype(np.float32) if value.dtype.kind == "f" or value.dtype == np.uint16 else value
+            if grid is not None and grid.layout == "dense" and mapped and leaf == "weight" and \
+                    prefix.rsplit(".", 1)[-1] in PROJECTIONS:
+                layer = grid_codes(value.astype(np.float32), grid)
+                if layer is not None:
+                    codes[name] = layer
+    save_file(out, str(dense / "model.safetensors"), metadata={"format": "pt"})
+    return codes
+
+
+def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp's converter (LlamaModel.permute) reorders q/k rows for its rotary layout.
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+        weights.shape)
+
+
+def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
+    """uint8 [out, in/32 * block bytes]: Q4_0 (d, 16 bytes of codes) or Q4_1 (d, m, codes) blocks."""
+    out, cols = codes.codes.shape
+    q = codes.codes.reshape(out, cols // 32, 32)
+    packed = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    group = (np.arange(cols // 32) * 32) // codes.group_size
+    d = np.ascontiguousarray(codes.scales[:, group], dtype=np.float16)
+    parts = [d.view(np.uint8).reshape(out, -1, 2)]
+    if gguf_type == "Q4_1":
+        m = np.ascontiguousarray(-d.astype(np.float32) * codes.zeros[:, group], dtype=np.float16)
+        parts.append(m.view(np.uint8).reshape(out, -1, 2))
+    elif not np.all(codes.zeros == 8):
+        raise SpecError("Q4_0 needs every zero point at 8 (a symmetric grid); use Q4_1")
+    return np.concatenate([*parts, packed], axis=-1).reshape(out, -1)
+
+
+def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, source: Path) -> tuple[int, float]:
+    """Copy the converter's F16 GGUF to `out` with each projection written as blocks of its own codes.
+
+    Returns (mapped tensors, the largest |dequantized block - F16 weight|). Raises CheckpointError
+    when a mapped tensor does not reproduce the converter's weight (a layout qtool misread).
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(f16)
+    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    n_head = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    n_kv = int(reader.fields[f"{arch}.attention.head_count_kv"].contents()) if \
+        f"{arch}.attention.head_count_kv" in reader.fields else n_head
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(arch_enum, n_blocks)
+    by_gguf = {names.get_name(hf, try_suffixes=(".weight",)): hf for hf in codes}
+    qtype = getattr(gguf.GGMLQuantizationType, gguf_type)
+    writer = gguf.GGUFWriter(out, arch=arch, endianess=reader.endianess)
+    file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[gguf_type]
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        value = int(file_type) if f.name == gguf.Keys.General.FILE_TYPE else f.contents()
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, value, f.types[0], sub_type=sub)
+    writer.add_string("qtool.source", str(source.resolve()))
+    writer.add_string("qtool.gguf_mapping", f"{gguf_type} blocks from the checkpoint's integer codes")
+    tensors, worst = [], 0.0
+    for t in reader.tensors:
+        hf = by_gguf.get(t.name)
+        if hf is None:
+            tensors.append((t.name, t.data, t.tensor_type))
+            continue
+        target = np.asarray(t.data, dtype=np.float32).reshape(codes[hf].codes.shape)
+        blocks, error = None, None
+        for heads in (None, n_head if "q_proj" in hf else n_kv if "k_proj" in hf else None):
+            layer = codes[hf] if heads is None else _permuted(codes[hf], heads)
+            candidate = _blocks(layer, gguf_type)
+            restored = gguf.quants.dequantize(candidate, qtype).reshape(target.shape)
+            error = float(np.abs(restored - target).max())
+            if error <= 2e-3 * float(np.abs(target).max()) + 1e-6:
+                blocks = candidate
+                break
+        if blocks is None:
+            raise CheckpointError(f"{source}: {hf} does not reproduce llama.cpp's converted weight "
+                                  f"(max |difference| {error:.3g}); not writing a GGUF that differs from the checkpoint")
+        worst = max(worst, error)
+        tensors.append((t.name, blocks, qtype))
+    for name, data, kind in tensors:
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _name, data, _kind in tensors:
+        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+    writer.close()
+    return len(by_gguf), worst
+
+
+def _permuted(codes: Codes, n_head: int) -> Codes:
+    return Codes(_llama_permute(codes.codes, n_head), _llama_permute(codes.scales, n_head),
+                 _llama_permute(codes.zeros, n_head), codes.group_size)
+
+
+def tensor_types(path: Path) -> str:
+    """The GGUF's tensor types with counts, e.g. "Q4_0 ×210, F32 ×61, F16 ×1"."""
+    from collections import Counter
+
+    import gguf
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
+    return ", ".join(f"{k} ×{v}" for k, v in counts.most_common())
+
+
+def cached_export(folder: Path) -> Path:
+    """The lossless GGUF of a checkpoint folder (default_type), exported once into qtool's cache."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from qtool.checkpoint import weights_size_bytes
+    from qtool.models import cache_dir
+
+    folder = folder.resolve()
+    stamp = f"{folder}|{weights_size_bytes(folder)}|{(folder / 'config.json').stat().st_mtime_ns}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
+    kind = default_type(folder)
+    path = cache_dir() / "gguf-exports" / f"{folder.name}-{key}-{kind}.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / ".export.lock")):
+        if not path.is_file():
+            log.info("exporting %s to GGUF %s once; cached in %s", folder, kind, path)
+            export_gguf(folder, path, kind)
+    return path
