@@ -302,24 +302,38 @@ def checkpoint_folder(loaded: LoadedModel) -> Path:
     return Path(resolve_model(loaded.source).location)
 
 
-def evaluate_engine_speed(loaded: LoadedModel, engine_name: str, plan: Any, prompt_source: str = "builtin") -> Any:
-    """Speed and peak memory of the loaded model's checkpoint in a serving engine (qtool.engines).
+def evaluate_in_engine(loaded: LoadedModel, engine_name: str, plan: Any) -> Any:
+    """The loaded model's checkpoint measured in a serving engine (qtool.engines), as `plan` says.
 
-    plan: a SpeedPlan (batch sizes, prompt_len, new_tokens, repeats, compile). The prompt is the
-    first prompt_len tokens of `prompt_source`, as in evaluate_speed. Returns an EngineRun, or an
-    EngineFailure when the engine cannot take this checkpoint (the error in one line).
+    plan: an EvalPlan for this model. With plan.speed: speed and peak memory (the prompt is the
+    first prompt_len tokens of plan.text, as in evaluate_speed). With plan.perplexity and an
+    engine that scores windows (llamacpp): token perplexity on the same windows as
+    evaluate_perplexity. Returns an EngineRun, or an EngineFailure when the engine cannot take this
+    checkpoint (the error in one line).
     """
     from qtool import engines
     from qtool.engines import EngineFailure, EngineJob
+    from qtool.evaluate.perplexity import window_tokens, windowed
 
-    ids = speed_prompt(loaded, prompt_source, plan.prompt_len)
     engine = engines.get(engine_name)
+    speed, windows, scored_from, length = None, None, None, 16
+    if plan.speed:
+        s = plan.speed
+        ids = speed_prompt(loaded, plan.text, s.prompt_len)
+        speed = {"batch": list(s.batch), "prompt_ids": ids.tolist(), "new_tokens": s.new_tokens, "repeats": s.repeats}
+        length = s.prompt_len + s.new_tokens + 16
+    if plan.perplexity and engine.scores_windows:
+        w = plan.windows(progress=False)
+        text = windowed(loaded.tokenizer, load_text(plan.text, purpose="eval"), w["ctx"], w["stride"],
+                        w["max_tokens"], w["bos"])
+        pairs = [window_tokens(text, start, first) for start, first in text.plan]
+        windows, scored_from = [t.tolist() for t, _ in pairs], [o for _, o in pairs]
+        length = max(length, text.ctx)
     try:
         path = engine.checkpoint_for(checkpoint_folder(loaded))
-        job = EngineJob(model=str(path), prompts=[], new_tokens=plan.new_tokens,
-                        max_model_len=plan.prompt_len + plan.new_tokens + 16, compile=plan.compile,
-                        speed={"batch": list(plan.batch), "prompt_ids": ids.tolist(), "new_tokens": plan.new_tokens,
-                               "repeats": plan.repeats})
+        job = EngineJob(model=str(path), prompts=[], new_tokens=plan.speed.new_tokens if plan.speed else 1,
+                        max_model_len=length, compile=bool(plan.speed and plan.speed.compile), speed=speed,
+                        windows=windows, scored_from=scored_from)
         return engine.run(job)
     except QtoolError as exc:
         return EngineFailure(engine_name, str(exc))

@@ -90,8 +90,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
-    how = (f"{result.mapped_tensors} tensors from the checkpoint's codes (max |difference| from its weights "
-           f"{result.max_mapping_error:.2g})" if result.mapped_tensors else "converted by llama.cpp")
+    if result.mapped_tensors:
+        how = (f"{result.mapped_tensors} tensors from the checkpoint's codes (max |difference| from its weights "
+               f"{result.max_mapping_error:.2g})")
+    else:
+        how = "llama.cpp's converter" + (" and quantizer" if result.type not in ("F16", "BF16", "F32") else "")
     print(f"wrote {result.path}: {result.type}, {result.size_bytes / 2**20:.1f} MiB, {how}, {result.seconds:.0f} s")
     for note in result.notes:
         print(f"note: {note}")

@@ -32,6 +32,8 @@ class EngineJob:
     threads: int | None = None
     speed: dict[str, Any] | None = None
     compile: bool = False  # the engine's graph compilation (vLLM: torch.compile), as deployed
+    windows: list[list[int]] | None = None  # token perplexity: windows, each from an empty KV cache
+    scored_from: list[int] | None = None  # first scored position of each window
 
 
 @dataclass
@@ -55,6 +57,7 @@ class EngineRun:
     speed: list[dict[str, Any]] = field(default_factory=list)
     peak_memory_mib: float | None = None
     peak_memory_kind: str = "rss of the engine's process tree"
+    perplexity: dict[str, Any] | None = None  # {nll, tokens_scored, ppl, ctx} when the job had windows
     model: str = ""
     log: str | None = None
 
@@ -76,6 +79,10 @@ class EngineRun:
                          f"max {s['decode_tokens_per_s']['max']:.1f}), first token "
                          f"{1000 * s['time_to_first_token_s']['median']:.0f} ms, {s['prompt_tokens']}+"
                          f"{s['new_tokens']} tokens, median of {s['repeats']}")
+        if self.perplexity:
+            p = self.perplexity
+            lines.append(f"  token perplexity {p['ppl']:.3f} over {p['tokens_scored']} tokens (ctx {p['ctx']}, "
+                         f"{self.engine}'s logits)")
         if self.peak_memory_mib is not None:
             lines.append(f"  peak memory {self.peak_memory_mib:.0f} MiB ({self.peak_memory_kind})")
         return "\n".join(lines)
@@ -104,6 +111,7 @@ class Engine:
     summary: str = ""
     inputs: str = "folder"
     setup_hint: str = ""
+    scores_windows: bool = False  # computes token perplexity from EngineJob.windows
 
     def unavailable(self) -> str | None:
         """None when the engine can run here, else one line saying why not and how to fix it."""

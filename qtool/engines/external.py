@@ -71,7 +71,8 @@ class ExternalEngine(Engine):
                     peak.stop()
             text = log.read_text(errors="replace")
             if rc != 0 or not result_file.exists():
-                raise EngineError(f"{self.name} could not run {job.model}: {last_error(text)} (log: {log})")
+                raise EngineError(f"{self.name} could not run {job.model}: {last_error(text)} (log: {log}; a broken "
+                                  f"engine environment is rebuilt by {self.setup_hint})")
             result = json.loads(result_file.read_text())
         result.setdefault("kernel", self.kernel_from_log(text))
         return EngineRun(**result, peak_memory_mib=peak.mib, model=job.model, log=str(log))

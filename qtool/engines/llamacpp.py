@@ -17,6 +17,7 @@ class LlamaCppEngine(ExternalEngine):
     name = "llamacpp"
     summary = "llama.cpp (llama-cpp-python, built from source), GGUF files, own venv, subprocess"
     inputs = "gguf"
+    scores_windows = True
     worker = "llamacpp_worker.py"
     setup_minutes = "~9 min source build on 2 cores"
 

@@ -150,17 +150,23 @@ class ScoredWindow:
     nbytes: int  # UTF-8 bytes of those n tokens
 
 
+def window_tokens(text: WindowedText, start: int, first: int) -> tuple[torch.Tensor, int]:
+    """One planned window: its tokens (BOS prefix, then text tokens from `start`) and the window
+    position of its first scored token. logits[i] predict window[i + 1]: the text tokens at absolute
+    positions [first, start + span) sit at window positions [offset, ctx)."""
+    prefix = torch.tensor(text.bos.prefix, dtype=torch.long)
+    window = torch.cat([prefix, text.tokens.ids[start : start + text.span]])
+    return window, first - start + len(prefix)
+
+
 @torch.no_grad()
 def scored_windows(model: torch.nn.Module, text: WindowedText) -> Iterator[ScoredWindow]:
     device = next(model.parameters()).device
     tokens, span = text.tokens, text.span
-    prefix = torch.tensor(text.bos.prefix, dtype=torch.long)
     for start, first in text.plan:
-        window = torch.cat([prefix, tokens.ids[start : start + span]]).to(device)
+        window, offset = window_tokens(text, start, first)
+        window = window.to(device)
         logits = model(window.unsqueeze(0)).logits[0].float()
-        # logits[i] predicts window[i + 1]; score the text tokens at absolute positions [first, start+span),
-        # which sit at window positions [offset, ctx).
-        offset = first - start + len(prefix)
         yield ScoredWindow(
             logprobs=F.log_softmax(logits[offset - 1 : -1], dim=-1),
             targets=window[offset:],

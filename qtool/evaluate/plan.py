@@ -64,8 +64,8 @@ class EvalPlan(Section):
             raise ValueError(f"max_tokens {self.max_tokens} is fewer than one window of ctx {self.ctx} tokens")
         if len(set(self.engines)) != len(self.engines):
             raise ValueError(f"engines {self.engines} names an engine twice")
-        if self.engines != ["hf"] and self.speed is None:
-            raise ValueError(f"engines {self.engines} measure speed: add speed settings (--speed)")
+        if self.engines != ["hf"] and self.speed is None and not self.perplexity:
+            raise ValueError(f"engines {self.engines} measure speed or perplexity: add --speed or --ppl")
         return self
 
     def check_engines(self) -> None:
@@ -73,7 +73,7 @@ class EvalPlan(Section):
         from qtool import engines
         from qtool.errors import EngineError
 
-        for name in self.engines if self.speed else []:
+        for name in self.engines:
             reason = engines.get(name).unavailable()
             if reason:
                 raise EngineError(reason)

@@ -35,14 +35,12 @@ def run_plan(plan: EvalPlan, loaded: Any, base: Any | None = None, progress: boo
     if plan.lm_eval:
         results["word_perplexity"] = api.evaluate_word_perplexity(loaded, plan.text, max_length=windows["ctx"],
                                                                   limit=plan.lm_eval.limit, bos=plan.bos)
-    if plan.speed:
+    if plan.speed and "hf" in plan.engines:
         s = plan.speed
-        if "hf" in plan.engines:
-            results["speed"] = api.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats,
-                                                  plan.text)
-        others = [name for name in plan.engines if name != "hf"]
-        if others:
-            results["engines"] = {name: api.evaluate_engine_speed(loaded, name, s, plan.text) for name in others}
+        results["speed"] = api.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats, plan.text)
+    others = [name for name in plan.engines if name != "hf"]
+    if others:
+        results["engines"] = {name: api.evaluate_in_engine(loaded, name, plan) for name in others}
     return results
 
 

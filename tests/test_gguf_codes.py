@@ -1,0 +1,105 @@
+"""GGUF export's CPU-side logic, without llama.cpp: reading a checkpoint's 4-bit codes and writing
+them as GGUF blocks.
+
+Oracles are the libraries themselves: GPTQModel's kernels compute the checkpoint's weights (a layer
+applied to the identity matrix), the gguf package (llama.cpp's reference Python) dequantizes the
+blocks, and qtool's rtn backend makes the dense grids.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qtool
+from qtool.errors import SpecError
+from qtool.export.codes import Codes, Grid, grid_codes, grid_of, layer_codes
+from qtool.export.gguf import _blocks, default_type, exact_type
+from tests.conftest import run_qtool
+
+gguf = pytest.importorskip("gguf")
+FAST_CALIB = ["--calib", "builtin", "--nsamples", "4", "--seqlen", "64"]
+
+
+@pytest.fixture(scope="module", params=[("gptq", "true"), ("gptq", "false"), ("awq", None)],
+                ids=["gptq-sym", "gptq-asym", "awq"])
+def quantized_tiny(request, tiny_llama, tmp_path_factory):
+    pytest.importorskip("gptqmodel", reason="gptq/awq need GPTQModel: scripts/setup-venv.sh installs it")
+    method, sym = request.param
+    out = tmp_path_factory.mktemp(f"{method}-{sym}") / "ckpt"
+    flags = ["--sym", sym] if sym else []
+    proc = run_qtool("quantize", "--method", method, "--bits", "4", "--group-size", "32", *FAST_CALIB, *flags,
+                     "--device", "cpu", tiny_llama, out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_codes_reproduce_what_the_kernel_computes(quantized_tiny):
+    from safetensors.numpy import load_file
+
+    grid = grid_of(quantized_tiny)
+    tensors = load_file(quantized_tiny / "model.safetensors")
+    model = qtool.load(quantized_tiny, device="cpu").model
+    modules = dict(model.named_modules())
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
+    assert len(prefixes) == 14
+    for prefix in prefixes:
+        codes = layer_codes(grid, tensors, prefix)
+        module = modules[prefix]
+        eye = torch.eye(codes.codes.shape[1])
+        with torch.no_grad():
+            weight = module(eye).float().T.numpy()  # the layer's weight as its kernel computes it
+        np.testing.assert_allclose(codes.dequantize(), weight, rtol=0, atol=2e-3 * np.abs(weight).max())
+        assert codes.codes.max() <= 15 and codes.scales.shape == (weight.shape[0], weight.shape[1] // 32)
+
+
+def test_the_grid_names_its_lossless_gguf_type(quantized_tiny):
+    grid = grid_of(quantized_tiny)
+    config = json.loads((quantized_tiny / "config.json").read_text())["quantization_config"]
+    expected = "Q4_0" if config.get("sym") and grid.method == "gptq" else "Q4_1"
+    assert exact_type(grid)[0] == expected == default_type(quantized_tiny)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_blocks_dequantize_in_gguf_to_the_codes_weights(kind):
+    rng = np.random.default_rng(0)
+    out, cols, group = 48, 256, 64
+    zeros = np.full((out, cols // group), 8.0) if kind == "Q4_0" else rng.integers(0, 16, (out, cols // group)) * 1.0
+    codes = Codes(rng.integers(0, 16, (out, cols)).astype(np.uint8),
+                  rng.uniform(1e-3, 5e-2, (out, cols // group)).astype(np.float16).astype(np.float32),
+                  zeros.astype(np.float32), group)
+    blocks = _blocks(codes, kind)
+    assert blocks.shape == (out, cols // 32 * gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, kind)][1])
+    restored = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)).reshape(out, cols)
+    expected = codes.dequantize()
+    # Q4_0's d is the fp16 scale itself (exact); Q4_1 also rounds m = -scale * zero to fp16
+    atol = 0 if kind == "Q4_0" else 2**-11 * np.abs(codes.scales * codes.zeros).max()
+    np.testing.assert_allclose(restored, expected, rtol=1e-6, atol=atol)
+
+
+def test_q4_0_refuses_a_grid_with_other_zero_points():
+    codes = Codes(np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), np.full((2, 1), 7.0, np.float32), 32)
+    with pytest.raises(SpecError, match="Q4_1"):
+        _blocks(codes, "Q4_0")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_grids_are_recovered_from_dense_weights(symmetric):
+    from qtool.backends.rtn import rtn_dequantized
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    dense = rtn_dequantized(weight, 4, 64, symmetric).numpy()
+    codes = grid_codes(dense, Grid("rtn", 4, 64, symmetric, "dense"))
+    assert codes is not None
+    np.testing.assert_allclose(codes.dequantize(), dense, rtol=0, atol=1e-6)
+    assert grid_codes(weight.numpy(), Grid("rtn", 4, 64, symmetric, "dense")) is None  # not on a grid
+
+
+@pytest.mark.parametrize(("grid", "why"), [
+    (None, "not quantized"), (Grid("gptq", 3, 64, True, "gptq"), "3-bit"),
+    (Grid("gptq", 4, 48, True, "gptq"), "multiple of GGUF's 32"), (Grid("hqq", 4, 64, False, "hqq"), "no integer codes"),
+])
+def test_no_exact_type_says_why(grid, why):
+    kind, reason = exact_type(grid)
+    assert kind is None and why in reason
