@@ -4,7 +4,7 @@ QTOOL := $(VENV)/bin/qtool
 DEMO_OUT ?= out/smollm2-hqq4
 WIKITEXT ?= ../shared/data/wikitext-2/test.txt
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo test test-all test-engines engine-vllm engine-llamacpp lint clean
 
 venv:
 	@./scripts/setup-venv.sh
@@ -19,11 +19,24 @@ demo: venv
 
 ## test: the default suite (what CI runs).
 test: venv
-	$(VENV)/bin/python -m pytest -m "not slow" -q --durations=10
+	$(VENV)/bin/python -m pytest -m "not slow and not engines" -q --durations=10
 
-## test-all: include the slow full-model runs.
+## test-all: include the slow full-model runs (and the engine tests where the engines are set up).
 test-all: venv
 	$(VENV)/bin/python -m pytest -q
+
+## engine-vllm / engine-llamacpp: a serving engine's own environment under .engines/ (vLLM CPU ~2 min and
+## 3.5 GB; llama.cpp ~9 min source build on 2 cores). qtool drives each as a subprocess.
+engine-vllm:
+	@./scripts/setup-engine.sh vllm
+
+engine-llamacpp:
+	@./scripts/setup-engine.sh llamacpp
+
+## test-engines: checkpoints loaded in vLLM and llama.cpp, tokens and perplexity against transformers'
+## (not in CI: the engines' set-up and runs do not fit its ~25 min suite budget).
+test-engines: venv engine-vllm engine-llamacpp
+	$(VENV)/bin/python -m pytest -m engines -q --durations=10
 
 lint: venv
 	$(VENV)/bin/ruff check qtool tests

@@ -294,10 +294,10 @@ def speed_prompt(loaded: LoadedModel, source: str, prompt_tokens: int) -> torch.
 
 
 def checkpoint_folder(loaded: LoadedModel) -> Path:
-    """The folder (or .gguf) a loaded model came from, as engines load it: a qtool output folder,
-    or the local folder qtool resolved a model name to (a built-in model's converted folder)."""
+    """The folder (or .gguf) a loaded model came from, as engines load it: a qtool output folder, a
+    .gguf file, or the local folder qtool resolved a model name to (a built-in model's converted folder)."""
     folder = Path(loaded.source).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() or (folder.is_file() and folder.suffix == ".gguf"):
         return folder
     return Path(resolve_model(loaded.source).location)
 

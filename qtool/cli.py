@@ -712,6 +712,8 @@ def _quiet_libraries(progress_bars: bool) -> None:
     # its CUDA-only extensions do not load, and torch logs a deprecation per torchao enum.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # gguf's writer logs every file it opens at INFO (GGUF export prints its own line).
+    logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
 def _log_to_stderr(quiet: bool) -> None:

@@ -55,7 +55,7 @@ case "$name" in
     echo "qtool: building llama.cpp with $CMAKE_ARGS" >&2
     pip install -c constraints/cpu.txt -c "$lock" numpy sentencepiece safetensors transformers protobuf
     pip install --no-cache-dir -c "$lock" llama-cpp-python
-    ver=$(grep -i '^llama-cpp-python==' "$lock" | cut -d= -f3)
+    ver=$(grep -i -E '^llama[-_]cpp[-_]python==' "$lock" | cut -d= -f3)
     tmp=$(mktemp -d)
     pip download -c "$lock" --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$ver"
     tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${QTOOL_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.qtool-setup-stamp"
-want=$(cat pyproject.toml constraints/*.txt scripts/setup-venv.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints/cpu.txt constraints/lock.txt constraints/gptqmodel-*.txt scripts/setup-venv.sh | sha256sum | cut -c1-16)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/qtool" ]; then
   exit 0

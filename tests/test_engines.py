@@ -14,7 +14,14 @@ from qtool import engines
 from qtool.engines.external import last_error
 from qtool.errors import EngineError, SpecError
 from qtool.evaluate.plan import EvalPlan
-from qtool.report import ReportSettings, columns, deployment_engine, recommendations, rows_from_results, table_cells
+from qtool.report import (
+    ReportSettings,
+    columns,
+    deployment_engine,
+    recommendations,
+    rows_from_results,
+    table_cells,
+)
 from qtool.schema import parse_section
 from qtool.serve_check import first_divergence, until_eos
 from tests.conftest import assert_one_line_error, run_qtool
@@ -79,8 +86,8 @@ def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engin
     assert_one_line_error(run_qtool("serve-check", tmp_path / "nope", "--engine", "vllm", env=no_engines),
                           "does not exist")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "hf"), "invalid choice")
-    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--require", "40"),
-                          "--require 40 must be between 0 and --new-tokens 32")
+    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--max-regret", "-1"),
+                          "--max-regret at least 0")
 
 
 def test_export_refuses_a_bad_request_before_any_work(tiny_llama, tmp_path):

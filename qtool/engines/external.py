@@ -63,12 +63,9 @@ class ExternalEngine(Engine):
                 peak = _PeakRss(proc.pid)
                 try:
                     rc = proc.wait()
-                except BaseException:
-                    proc.kill()
-                    proc.wait()
-                    raise
                 finally:
                     peak.stop()
+                    peak.kill_tree()  # engine processes left behind (vLLM's EngineCore), or all on Ctrl-C
             text = log.read_text(errors="replace")
             if rc != 0 or not result_file.exists():
                 raise EngineError(f"{self.name} could not run {job.model}: {last_error(text)} (log: {log}; a broken "
@@ -98,6 +95,7 @@ class _PeakRss:
         import psutil
 
         self._proc, self._psutil, self.peak = psutil.Process(pid), psutil, 0
+        self.seen: set = set()  # every descendant seen while sampling
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -105,7 +103,9 @@ class _PeakRss:
     def _sample(self) -> None:
         while not self._done.is_set():
             try:
-                procs = [self._proc, *self._proc.children(recursive=True)]
+                children = self._proc.children(recursive=True)
+                self.seen.update(children)
+                procs = [self._proc, *children]
                 total = 0
                 for p in procs:
                     try:
@@ -120,6 +120,14 @@ class _PeakRss:
     def stop(self) -> None:
         self._done.set()
         self._thread.join(timeout=1)
+
+    def kill_tree(self) -> None:
+        """Kill the worker and every process it started that is still alive."""
+        for p in [self._proc, *self.seen]:
+            try:
+                p.kill()
+            except self._psutil.Error:
+                pass
 
     @property
     def mib(self) -> float | None:

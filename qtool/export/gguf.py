@@ -72,6 +72,21 @@ class ExportResult:
         return asdict(self)
 
 
+def model_folder(name: str) -> Path:
+    """The checkpoint folder of a path or of a model name qtool resolves (a built-in model's
+    converted folder). Raises CheckpointError / ModelNotFoundError (one line)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{name} is not a checkpoint folder (no config.json)")
+        return folder
+    if folder.suffix == ".gguf":
+        raise SpecError(f"{name} is a GGUF already; export takes a checkpoint folder")
+    from qtool.models import resolve_model
+
+    return Path(resolve_model(name).location)
+
+
 def exact_type(grid: Grid | None) -> tuple[str | None, str]:
     """(Q4_0 / Q4_1 / None, why): the GGUF type the checkpoint's codes map onto without re-quantizing."""
     if grid is None:
@@ -115,18 +130,19 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
                 force: bool = False) -> ExportResult:
     """Write the checkpoint `folder` as a GGUF file (see the module docstring).
 
-    out: the .gguf path (default: FOLDER-TYPE.gguf beside the folder). Raises SpecError (unknown
+    folder: a checkpoint folder or a model name qtool resolves (e.g. smollm2-135m). out: the .gguf
+    path (default: FOLDER-TYPE.gguf beside the folder, NAME-TYPE.gguf here). Raises SpecError (unknown
     type, no lossless type), OutputExistsError (out exists and not force), CheckpointError (not a
     checkpoint), EngineError (the converter or quantizer is missing or fails).
     """
     start = time.perf_counter()
-    folder = Path(folder).expanduser()
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json)")
+    name = str(folder)
+    folder = model_folder(name)
     gguf_type = (gguf_type or default_type(folder)).upper()
     if gguf_type not in GGUF_TYPES:
         raise SpecError(f"unknown GGUF type {gguf_type}; types: {', '.join(GGUF_TYPES)}")
-    out = Path(out).expanduser() if out else folder.with_name(f"{folder.name}-{gguf_type}.gguf")
+    default_out = Path(name).expanduser() if Path(name).expanduser().is_dir() else Path(Path(name).name)
+    out = Path(out).expanduser() if out else default_out.with_name(f"{default_out.name}-{gguf_type}.gguf")
     if out.suffix != ".gguf":
         raise SpecError(f"{out}: a GGUF export's name ends in .gguf")
     if out.exists() and not force:
@@ -207,6 +223,9 @@ def _dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Cod
     config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config", None)
     (dense / "config.json").write_text(json.dumps(config, indent=2))
+    if grid is not None and grid.layout not in ("gptq", "gptq_v2", "awq", "dense"):
+        save_file(kernel_weights(folder), str(dense / "model.safetensors"), metadata={"format": "pt"})
+        return {}
     tensors: dict[str, np.ndarray] = {}
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(file))
@@ -234,6 +253,34 @@ def _dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Cod
                     codes[name] = layer
     save_file(out, str(dense / "model.safetensors"), metadata={"format": "pt"})
     return codes
+
+
+def kernel_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Every weight of a checkpoint as dense float32, whatever its format: the model is loaded by
+    its qtool backend and each quantized projection's weight is read back through its own kernel,
+    W = (layer(I) - layer(0))^T, so no format-specific unpacking is needed (hqq, bnb, aqlm, eetq, ...)."""
+    import torch
+
+    from qtool import api
+
+    model = api.load(folder, "cpu").model
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()
+             if v.is_floating_point() and not k.startswith(tuple(_projection_names(model)))}
+    with torch.no_grad():
+        for name, module in _projection_names(model).items():
+            dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+            cols = module.in_features
+            eye = torch.eye(cols, dtype=dtype)
+            bias = module(torch.zeros(1, cols, dtype=dtype)).float()
+            state[f"{name}.weight"] = (module(eye).float() - bias).T.contiguous().numpy()
+            if getattr(module, "bias", None) is not None:
+                state[f"{name}.bias"] = bias[0].numpy()
+    return state
+
+
+def _projection_names(model: Any) -> dict[str, Any]:
+    return {name: module for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] in PROJECTIONS and hasattr(module, "in_features")}
 
 
 def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:

@@ -59,6 +59,11 @@ def main() -> None:
             result["speed"].append(speed_entry(1, len(ids), n, [f for f, _ in runs], [t for _, t in runs]))
     with open(sys.argv[2], "w") as fh:
         json.dump(result, fh)
+    # The result is written: leave now. An engine's teardown at interpreter exit can hang (vLLM's
+    # once did, for minutes, after its workers had exited); qtool then stops what is left of the tree.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def perplexity(job: dict, threads: int) -> dict:

@@ -1,0 +1,102 @@
+"""Checkpoints in the serving engines themselves: vLLM's CPU build and llama.cpp (`make test-engines`).
+
+Every test compares tokens or perplexity with transformers', never speed. Skipped, with the
+command that sets the engine up, where its environment is missing (CI: the engines' set-up does
+not fit its suite budget; see docs/engines.md).
+"""
+
+import json
+
+import pytest
+
+from qtool import engines
+from tests.conftest import WIKITEXT, run_qtool
+
+pytestmark = pytest.mark.engines
+CALIB = ["--calib", "builtin", "--nsamples", "8", "--seqlen", "128"]
+
+
+def needs(name):
+    reason = engines.get(name).unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=["gptq-sym", "awq"])
+def checkpoint(request, tmp_path_factory):
+    """SmolLM2-135M quantized to 4 bits, group 64: gptq symmetric (→ GGUF Q4_0) and awq (→ Q4_1)."""
+    pytest.importorskip("gptqmodel", reason="gptq/awq need GPTQModel: scripts/setup-venv.sh installs it")
+    method = request.param.split("-")[0]
+    out = tmp_path_factory.mktemp(request.param) / "ckpt"
+    proc = run_qtool("quantize", "--method", method, "--bits", "4", "--group-size", "64", *CALIB, "--device", "cpu",
+                     "smollm2-135m", out, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def serve_check(path, engine, tmp_path):
+    report = tmp_path / f"{engine}.json"
+    proc = run_qtool("serve-check", path, "--engine", engine, "--json", report, timeout=1200)
+    assert report.exists(), proc.stderr
+    return proc, json.loads(report.read_text())
+
+
+def test_vllm_loads_the_checkpoint_and_says_what_transformers_says(checkpoint, tmp_path):
+    needs("vllm")
+    proc, result = serve_check(checkpoint, "vllm", tmp_path)
+    assert proc.returncode == 0 and result["passed"], proc.stdout + proc.stderr
+    assert result["engine"]["quantization"] in ("gptq", "auto_gptq", "awq", "awq_marlin")
+    assert result["engine"]["dtype"] in ("bfloat16", "float16") and result["engine"]["kernel"]
+    # the first prompt's answer is short and certain: every token up to EOS agrees
+    assert result["prompts"][0]["first_divergence"] is None, result["prompts"][0]
+
+
+def test_gguf_export_maps_the_codes_and_llamacpp_agrees(checkpoint, tmp_path):
+    needs("llamacpp")
+    gguf_file = tmp_path / "model.gguf"
+    proc = run_qtool("export", checkpoint, "-o", gguf_file, "--json", timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    exported = json.loads(proc.stdout)
+    assert exported["type"] == ("Q4_0" if "gptq" in str(checkpoint) else "Q4_1")
+    assert exported["mapped_tensors"] == 30 * 7 and not exported["requantized"]
+    proc, result = serve_check(gguf_file, "llamacpp", tmp_path)
+    assert proc.returncode == 0 and result["passed"], proc.stdout + proc.stderr
+    assert result["reference"]["model"].endswith("ckpt")  # compared with the checkpoint it came from
+
+
+def test_llamacpp_perplexity_of_the_export_matches_qtools(checkpoint, tmp_path):
+    needs("llamacpp")
+    text = WIKITEXT / "test.txt"
+    source = str(text) if text.exists() else "builtin"
+    report = tmp_path / "eval.json"
+    proc = run_qtool("eval", checkpoint, "--ppl", source, "--ctx", "512", "--max-tokens", "4096", "--engine", "hf",
+                     "--engine", "llamacpp", "--json", report, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    ours, theirs = result["perplexity"], result["engines"]["llamacpp"]["perplexity"]
+    assert theirs["tokens_scored"] == ours["tokens_scored"]
+    assert abs(theirs["ppl"] / ours["ppl"] - 1) < 0.005, (ours["ppl"], theirs["ppl"])
+
+
+def test_rtn_dense_grid_becomes_exact_q4_1(tmp_path):
+    needs("llamacpp")
+    out = tmp_path / "rtn4"
+    assert run_qtool("quantize", "--method", "rtn", "--bits", "4", "--group-size", "64", "smollm2-135m", out,
+                     timeout=600).returncode == 0
+    proc = run_qtool("export", out, "--json", timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    exported = json.loads(proc.stdout)
+    assert exported["type"] == "Q4_1" and exported["mapped_tensors"] == 210, exported
+    proc, result = serve_check(exported["path"], "llamacpp", tmp_path)
+    assert proc.returncode == 0 and result["passed"], proc.stdout
+
+
+def test_a_method_without_a_lossless_gguf_says_so(tmp_path):
+    needs("llamacpp")
+    out = tmp_path / "hqq4"
+    assert run_qtool("quantize", "--method", "hqq", "--bits", "4", "--group-size", "64", "smollm2-135m", out,
+                     timeout=600).returncode == 0
+    proc = run_qtool("export", out)
+    assert proc.returncode == 1 and "no GGUF type holds its weights unchanged" in proc.stderr
+    proc = run_qtool("export", out, "--type", "Q8_0", timeout=1200)
+    assert proc.returncode == 0 and "quantizing twice" in proc.stdout, proc.stdout + proc.stderr
