@@ -37,6 +37,7 @@ case "$name" in
     # bitsandbytes checkpoints: vllm-bnb-plugin registers the method; its dependencies would pull
     # CUDA vLLM, hence --no-deps.
     pip install -c "$lock" --no-deps vllm-bnb-plugin
+    pip install -c constraints/cpu.txt -c "$lock" bitsandbytes
     ;;
   llamacpp)
     # llama-cpp-python builds llama.cpp from source (CMake). Its sdist also carries llama.cpp's own

@@ -20,7 +20,8 @@ from tests.conftest import REPO, run_qtool
 
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
-COMMANDS = ("quantize", "eval", "compare", "qlora", "chat", "merge", "generate", "methods", "recipes", "models")
+COMMANDS = ("quantize", "eval", "compare", "qlora", "chat", "merge", "generate", "methods", "recipes", "models",
+            "engines", "serve-check", "export")
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 
@@ -55,7 +56,7 @@ def is_cheap(args: list[str]) -> bool:
     """Help and listings: they read no model and write nothing."""
     if args and args[-1] in ("--help", "-h") and len(args) <= 2:
         return True
-    if args[:1] in (["methods"], ["models"]) and set(args[1:]) <= {"--json"}:
+    if args[:1] in (["methods"], ["models"], ["engines"]) and set(args[1:]) <= {"--json"}:
         return True
     return args == ["recipes", "list"]
 

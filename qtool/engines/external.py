@@ -71,20 +71,25 @@ class ExternalEngine(Engine):
                 raise EngineError(f"{self.name} could not run {job.model}: {last_error(text)} (log: {log}; a broken "
                                   f"engine environment is rebuilt by {self.setup_hint})")
             result = json.loads(result_file.read_text())
-        result.setdefault("kernel", self.kernel_from_log(text))
+        result.setdefault("kernel", self.kernel_from_log(text, result.get("quantization")))
         return EngineRun(**result, peak_memory_mib=peak.mib, model=job.model, log=str(log))
 
-    def kernel_from_log(self, text: str) -> str | None:
+    def kernel_from_log(self, text: str, quantization: str | None) -> str | None:
         """The kernel the engine says it picked, from its log (None when it says nothing)."""
         return None
 
 
 def last_error(text: str) -> str:
-    """The most telling line of a failed worker's output: its exception line, else the last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line) or re.match(r"^[\w.]+Error$", line):
+    """The most telling line of a failed worker's output: the root exception line (an engine's
+    wrapper error such as vLLM's "See root cause above" points back to it), else the last line."""
+    lines = [re.sub(r"^\(.*?\) ERROR .*?\] ", "", line.strip()) for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line)
+              or re.match(r"^[\w.]+Error$", line)]
+    for line in reversed(errors):
+        if "root cause" not in line and "initialization failed" not in line:
             return line[:300]
+    if errors:
+        return errors[-1][:300]
     return lines[-1][:300] if lines else "it exited without output"
 
 

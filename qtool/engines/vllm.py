@@ -19,7 +19,9 @@ class VllmEngine(ExternalEngine):
     worker = "vllm_worker.py"
     setup_minutes = "~2 min, 3.5 GB"
 
-    def kernel_from_log(self, text: str) -> str | None:
+    def kernel_from_log(self, text: str, quantization: str | None) -> str | None:
         # vLLM logs the linear kernel it chose for quantized layers, e.g. "Using CPUWNA16LinearKernel for ..."
         kernels = sorted(set(re.findall(r"Using (\w+(?:Kernel|Method))\b", text)))
-        return ", ".join(kernels) if kernels else "unquantized linear (torch)"
+        if kernels:
+            return ", ".join(kernels)
+        return f"{quantization} linear method" if quantization else "unquantized linear (torch)"
