@@ -1,7 +1,8 @@
 """Speed and memory of each variant in each serving engine, with ratios to the base in the same engine.
 
 Variants: the base model, qtool's gptq/awq 4-bit and bnb nf4 checkpoints (folders given with
---variant NAME=PATH), and the base as GGUF Q8_0 / Q4_K_M (llama.cpp's own quantizer). Each variant
+--variant NAME=PATH; a .gguf path runs in llama.cpp only), and the base as GGUF Q8_0 / Q4_K_M
+(llama.cpp's own quantizer). Each variant
 runs `qtool eval --speed --engine ...` in its own process, one after the other in one run, so
 the ratios are comparable; absolute numbers are this machine's. An engine that cannot take a
 variant (llama.cpp has no lossless GGUF of an nf4 checkpoint) is listed with its reason.
@@ -62,7 +63,7 @@ def table(rows: list[dict], batches: list[int]) -> list[str]:
                              + f" | not run: {run['error'][:120]} |")
                 continue
             speeds = [decode(run, b) for b in batches]
-            ref = base.get(engine) or base.get("llamacpp" if row["variant"].startswith("gguf") else engine) or {}
+            ref = base.get(engine) or {}
             ratios = [f"{s / decode(ref, b):.2f}" if s and ref and decode(ref, b) else "—" for s, b in zip(
                 speeds, batches, strict=True)]
             b1 = next((s for s in run.get("speed") or [] if s.get("batch") == 1 and "prefill_tokens_per_s" in s), None)
@@ -84,13 +85,16 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", default=",".join(ENGINES), help="engines to run (default: all)")
     parser.add_argument("--report", default="reports/smollm2-cpu-engines")
     args = parser.parse_args()
 
+    chosen = tuple(e for e in args.engines.split(",") if e)
     report = Path(args.report)
     report.mkdir(parents=True, exist_ok=True)
-    variants = [("base", args.model, ENGINES)]
-    variants += [(name, path, ENGINES) for name, path in (v.split("=", 1) for v in args.variant)]
+    variants = [("base", args.model, chosen)]
+    variants += [(name, path, ("llamacpp",) if path.endswith(".gguf") else chosen)
+                 for name, path in (v.split("=", 1) for v in args.variant)]
     gguf_dir = Path("out/engines-gguf")
     gguf_dir.mkdir(parents=True, exist_ok=True)
     for kind in [t for t in args.gguf_types.split(",") if t]:

@@ -144,6 +144,17 @@ weights. GPU numbers: see [GPU: one H200 check](#gpu-one-h200-check) below. gptq
 about the same time as hqq; decode speed was not measured).
 """
 
+ENGINES_INTRO = """\
+The speed a deployment sees is the serving engine's. The same checkpoints in transformers' eager
+loop (`hf`), in vLLM's CPU build and in llama.cpp (each checkpoint's lossless GGUF: Q4_0/Q4_1
+written from the gptq/awq/rtn codes, F16 for the base), measured in one compare run
+([engines.md](engines.md) says how each engine is driven and timed).
+"""
+
+ENGINES_AFTER = """\
+ENGINES_AFTER_TEXT
+"""
+
 GPU_INTRO = """\
 `benchmarks/gpu_check.sh` (prepared by `benchmarks/gpu_pack.sh`, which packs the packages the GPU
 image lacks; `--dry-run` runs the same code on CPU, and a test runs it) measured on one H200,
@@ -169,7 +180,9 @@ Reproduce with `python benchmarks/ppl_table.py` and `python benchmarks/speed_tab
 `reports/smollm2-cpu-ppl/` and `reports/smollm2-cpu-speed/`: `results.jsonl` with every row's
 full `qtool.json`, eval record and versions, and `table.md`). The compare tables come from
 `qtool compare recipes/compare-smollm2.yaml --out reports/smollm2-cpu` and
-`qtool compare recipes/compare-smollm2-2bit.yaml --out reports/smollm2-cpu-2bit`, the GPU tables
+`qtool compare recipes/compare-smollm2-2bit.yaml --out reports/smollm2-cpu-2bit`, the engine tables
+from `make engine-vllm engine-llamacpp`, `qtool compare recipes/compare-smollm2-engines.yaml --out
+reports/smollm2-cpu-engines` and `python benchmarks/engines.py --variant ...` (its docstring), the GPU tables
 from `benchmarks/gpu_check.sh` on the GPU machine followed by `python benchmarks/gpu_report.py`.
 Then `python benchmarks/results_page.py` rewrites this page from those files.
 """
@@ -308,6 +321,8 @@ def build() -> str:
     gpu = sections(report_file("gpu-h200/README.md")[1])
     gpu_parts = [f"### {heading}\n\n{body}" for heading, body in gpu.items() if re.match(r"\d+\.", heading)]
     twobit = results_jsonl("smollm2-cpu-2bit/results.jsonl")
+    engines = sections(report_file("smollm2-cpu-engines/report.md")[1])
+    bench_title, bench_body = report_file("smollm2-cpu-engines/engines.md")
 
     parts = [
         "<!-- Written by `python benchmarks/results_page.py` from the files under reports/: edit the script's\n"
@@ -320,6 +335,7 @@ def build() -> str:
         "Contents: [perplexity, every method](#smollm2-135m-on-cpu-perplexity) ·\n"
         "[one compare run](#every-method-in-one-compare-run) ·\n"
         "[2 bits per weight](#2-bits-per-weight-aqlm-against-rtn-and-hqq) · [speed on CPU](#speed-on-cpu) ·\n"
+        "[serving engines](#serving-engines) ·\n"
         "[GPU: one H200 check](#gpu-one-h200-check) · [reproduce](#reproduce)",
         "## SmolLM2-135M on CPU: perplexity",
         PPL_INTRO.strip("\n"),
@@ -344,6 +360,20 @@ def build() -> str:
         source("smollm2-cpu-speed/table.md", speed_title),
         speed_body,
         SPEED_AFTER.strip("\n"),
+        "## Serving engines",
+        ENGINES_INTRO.strip("\n"),
+        "From [`reports/smollm2-cpu-engines/report.md`](../reports/smollm2-cpu-engines/report.md)"
+        " (`qtool compare recipes/compare-smollm2-engines.yaml`), its Recommendations, Results, Engine notes"
+        " and Protocol sections:",
+        engines["Recommendations"],
+        engines["Results"],
+        *([engines["Engine notes"]] if "Engine notes" in engines else []),
+        engines["Protocol"],
+        "The same variants one engine at a time, with the base's own GGUF quantizations added"
+        " (`benchmarks/engines.py`):",
+        source("smollm2-cpu-engines/engines.md", bench_title),
+        bench_body,
+        ENGINES_AFTER.strip("\n"),
         "## GPU: one H200 check",
         GPU_INTRO.strip("\n"),
         GPU_BULLETS.strip("\n"),

@@ -52,6 +52,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (the one format so far)")
     p.add_argument("--type", dest="gguf_type", metavar="TYPE", help=GGUF_HELP)
     p.add_argument("-o", "--output", metavar="FILE", help="the .gguf to write (default: OUT-TYPE.gguf beside OUT)")
+    p.add_argument("--embedding-type", default="F16", choices=["F16", "Q8_0"],
+                   help="Q4_0/Q4_1 from codes: the token embedding / output head, which the checkpoint keeps "
+                        "unquantized: F16 (lossless, default) or Q8_0 (smaller, faster decode on small models)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -88,7 +91,8 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qtool.export.gguf import export_gguf
 
-    result = export_gguf(args.checkpoint, args.output, args.gguf_type, force=args.force)
+    result = export_gguf(args.checkpoint, args.output, args.gguf_type, force=args.force,
+                         embedding_type=args.embedding_type)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0

@@ -120,6 +120,9 @@ def test_last_error_finds_the_exception_line():
     text = "INFO loading\nTraceback (most recent call last):\n  File x\nValueError: fp32 is not supported\nshutdown\n"
     assert last_error(text) == "ValueError: fp32 is not supported"
     assert last_error("") == "it exited without output"
+    pydantic = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig\n"
+                "  Value error, Unsupported quantization config: bits=4, sym=False [type=value_error, input=x]\n")
+    assert last_error(pydantic).endswith("VllmConfig: Unsupported quantization config: bits=4, sym=False")
 
 
 def _record(cell, ppl, hf, vllm=None, error=None):

@@ -59,7 +59,6 @@ class EngineRun:
     peak_memory_kind: str = "rss of the engine's process tree"
     perplexity: dict[str, Any] | None = None  # {nll, tokens_scored, ppl, ctx} when the job had windows
     model: str = ""
-    log: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

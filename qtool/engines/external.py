@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -55,7 +56,7 @@ class ExternalEngine(Engine):
         with tempfile.TemporaryDirectory(prefix=f"qtool-engine-{self.name}-") as tmp:
             job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
             job_file.write_text(json.dumps(asdict(job)))
-            log = Path(tempfile.gettempdir()) / f"qtool-engine-{self.name}.log"
+            log = Path(tmp) / "engine.log"
             with open(log, "w") as out:
                 proc = subprocess.Popen([str(self.python()), str(WORKERS / self.worker), str(job_file), str(result_file)],
                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -68,15 +69,24 @@ class ExternalEngine(Engine):
                     peak.kill_tree()  # engine processes left behind (vLLM's EngineCore), or all on Ctrl-C
             text = log.read_text(errors="replace")
             if rc != 0 or not result_file.exists():
-                raise EngineError(f"{self.name} could not run {job.model}: {last_error(text)} (log: {log}; a broken "
+                kept = _keep_log(log, self.name)
+                raise EngineError(f"{self.name} could not run {job.model}: {last_error(text)} (log: {kept}; a broken "
                                   f"engine environment is rebuilt by {self.setup_hint})")
             result = json.loads(result_file.read_text())
         result.setdefault("kernel", self.kernel_from_log(text, result.get("quantization")))
-        return EngineRun(**result, peak_memory_mib=peak.mib, model=job.model, log=str(log))
+        return EngineRun(**result, peak_memory_mib=peak.mib, model=job.model)
 
     def kernel_from_log(self, text: str, quantization: str | None) -> str | None:
         """The kernel the engine says it picked, from its log (None when it says nothing)."""
         return None
+
+
+def _keep_log(log: Path, engine: str) -> Path:
+    """A failed run's log, moved out of the run's temporary folder (which is removed) so the user can read it."""
+    fd, kept = tempfile.mkstemp(prefix=f"qtool-engine-{engine}-", suffix=".log")
+    os.close(fd)
+    shutil.copyfile(log, kept)
+    return Path(kept)
 
 
 def last_error(text: str) -> str:
@@ -87,6 +97,9 @@ def last_error(text: str) -> str:
               or re.match(r"^[\w.]+Error$", line)]
     for line in reversed(errors):
         if "root cause" not in line and "initialization failed" not in line:
+            if "validation error for" in line:  # pydantic puts the reason on a later line
+                detail = next((d for d in lines[lines.index(line):] if "Value error," in d), "")
+                line = f"{line}: {detail.split('Value error,', 1)[1].split('[type=')[0].strip()}" if detail else line
             return line[:300]
     if errors:
         return errors[-1][:300]

@@ -124,27 +124,38 @@ def layer_codes(grid: Grid, tensors: dict[str, np.ndarray], prefix: str) -> Code
     return Codes(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros), grid.group_size)
 
 
-def grid_codes(weight: np.ndarray, grid: Grid, tolerance: float = 1e-5) -> Codes | None:
+def grid_codes(weight: np.ndarray, grid: Grid, tolerance: float = 1e-4) -> Codes | None:
     """Codes of a dense weight [out, in] that lies on rtn's per-group grid, or None when it does not.
 
-    The grid of each group is recovered from its range exactly as qtool.backends.rtn builds it;
-    None unless every weight is reproduced within `tolerance` of the group's step.
+    The grid of each group is recovered from its range: absmax / qmax for rtn's symmetric grid; for
+    its min-max grid, the step is range / k where k is 2**bits - 1, or one or two less when rounding
+    left the top or bottom code unused. None unless every weight is reproduced within `tolerance`
+    steps of its group's grid.
     """
     out, cols = weight.shape
     g = grid.group_size if grid.group_size > 0 else cols
     w = weight.astype(np.float32).reshape(out, cols // g, g)
+    top = 2**grid.bits - 1
     if grid.sym:
         qmax = 2 ** (grid.bits - 1) - 1
-        scale = np.maximum(np.abs(w).max(-1, keepdims=True) / qmax, 1e-10)
-        # rtn's absmax grid uses codes in [-qmax, qmax] (|w| <= absmax); unsigned: q + 2**(bits-1)
-        zero = np.full_like(scale, 2 ** (grid.bits - 1))
+        candidates = [np.maximum(np.abs(w).max(-1, keepdims=True) / qmax, 1e-10)]
     else:
-        qmax = 2**grid.bits - 1
         low, high = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
-        scale = np.maximum((high - low) / qmax, 1e-10)
-        zero = np.round(-low / scale)
-    codes = np.clip(np.round(w / scale + zero), 0, 2**grid.bits - 1)
-    if np.abs((codes - zero) * scale - w).max(initial=0.0) > tolerance * float(scale.max(initial=1.0)) + 1e-7:
+        candidates = [np.maximum((high - low) / k, 1e-10) for k in (top, top - 1, top - 2)]
+    best_scale = best_zero = None
+    best_error = np.full(w.shape[:2] + (1,), np.inf, dtype=np.float32)
+    for scale in candidates:
+        # rtn's absmax grid uses codes in [-qmax, qmax]; unsigned: q + 2**(bits-1). Its min-max grid
+        # puts the group's minimum on code 0.
+        zero = np.full_like(scale, 2 ** (grid.bits - 1)) if grid.sym else np.round(-w.min(-1, keepdims=True) / scale)
+        codes = np.clip(np.round(w / scale + zero), 0, top)
+        error = np.abs((codes - zero) * scale - w).max(-1, keepdims=True) / scale
+        better = error < best_error
+        best_scale = scale if best_scale is None else np.where(better, scale, best_scale)
+        best_zero = zero if best_zero is None else np.where(better, zero, best_zero)
+        best_error = np.minimum(error, best_error)
+    if best_error.max(initial=0.0) > tolerance:
         return None
-    return Codes(codes.reshape(out, cols).astype(np.uint8), scale[..., 0].astype(np.float32),
-                 zero[..., 0].astype(np.float32), g)
+    codes = np.clip(np.round(w / best_scale + best_zero), 0, top)
+    return Codes(codes.reshape(out, cols).astype(np.uint8), best_scale[..., 0].astype(np.float32),
+                 best_zero[..., 0].astype(np.float32), g)

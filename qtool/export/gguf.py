@@ -91,10 +91,10 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
     """(Q4_0 / Q4_1 / None, why): the GGUF type the checkpoint's codes map onto without re-quantizing."""
     if grid is None:
         return None, "the checkpoint is not quantized (F16 keeps it as it is)"
-    if grid.bits != 4:
-        return None, f"{grid.method} {grid.bits}-bit has no GGUF block type with the same grid (Q4_0/Q4_1 are 4-bit)"
     if grid.layout not in ("gptq", "gptq_v2", "awq", "dense"):
         return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
+    if grid.bits != 4:
+        return None, f"{grid.method} {grid.bits}-bit has no GGUF block type with the same grid (Q4_0/Q4_1 are 4-bit)"
     if grid.group_size <= 0 or grid.group_size % 32:
         return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
     return ("Q4_0" if grid.sym else "Q4_1"), "the checkpoint's codes map exactly"
@@ -126,12 +126,19 @@ def converter_paths() -> tuple[Path, Path]:
     return engine.python(), script  # type: ignore[attr-defined]
 
 
+EMBEDDING_TYPES = ("F16", "Q8_0")
+EXPORT_FORMAT = 2  # part of cached exports' keys: bump when what export_gguf writes changes
+
+
 def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: str | None = None,
-                force: bool = False) -> ExportResult:
+                force: bool = False, embedding_type: str = "F16") -> ExportResult:
     """Write the checkpoint `folder` as a GGUF file (see the module docstring).
 
     folder: a checkpoint folder or a model name qtool resolves (e.g. smollm2-135m). out: the .gguf
-    path (default: FOLDER-TYPE.gguf beside the folder, NAME-TYPE.gguf here). Raises SpecError (unknown
+    path (default: FOLDER-TYPE.gguf beside the folder, NAME-TYPE.gguf here). embedding_type: with
+    Q4_0/Q4_1 from codes, the token embedding (and an untied output head), which 4-bit methods leave
+    unquantized, stays F16 (lossless) or becomes Q8_0 (gguf's quantizer, byte-identical to
+    llama.cpp's: half the bytes of the largest matmul in a small model). Raises SpecError (unknown
     type, no lossless type), OutputExistsError (out exists and not force), CheckpointError (not a
     checkpoint), EngineError (the converter or quantizer is missing or fails).
     """
@@ -141,6 +148,9 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
     gguf_type = (gguf_type or default_type(folder)).upper()
     if gguf_type not in GGUF_TYPES:
         raise SpecError(f"unknown GGUF type {gguf_type}; types: {', '.join(GGUF_TYPES)}")
+    embedding_type = embedding_type.upper()
+    if embedding_type not in EMBEDDING_TYPES:
+        raise SpecError(f"unknown embedding type {embedding_type}; types: {', '.join(EMBEDDING_TYPES)}")
     default_out = Path(name).expanduser() if Path(name).expanduser().is_dir() else Path(Path(name).name)
     out = Path(out).expanduser() if out else default_out.with_name(f"{default_out.name}-{gguf_type}.gguf")
     if out.suffix != ".gguf":
@@ -165,7 +175,11 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
             _run([str(python), str(script), str(Path(tmp) / "dense"), "--outfile", str(f16), "--outtype", outtype],
                  "llama.cpp's converter")
             if gguf_type in EXACT_TYPES and codes:
-                result.mapped_tensors, result.max_mapping_error = write_mapped(f16, codes, partial, gguf_type, folder)
+                result.mapped_tensors, result.max_mapping_error = write_mapped(f16, codes, partial, gguf_type, folder,
+                                                                               embedding_type)
+                if embedding_type != "F16":
+                    result.notes.append(f"token embedding / output head quantized to {embedding_type} "
+                                        "(the checkpoint kept them unquantized)")
             elif gguf_type in EXACT_TYPES or gguf_type in QUANTIZER_TYPES:
                 result.requantized = grid is not None
                 if grid is not None:
@@ -305,7 +319,8 @@ def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
     return np.concatenate([*parts, packed], axis=-1).reshape(out, -1)
 
 
-def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, source: Path) -> tuple[int, float]:
+def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, source: Path,
+                 embedding_type: str = "F16") -> tuple[int, float]:
     """Copy the converter's F16 GGUF to `out` with each projection written as blocks of its own codes.
 
     Returns (mapped tensors, the largest |dequantized block - F16 weight|). Raises CheckpointError
@@ -336,6 +351,10 @@ def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, 
     tensors, worst = [], 0.0
     for t in reader.tensors:
         hf = by_gguf.get(t.name)
+        if hf is None and embedding_type != "F16" and t.name in ("token_embd.weight", "output.weight"):
+            kind = getattr(gguf.GGMLQuantizationType, embedding_type)
+            tensors.append((t.name, gguf.quants.quantize(np.asarray(t.data, dtype=np.float32), kind), kind))
+            continue
         if hf is None:
             tensors.append((t.name, t.data, t.tensor_type))
             continue
@@ -390,7 +409,7 @@ def cached_export(folder: Path) -> Path:
     from qtool.models import cache_dir
 
     folder = folder.resolve()
-    stamp = f"{folder}|{weights_size_bytes(folder)}|{(folder / 'config.json').stat().st_mtime_ns}"
+    stamp = f"{folder}|{weights_size_bytes(folder)}|{(folder / 'config.json').stat().st_mtime_ns}|{EXPORT_FORMAT}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
     kind = default_type(folder)
     path = cache_dir() / "gguf-exports" / f"{folder.name}-{key}-{kind}.gguf"
