@@ -394,7 +394,8 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
     speed = first.get("speed") or []
     if speed:
         s = speed[0]
-        lines.append(f"Speed: {s['prompt_tokens']}-token prompt + {s['new_tokens']} greedy tokens, median of "
+        lines.append(f"Speed in hf (transformers' eager loop in qtool's process): {s['prompt_tokens']}-token prompt + "
+                     f"{s['new_tokens']} greedy tokens, median of "
                      f"{s['repeats']} runs after a warm-up, on {s['device']}; decode column = batch "
                      f"{' / '.join(str(x['batch']) for x in speed)}. Memory peak: {s['peak_memory_kind']}.")
     for name, run in (first.get("engines") or {}).items():
@@ -408,7 +409,8 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
                f"median of {timed[0]['repeats']} after a warm-up; " if timed else "")
             + "decode tok/s = batch × (new tokens − 1) / (time to all tokens − time to the first); each run "
             "prefills (no prefix cache). Peak MiB: resident memory of the engine's process tree over load and "
-            "all runs. Kernel and weight types per cell in its 'ran' column."
+            "all runs. " + ("Kernel per cell in its 'ran' column." if name == "vllm" else
+                            f"Kernel: {run.get('kernel')}; weight types per cell in its 'ran' column.")
             + (" Not measured: " + "; ".join(f"batch {e['batch']} ({e['not_measured']})" for e in run.get("speed")
                                               if "not_measured" in e) if any("not_measured" in e for e in
                                                                               run.get("speed") or []) else ""))

@@ -69,9 +69,11 @@ class ExternalEngine(Engine):
                     peak.kill_tree()  # engine processes left behind (vLLM's EngineCore), or all on Ctrl-C
             text = log.read_text(errors="replace")
             if rc != 0 or not result_file.exists():
-                kept = _keep_log(log, self.name)
-                raise EngineError(f"{self.name} could not run {job.model}: {last_error(text)} (log: {kept}; a broken "
-                                  f"engine environment is rebuilt by {self.setup_hint})")
+                kept, reason = _keep_log(log, self.name), last_error(text)
+                broken = rc < 0 or re.search(r"ImportError|ModuleNotFoundError|No module named|undefined symbol|"
+                                             r"exited without output", reason)
+                hint = f"; a broken engine environment is rebuilt by {self.setup_hint}" if broken else ""
+                raise EngineError(f"{self.name} could not run {job.model}: {reason} (log: {kept}{hint})")
             result = json.loads(result_file.read_text())
         result.setdefault("kernel", self.kernel_from_log(text, result.get("quantization")))
         return EngineRun(**result, peak_memory_mib=peak.mib, model=job.model)
