@@ -72,8 +72,14 @@ def table(rows: list[dict], batches: list[int]) -> list[str]:
                 " | ".join(f"{s:.1f}" if s else "—" for s in speeds), "|", " | ".join(ratios), "|",
                 f"{b1['prefill_tokens_per_s']['median']:.0f} | {1000 * b1['time_to_first_token_s']['median']:.0f} |"
                 if b1 else "— | — |",
-                f"{run.get('peak_memory_mib') or 0:.0f} | {run.get('dtype')}; {run.get('kernel') or ''} |"[:400]]))
+                f"{run.get('peak_memory_mib') or 0:.0f} | {run.get('dtype')}"
+                + (f"; {run.get('kernel')}" if engine == "vllm" else "") + " |"]))
     return lines
+
+
+def llamacpp_kernel(rows: list[dict]) -> str:
+    return next((r["runs"]["llamacpp"].get("kernel") for r in rows
+                 if (r["runs"].get("llamacpp") or {}).get("kernel")), "not run")
 
 
 def main() -> int:
@@ -118,7 +124,7 @@ def main() -> int:
              "ratios are to the base in the same engine (GGUF rows: to the base's F16 GGUF in llama.cpp). "
              "Peak MiB: hf = torch allocations while generating; vllm/llamacpp = resident memory of the engine's "
              "process tree over load and all runs. llama-cpp-python decodes one sequence, so llama.cpp has no batch-8 "
-             "figure.", "", *table(rows, batches), ""]
+             f"figure. llama.cpp's kernels: {llamacpp_kernel(rows)}.", "", *table(rows, batches), ""]
     (report / "engines.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

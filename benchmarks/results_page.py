@@ -152,7 +152,29 @@ written from the gptq/awq/rtn codes, F16 for the base), measured in one compare 
 """
 
 ENGINES_AFTER = """\
-ENGINES_AFTER_TEXT
+What the compare run says (one run, idle machine, 1 engine thread): the ranking flips with the
+engine. In transformers the 4-bit gptq and awq layers decode at 1.2-2.6 tok/s against the base's
+16.6; in vLLM's CPU build (CPUWNA16LinearKernel, bf16) the same checkpoints decode at 45.5 (gptq
+symmetric) and 47.2 (awq) tok/s against the base's 26.6, 1.71x and 1.78x, and at batch 8 228 and
+260 against 177. In llama.cpp the GGUF written from the gptq codes (Q4_0) decodes at 48.8 tok/s
+and the awq one (Q4_1) at 49.1, against 29.6 for the base's F16 GGUF (1.65x, 1.66x). In the
+benchmark table its base and gptq4 rows ran first, on the idle machine (gptq Q4_0 53.2 against F16
+28.5 tok/s: 1.87x); **from the awq4 rows on it shared the two cores with a test suite** (vLLM awq4
+at 28.1 tok/s against 47.2 in the compare): read those rows for what loads where and for the GGUF
+types llama.cpp's quantizer picks (Q4_K_M falls back to Q5_0 for the 576-wide rows), not for
+speed. Batch-1 speed-ups
+in the 1.6-1.9x range on a 135M model are bounded by what stays unquantized: the tied 49152 x 576
+embedding, which is also the output head, is 21 % of the weights and stays F16 in every 4-bit
+export (`--embedding-type Q8_0` halves it).
+
+llama.cpp's perplexity of each export, from its own logits on qtool's windows, is within 0.24 % of
+qtool's for the checkpoint: base F16 +0.002 %, gptq Q4_0 +0.23 %, gptq asymmetric Q4_1 +0.24 %,
+awq Q4_1 +0.03 %, rtn Q4_1 +0.20 % (the tables' token PPL column is qtool's). vLLM 0.32 refuses
+asymmetric GPTQ (its GPTQ path takes symmetric 4/8-bit only), so the compare's most accurate
+4-bit cell, gptq with `sym: false`, serves through llama.cpp (Q4_1) but not vLLM; bnb nf4 loads
+in vLLM through vllm-bnb-plugin but decodes at a third of the base's speed there; hqq loads in
+neither. Absolute speeds vary by ±15 % between runs on this shared 2-core machine (gptq asymmetric
+in llama.cpp: 40.3 then 47.5 tok/s); compare ratios within one run.
 """
 
 GPU_INTRO = """\

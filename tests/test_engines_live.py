@@ -100,3 +100,23 @@ def test_a_method_without_a_lossless_gguf_says_so(tmp_path):
     assert proc.returncode == 1 and "no GGUF type holds its weights unchanged" in proc.stderr
     proc = run_qtool("export", out, "--type", "Q8_0", timeout=1200)
     assert proc.returncode == 0 and "quantizing twice" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_bnb_nf4_loads_in_vllm_through_the_plugin(tmp_path):
+    needs("vllm")
+    out = tmp_path / "nf4"
+    assert run_qtool("quantize", "--method", "bnb", "--bits", "4", "smollm2-135m", out, timeout=600).returncode == 0
+    proc, result = serve_check(out, "vllm", tmp_path)
+    assert proc.returncode == 0 and result["passed"], proc.stdout + proc.stderr
+    assert result["engine"]["quantization"] == "bitsandbytes"
+
+
+def test_vllm_refusal_is_one_line_with_its_reason(tmp_path):
+    """vLLM 0.32's GPTQ path takes symmetric grids only: an asymmetric checkpoint is refused, in one line."""
+    needs("vllm")
+    out = tmp_path / "gptq-asym"
+    assert run_qtool("quantize", "--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "false", *CALIB,
+                     "smollm2-135m", out, timeout=1200).returncode == 0
+    proc = run_qtool("serve-check", out, "--engine", "vllm", timeout=1200)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "sym=False" in lines[0], proc.stderr
