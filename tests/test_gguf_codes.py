@@ -95,7 +95,10 @@ def test_rtn_grids_are_recovered_from_dense_weights(symmetric):
     weight[0, :64] = torch.linspace(-6.5, 8.5, 64)
     dense = rtn_dequantized(weight, 4, 64, symmetric).numpy()
     codes = grid_codes(dense, Grid("rtn", 4, 64, symmetric, "dense"))
-    assert codes is not None
+    # the recovered grid is rtn's own: its step per group, as rtn computed it from the original weight
+    groups = weight.reshape(64, 4, 64)
+    step = (groups.abs().amax(-1) / 7 if symmetric else (groups.amax(-1) - groups.amin(-1)) / 15).numpy()
+    np.testing.assert_allclose(codes.scales, step, rtol=1e-5)
     np.testing.assert_allclose(codes.dequantize(), dense, rtol=0, atol=1e-6)
     assert grid_codes(weight.numpy(), Grid("rtn", 4, 64, symmetric, "dense")) is None  # not on a grid
 
