@@ -277,6 +277,15 @@ def quantizable_linears(config: Any) -> dict[str, nn.Linear]:
     return linear_layers(skeleton)
 
 
+# A Llama-family decoder layer's projections: what 4-bit methods quantize and exports map.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> module of every decoder projection, whatever class computes it (a quantized kernel too)."""
+    return {name: module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS}
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     head = model.get_output_embeddings()
     return {

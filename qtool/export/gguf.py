@@ -36,6 +36,7 @@ import numpy as np
 
 from qtool.errors import CheckpointError, EngineError, OutputExistsError, SpecError
 from qtool.export.codes import Codes, Grid, grid_codes, grid_of, layer_codes
+from qtool.models import PROJECTIONS, projection_modules
 
 log = logging.getLogger("qtool")
 
@@ -45,7 +46,6 @@ CONVERTER_TYPES = ("F16", "BF16", "F32")
 QUANTIZER_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_L",
                    "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4_MOE")
 GGUF_TYPES = EXACT_TYPES + CONVERTER_TYPES + QUANTIZER_TYPES
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -278,10 +278,11 @@ def kernel_weights(folder: Path) -> dict[str, np.ndarray]:
     from qtool import api
 
     model = api.load(folder, "cpu").model
+    projections = projection_modules(model)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()
-             if v.is_floating_point() and not k.startswith(tuple(_projection_names(model)))}
+             if v.is_floating_point() and not k.startswith(tuple(projections))}
     with torch.no_grad():
-        for name, module in _projection_names(model).items():
+        for name, module in projections.items():
             dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
             cols = module.in_features
             eye = torch.eye(cols, dtype=dtype)
@@ -290,11 +291,6 @@ def kernel_weights(folder: Path) -> dict[str, np.ndarray]:
             if getattr(module, "bias", None) is not None:
                 state[f"{name}.bias"] = bias[0].numpy()
     return state
-
-
-def _projection_names(model: Any) -> dict[str, Any]:
-    return {name: module for name, module in model.named_modules()
-            if name.rsplit(".", 1)[-1] in PROJECTIONS and hasattr(module, "in_features")}
 
 
 def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
