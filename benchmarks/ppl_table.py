@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import qtool
+from qtool import backends
 from qtool.runtime import package_versions
 
 # Calibration for gptq/awq. AWQ's search costs ~20 forward passes of the calibration set per
@@ -60,6 +61,19 @@ CALIBRATED = [  # name, method, bits, group size, options, seed, calibration
     for bits in (4, 3) for seed in (0, 1)
 ]
 
+# Deployment formats in compressed-tensors (vLLM's native layout), evaluated on CPU by emulation
+# (weights decompressed, activations and KV cache quantize-dequantized on the fly). The calibrated
+# ones use gptq's calibration set above.
+COMPRESSED_TENSORS = [  # name, method, bits, group size, options, seed, calibration
+    ("fp8 dynamic (W per channel, A per token)", "fp8", 8, -1, {}, 0, {}),
+    ("fp8 static (A per tensor, calibrated)", "fp8", 8, -1, {"activations": "static"}, 0, CALIB),
+    ("fp8 dynamic + fp8 KV cache", "fp8", 8, -1, {"kv_cache": "fp8"}, 0, CALIB),
+    ("w8a8 int8, SmoothQuant α=0.5", "w8a8", 8, -1, {}, 0, CALIB),
+    ("w8a8 int8, no smoothing", "w8a8", 8, -1, {"smoothquant": "false"}, 0, {}),
+    ("mxfp4 (E2M1, g32 E8M0 scales)", "mxfp4", 4, 32, {}, 0, {}),
+    ("nvfp4 (E2M1, g16 E4M3 scales)", "nvfp4", 4, 16, {}, 0, {}),
+]
+
 ROWS = [  # name, method, bits, group size, options
     ("base fp32", None, None, None, {}),
     ("rtn 4-bit g64", "rtn", 4, 64, {}),
@@ -90,7 +104,7 @@ def main() -> int:
     report.mkdir(parents=True, exist_ok=True)
     results_path = report / "results.jsonl"
     done = {json.loads(line)["name"]: json.loads(line) for line in results_path.read_text().splitlines()} if results_path.exists() else {}
-    rows = [(*row, 0, {}) for row in ROWS] + CALIBRATED
+    rows = [(*row, 0, {}) for row in ROWS] + CALIBRATED + COMPRESSED_TENSORS
     for name, method, bits, group, options, seed, calib in rows:
         if args.only and name not in args.only:
             continue
@@ -105,6 +119,8 @@ def main() -> int:
                                     seed=seed, **calib)
         loaded = qtool.load(path, device="cpu")
         evaluation = "the checkpoint's own layers, fp32 activations"
+        if method in {row[1] for row in COMPRESSED_TENSORS}:
+            evaluation = backends.get(method).kernel("cpu")
         if method == "awq" and bits != 4:
             evaluation = dequantize_awq_layers(loaded.model)
         ppl = qtool.evaluate_perplexity(loaded, args.text, ctx=args.ctx, max_tokens=args.max_tokens)

@@ -110,8 +110,12 @@ def cell_request(recipe: CompareRecipe, cell: Cell, device: str) -> QuantizeRequ
     """The checked quantize request of one cell: its method, bits, group size and options, the
     recipe's seed, and the recipe's calibration keys when the method calibrates."""
     from qtool import backends
+    from qtool.backends.base import parse_options
+    from qtool.request import option_strings
 
-    calibration = recipe.calibration_arguments() if backends.get(cell.method).capabilities.needs_calibration else {}
+    backend = backends.get(cell.method)
+    options = parse_options(backend.Options, option_strings(cell.options), cell.method)
+    calibration = recipe.calibration_arguments() if backend.calibrates(options) else {}
     return parse_section(QuantizeRequest, {"method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
                                            "options": cell.options, "seed": recipe.seed, "device": device,
                                            **calibration}, "cell", error=SpecError)

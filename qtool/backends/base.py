@@ -122,19 +122,28 @@ class Backend(ABC):
             raise SpecError(f"{self.name} does not support group size {group_size}; supported: {_join(allowed)}")
         if allowed is None and group_size != -1 and group_size < 1:
             raise SpecError(f"group size must be positive or -1 (per channel), got {group_size}")
-        if self.capabilities.needs_calibration:
+        options_value = parse_options(self.Options, options or {}, self.name)
+        if self.calibrates(options_value):
             calibration = calibration or CalibrationSpec()
             calibration.check()
         elif calibration is not None:
-            raise SpecError(f"{self.name} quantizes without calibration data; drop --calib, --nsamples, --seqlen and --bos")
+            raise SpecError(f"{self.name} quantizes without calibration data{self.calibration_hint()}; "
+                            "drop --calib, --nsamples, --seqlen and --bos")
         from qtool.schema import MAX_SEED
 
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
             raise SpecError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-        options_value = parse_options(self.Options, options or {}, self.name)
         spec = QuantSpec(self.name, bits, group_size, options_value, seed, calibration)
         self.check_spec(spec)
         return spec
+
+    def calibrates(self, options: Any) -> bool:
+        """Whether quantizing with these options reads calibration samples. Default: the capability."""
+        return self.capabilities.needs_calibration
+
+    def calibration_hint(self) -> str:
+        """For methods where only some options calibrate: which ones (appended to the refusal)."""
+        return ""
 
     def check_spec(self, spec: QuantSpec) -> None:
         """Backend-specific combinations of bits and options; raise SpecError. Default: none."""
