@@ -307,7 +307,7 @@ def evaluate_in_engine(loaded: LoadedModel, engine_name: str, plan: Any) -> Any:
 
     plan: an EvalPlan for this model. With plan.speed: speed and peak memory (the prompt is the
     first prompt_len tokens of plan.text, as in evaluate_speed). With plan.perplexity and an
-    engine that scores windows (llamacpp): token perplexity on the same windows as
+    engine that scores windows (llamacpp, vllm): token perplexity on the same windows as
     evaluate_perplexity. Returns an EngineRun, or an EngineFailure when the engine cannot take this
     checkpoint (the error in one line).
     """
@@ -328,7 +328,7 @@ def evaluate_in_engine(loaded: LoadedModel, engine_name: str, plan: Any) -> Any:
                         w["max_tokens"], w["bos"])
         pairs = [window_tokens(text, start, first) for start, first in text.plan]
         windows, scored_from = [t.tolist() for t, _ in pairs], [o for _, o in pairs]
-        length = max(length, text.ctx)
+        length = max(length, text.ctx + 1)  # vLLM generates one token after a full window
     try:
         path = engine.checkpoint_for(checkpoint_folder(loaded))
         job = EngineJob(model=str(path), prompts=[], new_tokens=plan.speed.new_tokens if plan.speed else 1,

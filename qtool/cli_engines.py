@@ -41,17 +41,23 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
 
     p = sub.add_parser(
-        "export", help="write a checkpoint in a deployment format (GGUF for llama.cpp)",
-        description="Write OUT as a GGUF file. " + GGUF_HELP + ". Writing to a temporary sibling, renamed at the "
-                    "end. Needs the llamacpp engine environment (llama.cpp's converter): make engine-llamacpp.",
+        "export", help="write a checkpoint in a deployment format (GGUF for llama.cpp, compressed-tensors for vLLM)",
+        description="Write OUT as a GGUF file. " + GGUF_HELP + ". Needs the llamacpp engine environment (llama.cpp's "
+                    "converter): make engine-llamacpp. Or, with --format compressed-tensors, as a folder in vLLM's "
+                    "native layout (gptq/awq/autoround/rtn codes carried over unchanged and checked). Either is "
+                    "written to a temporary sibling and renamed at the end.",
         epilog="examples:\n  qtool export out/gptq4 --format gguf                 # Q4_0/Q4_1 from the codes\n"
-               "  qtool export out/gptq4 --format gguf --type Q8_0 -o out/gptq4-q8.gguf",
+               "  qtool export out/gptq4 --format gguf --type Q8_0 -o out/gptq4-q8.gguf\n"
+               "  qtool export out/gptq4 --format compressed-tensors     # out/gptq4-ct, W4A16 pack-quantized",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", metavar="OUT", help="qtool output folder (or any unquantized model folder)")
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="gguf (the one format so far)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors"],
+                   help="gguf (llama.cpp; default) or compressed-tensors (vLLM's native layout: gptq/awq/autoround/rtn "
+                        "codes carried over as W4A16/W8A16 pack-quantized, written as folder OUT-ct)")
     p.add_argument("--type", dest="gguf_type", metavar="TYPE", help=GGUF_HELP)
-    p.add_argument("-o", "--output", metavar="FILE", help="the .gguf to write (default: OUT-TYPE.gguf beside OUT)")
+    p.add_argument("-o", "--output", metavar="PATH", help="the .gguf (or compressed-tensors folder) to write "
+                   "(default: OUT-TYPE.gguf / OUT-ct beside OUT)")
     p.add_argument("--embedding-type", default="F16", choices=["F16", "Q8_0"],
                    help="Q4_0/Q4_1 from codes: the token embedding / output head, which the checkpoint keeps "
                         "unquantized: F16 (lossless, default) or Q8_0 (smaller, faster decode on small models)")
@@ -89,10 +95,17 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from qtool.errors import SpecError
+    from qtool.export.compressed import export_compressed_tensors
     from qtool.export.gguf import export_gguf
 
-    result = export_gguf(args.checkpoint, args.output, args.gguf_type, force=args.force,
-                         embedding_type=args.embedding_type)
+    if args.format == "compressed-tensors":
+        if args.gguf_type or args.embedding_type != "F16":
+            raise SpecError("--type and --embedding-type are GGUF options; compressed-tensors keeps the checkpoint's grid")
+        result = export_compressed_tensors(args.checkpoint, args.output, force=args.force)
+    else:
+        result = export_gguf(args.checkpoint, args.output, args.gguf_type, force=args.force,
+                             embedding_type=args.embedding_type)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0

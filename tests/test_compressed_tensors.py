@@ -123,7 +123,7 @@ def test_tensors_are_stored_in_the_layout_vllm_reads(tiny_llama, tmp_path):
                 assert t[name].shape == (1,) and torch.isfinite(t[name]).all() and t[name].item() > 0
             else:
                 assert name not in t
-        assert t["model.embed_tokens.weight"].dtype == torch.float16
+        assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
         assert "lm_head.weight" not in t  # tied to the embeddings
 
 

