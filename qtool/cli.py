@@ -289,6 +289,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                     "serializable": caps.serializable, "peft_trainable": caps.peft_trainable,
                     "packages": caps.packages, "format": caps.format,
                 }
+                item["calibrates_with"] = list(getattr(get(r.name), "calibrating_options", ()))
                 item["options"] = option_help(get(r.name).Options)
                 item["kernel"] = get(r.name).kernel(args.device)
             out.append(item)
@@ -302,9 +303,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
             caps = r.capabilities
             opts = ", ".join(f"{o['name']}={o['default']}" for o in option_help(get(r.name).Options))
             print(f"{'':<{width}}  {'':<9}  bits {','.join(map(str, caps.bits))}; "
-                  f"calibration {'yes' if caps.needs_calibration else 'no'}; options: {opts or 'none'}")
+                  f"calibration {_calibration_word(get(r.name))}; options: {opts or 'none'}")
             print(f"{'':<{width}}  {'':<9}  kernel on {args.device}: {get(r.name).kernel(args.device)}")
     return 0
+
+
+def _calibration_word(backend: Any) -> str:
+    """yes, no, or the options that make a method calibrate (fp8: activations=static, kv_cache=fp8)."""
+    by_option = getattr(backend, "calibrating_options", ())
+    if by_option:
+        return "with " + " or ".join(by_option)
+    return "yes" if backend.capabilities.needs_calibration else "no"
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""GGUF export's CPU-side logic, without llama.cpp: reading a checkpoint's 4-bit codes and writing
-them as GGUF blocks.
+"""Exports' CPU-side logic, without llama.cpp: reading a checkpoint's 4-bit codes and writing
+them as GGUF blocks, or as compressed-tensors (vLLM's layout).
 
 Oracles are the libraries themselves: GPTQModel's kernels compute the checkpoint's weights (a layer
 applied to the identity matrix), the gguf package (llama.cpp's reference Python) dequantizes the
@@ -126,3 +126,44 @@ def test_kernel_weights_agree_with_the_codes(quantized_tiny):
     expected = layer_codes(grid, tensors, prefix).dequantize()
     np.testing.assert_allclose(dense[f"{prefix}.weight"], expected, rtol=0, atol=2e-3 * np.abs(expected).max())
     assert "model.embed_tokens.weight" in dense and not any(k.endswith(".qweight") for k in dense)
+
+
+def test_compressed_tensors_export_carries_the_codes_over(quantized_tiny, tmp_path):
+    """gptq/awq codes re-written as compressed-tensors pack-quantized: plain transformers decompresses
+    them to the weights GPTQModel's kernel computes from the source checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.export.compressed import export_compressed_tensors
+
+    out = tmp_path / "ct"
+    result = export_compressed_tensors(quantized_tiny, out)
+    assert result.mapped_tensors == 14 and result.max_mapping_error < 1e-6
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert config["format"] == "pack-quantized" and weights["num_bits"] == 4 and weights["group_size"] == 32
+    assert weights["symmetric"] == (grid_of(quantized_tiny).method == "gptq")  # the gptq fixture is sym, awq is not
+    source = qtool.load(quantized_tiny, device="cpu").model
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    x = torch.arange(1, 40).unsqueeze(0)
+    with torch.no_grad():
+        exported(x)  # the first forward decompresses
+        for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            module = source.get_submodule(prefix)
+            eye = torch.eye(module.in_features)
+            kernel = module(eye).float().T
+            got = exported.get_submodule(prefix).weight.float()
+            torch.testing.assert_close(got, kernel, rtol=0, atol=2e-3 * kernel.abs().max().item())
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".ct.partial-*"))
+
+
+@pytest.mark.parametrize(("method", "args"), [("hqq", ["--bits", "4", "--group-size", "32"]), (None, [])])
+def test_compressed_tensors_export_refuses_what_has_no_codes(method, args, tiny_llama, tmp_path):
+    from tests.conftest import assert_one_line_error, qtool_in_process
+
+    source = tiny_llama
+    if method:
+        source = tmp_path / method
+        assert run_qtool("quantize", "--method", method, *args, tiny_llama, source).returncode == 0
+    proc = qtool_in_process("export", source, "--format", "compressed-tensors", "-o", tmp_path / "out")
+    assert_one_line_error(proc, "hqq" if method else "unquantized", "--method fp8, w8a8, mxfp4 or nvfp4")
+    assert not (tmp_path / "out").exists()

@@ -283,6 +283,7 @@ class CompressedTensorsBackend(Backend):
     (w8a8's SmoothQuant)."""
 
     weight_kind: ClassVar[str]
+    weight_only: ClassVar[bool] = False
     resumable = False
 
     def activations(self, options: Any) -> Any | None:
@@ -348,7 +349,8 @@ class CompressedTensorsBackend(Backend):
         return model
 
     def kernel(self, device: str) -> str:
-        acts = "activations and KV cache fake-quantized (quantize-dequantize) on the fly"
+        acts = ("activations unquantized" if self.weight_only else "activations fake-quantized (quantize-dequantize) "
+                "on the fly") + "; an FP8 KV cache, when asked for, fake-quantized likewise"
         return (f"emulation: compressed-tensors decompresses the {self.weight_kind} weights to dense "
                 f"{'fp32' if device == 'cpu' else 'bf16'} at load; {acts}; no {self.weight_kind} matmul runs")
 

@@ -33,6 +33,7 @@ class Fp4Options:
 
 class _Fp4Backend(CompressedTensorsBackend):
     Options = Fp4Options
+    weight_only = True
     scale_bits: int
 
     def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
