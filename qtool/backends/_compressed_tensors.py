@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qtool.backends import _kv_cache
-from qtool.backends.base import Backend, Quantized, QuantSpec
+from qtool.backends.base import Backend, Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 from qtool.models import ModelSource
@@ -277,6 +278,14 @@ def observer_field(default: str = "minmax") -> Any:
         "with the least quantization error; llm-compressor's MSE observer)")})
 
 
+def ct_capabilities(bits: int, group_size: int, fmt: str) -> Capabilities:
+    """What every compressed-tensors method shares; whether it calibrates depends on its options
+    (CompressedTensorsBackend.calibrates), so `needs_calibration` is False here."""
+    return Capabilities(bits=(bits,), needs_calibration=False, devices=("cpu", "cuda"), serializable=True,
+                        peft_trainable=False, packages={"compressed_tensors": "ct"}, group_sizes=(group_size,),
+                        format=fmt)
+
+
 class CompressedTensorsBackend(Backend):
     """A method whose checkpoint is compressed-tensors: subclasses name the weight format, the
     activation format (or None: weight-only) and may transform the model before its scales are set
@@ -328,6 +337,10 @@ class CompressedTensorsBackend(Backend):
     def save(self, model: nn.Module, out: Path) -> None:
         save_compressed(model, out)
 
+    def effective_bits(self, spec: QuantSpec) -> float:
+        """Bits per weight with the (8-bit) group scales; per-channel scales count as nothing."""
+        return float(spec.bits) if spec.group_size == -1 else spec.bits + 8 / spec.group_size
+
     def load(self, path: Path, device: str) -> nn.Module:
         """transformers' compressed-tensors loader, then decompression now rather than at the first
         forward (which would count in time-to-first-token), with the weights in the compute dtype
@@ -367,6 +380,23 @@ def nvfp4_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     codes = unpack_fp4_from_uint8(module.weight_packed.data, rows, half * 2, dtype=dtype)
     return dequantize(x_q=codes, scale=module.weight_scale.data.to(dtype),
                       global_scale=module.weight_global_scale.data, dtype=dtype)
+
+
+@dataclass
+class Fp4Options:
+    observer: str = observer_field()
+    kv_cache: str = kv_cache_field()
+
+
+class Fp4Backend(CompressedTensorsBackend):
+    """MXFP4 and NVFP4 (qtool.backends.mxfp4, .nvfp4): E2M1 weights in groups along the input width,
+    weight-only (the `A16` presets); every layer width must be a multiple of the group."""
+
+    Options = Fp4Options
+    weight_only = True
+
+    def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
+        check_group_widths(linears, spec.group_size, self.name)
 
 
 def _version() -> str:

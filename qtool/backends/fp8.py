@@ -17,10 +17,10 @@ from qtool.backends import register
 from qtool.backends._compressed_tensors import (
     CompressedTensorsBackend,
     activation_args,
+    ct_capabilities,
     kv_cache_field,
     observer_field,
 )
-from qtool.backends.base import Capabilities, QuantSpec
 
 
 @dataclass
@@ -35,16 +35,9 @@ class Fp8Options:
 class Fp8Backend(CompressedTensorsBackend):
     name = "fp8"
     summary = "FP8 E4M3 weights (per channel) and activations (per token, or static per tensor): compressed-tensors"
-    capabilities = Capabilities(
-        bits=(8,),
-        needs_calibration=False,  # only for activations=static or kv_cache=fp8 (see calibrates)
-        devices=("cpu", "cuda"),
-        serializable=True,
-        peft_trainable=False,
-        packages={"compressed_tensors": "ct"},
-        group_sizes=(-1,),
-        format="compressed-tensors float-quantized (FP8 E4M3); vLLM loads it natively (FP8 GEMM on Ada/Hopper+)",
-    )
+    # calibrates for activations=static or kv_cache=fp8 (see calibrates)
+    capabilities = ct_capabilities(8, -1, "compressed-tensors float-quantized (FP8 E4M3); vLLM and SGLang serve it "
+                                   "with FP8 GEMMs on Ada/Hopper GPUs (not run here)")
     Options = Fp8Options
     default_bits = 8
     default_group_size = -1
@@ -56,6 +49,3 @@ class Fp8Backend(CompressedTensorsBackend):
 
     def static_activations(self, options: Any) -> bool:
         return options.activations == "static"
-
-    def effective_bits(self, spec: QuantSpec) -> float:
-        return 8.0

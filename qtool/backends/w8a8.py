@@ -18,11 +18,12 @@ from qtool.backends import register
 from qtool.backends._compressed_tensors import (
     CompressedTensorsBackend,
     activation_args,
+    ct_capabilities,
     kv_cache_field,
     observer_field,
 )
 from qtool.backends._smoothquant import SMOOTHABLE_MODEL_TYPES, smooth
-from qtool.backends.base import Capabilities, QuantSpec
+from qtool.backends.base import QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 
@@ -40,16 +41,9 @@ class W8a8Options:
 class W8a8Backend(CompressedTensorsBackend):
     name = "w8a8"
     summary = "INT8 weights (per channel) and activations (per token), SmoothQuant smoothing: compressed-tensors"
-    capabilities = Capabilities(
-        bits=(8,),
-        needs_calibration=False,  # only with smoothquant=true (the default) or kv_cache=fp8 (see calibrates)
-        devices=("cpu", "cuda"),
-        serializable=True,
-        peft_trainable=False,
-        packages={"compressed_tensors": "ct"},
-        group_sizes=(-1,),
-        format="compressed-tensors int-quantized (INT8 W8A8); vLLM loads it natively (int8 GEMM on CPU and CUDA)",
-    )
+    # calibrates with smoothquant=true (the default) or kv_cache=fp8 (see calibrates)
+    capabilities = ct_capabilities(8, -1, "compressed-tensors int-quantized (INT8 W8A8); vLLM runs it with int8 "
+                                   "GEMMs (CPU: checked here; CUDA)")
     Options = W8a8Options
     default_bits = 8
     default_group_size = -1
@@ -77,6 +71,3 @@ class W8a8Backend(CompressedTensorsBackend):
             return {"smoothquant": None}
         assert calibration is not None
         return {"smoothquant": smooth(model, calibration, spec.options.alpha)}
-
-    def effective_bits(self, spec: QuantSpec) -> float:
-        return 8.0
