@@ -21,7 +21,7 @@ from qtool.errors import CheckpointError, OutputExistsError
 RECORD_NAME = "qtool.json"
 # Files that mark a folder as qtool's output: --force may replace such a folder. merge.json marks a
 # merge written as a plain Hugging Face folder; train_log.jsonl a qlora run folder.
-OUTPUT_MARKERS = (RECORD_NAME, "merge.json", "train_log.jsonl")
+OUTPUT_MARKERS = (RECORD_NAME, "merge.json", "train_log.jsonl", "export.json")
 
 
 TMP_TAG, OLD_TAG = "qtool-tmp", "qtool-old"

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, help="weights per scale group along the input dim; -1 = per channel (default: the method's, "
                    "64 for most; -1 for eetq, aqlm and bnb 8-bit; see docs/methods.md)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
-    p.add_argument("--calib", metavar="SOURCE", help="calibration text for gptq/awq/autoround/aqlm: .txt/.jsonl/.json file, 'builtin', "
+    p.add_argument("--calib", metavar="SOURCE", help="calibration text for gptq/awq/autoround/aqlm, w8a8's SmoothQuant, fp8 static scales and --kv-cache fp8: "
+                   ".txt/.jsonl/.json file, 'builtin', "
                    "or wikitext2/c4/pile (online) (default: builtin)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 128, as in the GPTQ and AWQ papers)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
@@ -395,7 +396,7 @@ def _add_option_flags(parser: argparse.ArgumentParser, argv: list[str]) -> str |
         if flag not in taken:
             choices = f" ({'/'.join(map(str, option['choices']))})" if "choices" in option else ""
             group.add_argument(flag, dest=OPTION_DEST + option["name"], metavar="V",
-                               help=f"{option['help']}{choices} (default {option['default']})")
+                               help=f"{option['help']}{choices} (default {option['default']})".replace("%", "%%"))
     return method
 
 

@@ -51,7 +51,7 @@ def add_parsers(sub: Any) -> None:
                "  qtool export out/gptq4 --format compressed-tensors     # out/gptq4-ct, W4A16 pack-quantized",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", metavar="OUT", help="qtool output folder (or any unquantized model folder)")
+    p.add_argument("checkpoint", metavar="OUT", help="qtool output folder (GGUF also takes any unquantized model folder)")
     p.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors"],
                    help="gguf (llama.cpp; default) or compressed-tensors (vLLM's native layout: gptq/awq/autoround/rtn "
                         "codes carried over as W4A16/W8A16 pack-quantized, written as folder OUT-ct)")
@@ -61,7 +61,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--embedding-type", default="F16", choices=["F16", "Q8_0"],
                    help="Q4_0/Q4_1 from codes: the token embedding / output head, which the checkpoint keeps "
                         "unquantized: F16 (lossless, default) or Q8_0 (smaller, faster decode on small models)")
-    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--force", action="store_true", help="replace the .gguf, or a compressed-tensors folder qtool wrote, "
+                   "if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

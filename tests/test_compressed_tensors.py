@@ -197,3 +197,29 @@ def test_smoothquant_refuses_an_unknown_architecture_before_loading(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=128)).save_pretrained(folder)
     proc = qtool_in_process("quantize", "--method", "w8a8", folder, tmp_path / "out")
     assert_one_line_error(proc, "SmoothQuant", "gpt2", "smoothquant=false")
+
+
+@pytest.mark.parametrize("method", backends.known_methods())
+def test_every_method_has_a_help_page(method):
+    """`quantize --method NAME --help` lists the method's options (a '%' in an option's help once broke it)."""
+    import dataclasses
+
+    proc = qtool_in_process("quantize", "--method", method, "--help")
+    assert proc.returncode == 0 and "usage: qtool quantize" in proc.stdout, proc.stderr
+    for option in dataclasses.fields(backends.get(method).Options):
+        assert "--" + option.name.replace("_", "-") in proc.stdout
+
+
+def test_alpha_without_smoothquant_is_refused(tiny_llama, tmp_path):
+    proc = qtool_in_process("quantize", "--method", "w8a8", "--smoothquant", "false", "--alpha", "0.9", tiny_llama,
+                            tmp_path / "out")
+    assert_one_line_error(proc, "alpha", "no effect with smoothquant=false")
+
+
+def test_a_model_without_linear_layers_is_refused_before_loading(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=128)).save_pretrained(folder)
+    proc = qtool_in_process("quantize", "--method", "fp8", folder, tmp_path / "out")
+    assert_one_line_error(proc, "fp8 quantizes torch Linear layers", "Conv1D")

@@ -167,3 +167,23 @@ def test_compressed_tensors_export_refuses_what_has_no_codes(method, args, tiny_
     proc = qtool_in_process("export", source, "--format", "compressed-tensors", "-o", tmp_path / "out")
     assert_one_line_error(proc, "hqq" if method else "unquantized", "--method fp8, w8a8, mxfp4 or nvfp4")
     assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_export_never_overwrites_the_source_or_a_users_folder(tiny_llama, tmp_path):
+    from tests.conftest import assert_one_line_error, qtool_in_process
+
+    source = tmp_path / "rtn"
+    qtool.quantize(str(tiny_llama), source, "rtn", bits=4, group_size=32, device="cpu")
+    for out in (source, source / "sub"):
+        proc = qtool_in_process("export", source, "--format", "compressed-tensors", "-o", out, "--force")
+        assert_one_line_error(proc, "would destroy the input")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    proc = qtool_in_process("export", source, "--format", "compressed-tensors", "-o", mine, "--force")
+    assert_one_line_error(proc, "qtool did not write")
+    assert (mine / "notes.txt").read_text() == "keep me" and (source / "qtool.json").is_file()
+    assert qtool_in_process("export", source, "--format", "compressed-tensors", "-o", tmp_path / "ct").returncode == 0
+    assert (tmp_path / "ct" / "export.json").is_file()
+    again = qtool_in_process("export", source, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--force")
+    assert again.returncode == 0, again.stderr  # an export qtool wrote is replaced

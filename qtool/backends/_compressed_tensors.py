@@ -305,6 +305,11 @@ class CompressedTensorsBackend(Backend):
     def calibrates(self, options: Any) -> bool:
         return self.static_activations(options) or options.kv_cache != "none"
 
+    def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
+        if not linears:
+            raise SpecError(f"{self.name} quantizes torch Linear layers and this model has none "
+                            "(GPT-2-style models use Conv1D)")
+
     def calibration_hint(self) -> str:
         return " with these options (calibrating options: " + ", ".join(self.calibrating_options) + ")"
 
@@ -363,7 +368,7 @@ class CompressedTensorsBackend(Backend):
 
     def kernel(self, device: str) -> str:
         acts = ("activations unquantized" if self.weight_only else "activations fake-quantized (quantize-dequantize) "
-                "on the fly") + "; an FP8 KV cache, when asked for, fake-quantized likewise"
+                "on the fly") + "; an FP8 KV cache, when asked for, quantize-dequantized before attention"
         return (f"emulation: compressed-tensors decompresses the {self.weight_kind} weights to dense "
                 f"{'fp32' if device == 'cpu' else 'bf16'} at load; {acts}; no {self.weight_kind} matmul runs")
 
@@ -396,6 +401,7 @@ class Fp4Backend(CompressedTensorsBackend):
     weight_only = True
 
     def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
+        super().check_layers(spec, linears)
         check_group_widths(linears, spec.group_size, self.name)
 
 

@@ -51,6 +51,8 @@ class W8a8Backend(CompressedTensorsBackend):
     calibrating_options = ("smoothquant=true", "kv_cache=fp8")
 
     def check_spec(self, spec: QuantSpec) -> None:
+        if not spec.options.smoothquant and spec.options.alpha != W8a8Options.alpha:
+            raise SpecError("w8a8 option alpha is SmoothQuant's migration strength; it has no effect with smoothquant=false")
         if not 0.0 <= spec.options.alpha <= 1.0:
             raise SpecError(f"w8a8 option alpha is SmoothQuant's migration strength, from 0 to 1; got {spec.options.alpha}")
 

@@ -60,11 +60,16 @@ class Grid:
 
 def grid_of(folder: Path) -> Grid | None:
     """The checkpoint's quantization grid from config.json / qtool.json, or None when unquantized."""
-    config = json.loads((folder / "config.json").read_text())
+    from qtool.checkpoint import read_record
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / 'config.json'} is unreadable or not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / 'config.json'} is not a JSON object")
     qc = config.get("quantization_config")
-    record = {}
-    if (folder / "qtool.json").is_file():
-        record = json.loads((folder / "qtool.json").read_text())
+    record = read_record(folder) or {}
     if qc:
         method = str(qc.get("quant_method", "?")).lower()
         bits, group = int(qc.get("bits", 0) or qc.get("w_bit", 0)), int(qc.get("group_size", 0) or qc.get("q_group_size", 0))

@@ -11,17 +11,19 @@ fp8/w8a8/mxfp4/nvfp4 outputs are compressed-tensors already.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from qtool.errors import CheckpointError, OutputExistsError, SpecError
+from qtool.checkpoint import atomic_output_dir
+from qtool.errors import CheckpointError, SpecError
 from qtool.export.codes import Codes, grid_of
 from qtool.export.gguf import ExportResult, dense_folder, model_folder
+from qtool.runtime import package_versions
 
 LAYOUTS = ("gptq", "gptq_v2", "awq", "dense")
 
@@ -29,14 +31,18 @@ LAYOUTS = ("gptq", "gptq_v2", "awq", "dense")
 def export_compressed_tensors(folder: str | Path, out: str | Path | None = None, force: bool = False) -> ExportResult:
     """Write the checkpoint `folder` as a compressed-tensors folder (see the module docstring).
 
-    out: the folder to write (default: FOLDER-ct beside it). Raises SpecError (no integer grid to
-    carry over), OutputExistsError (out exists and not force), CheckpointError (not a checkpoint, or
-    a layer that does not survive the round trip).
+    out: the folder to write (default: FOLDER-ct beside it), written as a temporary sibling and
+    renamed at the end (qtool.checkpoint.atomic_output_dir: it may not be or contain the source, and
+    --force replaces only a folder qtool wrote). It holds export.json (this result and the package
+    versions). Raises SpecError (no integer grid to carry over), OutputExistsError (see above),
+    CheckpointError (not a checkpoint, or a layer that does not survive the round trip).
     """
     start = time.perf_counter()
     name = str(folder)
     folder = model_folder(name)
     grid = grid_of(folder)
+    if grid is not None and grid.method == "compressed-tensors":
+        raise SpecError(f"{folder} is compressed-tensors already (vLLM loads it as it is)")
     if grid is None or grid.layout not in LAYOUTS:
         what = "unquantized" if grid is None else f"{grid.method} (no integer codes on a per-group grid)"
         raise SpecError(f"{folder} is {what}: only gptq, awq, autoround and rtn checkpoints are re-written in "
@@ -46,33 +52,25 @@ def export_compressed_tensors(folder: str | Path, out: str | Path | None = None,
                         f"this checkpoint is {grid.bits}-bit, group {grid.group_size}")
     default_out = Path(name).expanduser() if Path(name).expanduser().is_dir() else Path(Path(name).name)
     out = Path(out).expanduser() if out else default_out.with_name(f"{default_out.name}-ct")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
     result = ExportResult(str(out), "pack-quantized", str(folder), grid.method)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    with tempfile.TemporaryDirectory(prefix="qtool-ct-", dir=out.parent) as tmp:
-        try:
-            codes = dense_folder(folder, Path(tmp) / "dense", grid)
-            model = _dense_model(Path(tmp) / "dense")
-            layers = _attach_codes(model, codes, grid.bits, grid.group_size, grid.sym)
-            from qtool.backends._compressed_tensors import save_compressed
+    with atomic_output_dir(out, force, inputs=[folder]) as partial, \
+            tempfile.TemporaryDirectory(prefix=".qtool-ct-", dir=partial.parent) as tmp:
+        codes = dense_folder(folder, Path(tmp) / "dense", grid)
+        model = _dense_model(Path(tmp) / "dense")
+        layers = _attach_codes(model, codes, grid.bits, grid.group_size, grid.sym)
+        from qtool.backends._compressed_tensors import save_compressed
 
-            save_compressed(model, partial)
-            for item in (Path(tmp) / "dense").iterdir():
-                if item.is_file() and not item.name.endswith(".safetensors") and item.name != "config.json":
-                    shutil.copy2(item, partial / item.name)
-            result.mapped_tensors = len(layers)
-            result.max_mapping_error = _check(partial, codes)
-            if out.exists():
-                shutil.rmtree(out)
-            partial.rename(out)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        save_compressed(model, partial)
+        for item in (Path(tmp) / "dense").iterdir():
+            if item.is_file() and not item.name.endswith(".safetensors") and item.name != "config.json":
+                shutil.copy2(item, partial / item.name)
+        result.mapped_tensors = len(layers)
+        result.max_mapping_error = _check(partial, codes)
+        result.notes.append(f"{grid.method} codes carried over as W{grid.bits}A16 group {grid.group_size} "
+                            f"{'symmetric' if grid.sym else 'with zero points'} (format pack-quantized)")
+        (partial / "export.json").write_text(json.dumps({**result.as_dict(), "versions": package_versions()}, indent=2))
     result.seconds = round(time.perf_counter() - start, 1)
     result.size_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    result.notes.append(f"{grid.method} codes carried over as W{grid.bits}A16 group {grid.group_size} "
-                        f"{'symmetric' if grid.sym else 'with zero points'} (format pack-quantized)")
     return result
 
 
