@@ -386,6 +386,12 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
         "compute dtype); the base: its tensors as loaded. bits/w: the quantized layers' bits per weight, scales included.",
         "KL: next-token KL(base ‖ model) in nats on the same windows; top-1: share of positions where both argmaxes agree.",
     ]
+    emulated = [name for name, r in results.items() if r.get("status") == "ok"
+                and str((r.get("quantization") or {}).get("kernel", "")).startswith("emulation")]
+    if emulated:
+        lines.append("Evaluated by emulation (their qtool.json `kernel`): " + ", ".join(f"`{n}`" for n in emulated)
+                     + ": weights decompressed to dense, activations and KV cache quantize-dequantized on the fly; "
+                     "quality only, no speed of the format in transformers.")
     words = first.get("word_perplexity")
     if words:
         lines.append(f"Word perplexity: lm-evaluation-harness {words['harness']} `{words['metric']}` "
