@@ -290,7 +290,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                     "serializable": caps.serializable, "peft_trainable": caps.peft_trainable,
                     "packages": caps.packages, "format": caps.format,
                 }
-                item["calibrates_with"] = list(getattr(get(r.name), "calibrating_options", ()))
+                item["calibrates_with"] = list(get(r.name).calibrating_options)
                 item["options"] = option_help(get(r.name).Options)
                 item["kernel"] = get(r.name).kernel(args.device)
             out.append(item)
@@ -311,9 +311,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def _calibration_word(backend: Any) -> str:
     """yes, no, or the options that make a method calibrate (fp8: activations=static, kv_cache=fp8)."""
-    by_option = getattr(backend, "calibrating_options", ())
-    if by_option:
-        return "with " + " or ".join(by_option)
+    if backend.calibrating_options:
+        return "with " + " or ".join(backend.calibrating_options)
     return "yes" if backend.capabilities.needs_calibration else "no"
 
 

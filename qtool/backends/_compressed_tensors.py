@@ -79,13 +79,13 @@ def kv_cache_args(kv_cache: str) -> Any:
     return QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
 
 
-def quantization_config(weights: Any, activations: Any | None, kv_cache: str, status: str = "initialized") -> Any:
+def quantization_config(weights: Any, activations: Any | None, kv_cache: str) -> Any:
     """One config group over every Linear but the head, plus the optional KV-cache scheme."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     scheme = QuantizationScheme(targets=TARGETS, weights=weights, input_activations=activations)
     return QuantizationConfig(config_groups={"group_0": scheme}, ignore=IGNORE, kv_cache_scheme=kv_cache_args(kv_cache),
-                              quantization_status=status)
+                              quantization_status="initialized")
 
 
 def check_group_widths(linears: dict[str, nn.Linear], group_size: int, name: str) -> None:
@@ -270,10 +270,10 @@ def kv_cache_field() -> Any:
         "(k_scale/v_scale, as vLLM reads them)")})
 
 
-def observer_field(default: str = "minmax") -> Any:
+def observer_field() -> Any:
     from dataclasses import field
 
-    return field(default=default, metadata={"choices": OBSERVERS, "help": (
+    return field(default="minmax", metadata={"choices": OBSERVERS, "help": (
         "how weight scales are chosen: minmax (each group's range) or mse (the range, shrunk by up to 20 %, "
         "with the least quantization error; llm-compressor's MSE observer)")})
 
@@ -310,10 +310,7 @@ class CompressedTensorsBackend(Backend):
             raise SpecError(f"{self.name} quantizes torch Linear layers and this model has none "
                             "(GPT-2-style models use Conv1D)")
 
-    def calibration_hint(self) -> str:
-        return " with these options (calibrating options: " + ", ".join(self.calibrating_options) + ")"
-
-    calibrating_options: ClassVar[tuple[str, ...]] = ("kv_cache=fp8",)
+    calibrating_options = ("kv_cache=fp8",)
 
     def prepare(self, model: nn.Module, spec: QuantSpec, calibration: CalibrationSet | None) -> dict[str, Any]:
         """Change the full-precision model before scales are taken (e.g. smoothing); return what to record."""

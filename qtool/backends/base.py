@@ -80,6 +80,9 @@ class Backend(ABC):
     Options: ClassVar[type] = NoOptions
     default_bits: ClassVar[int] = 4
     default_group_size: ClassVar[int] = 64
+    # methods that calibrate only with some options (w8a8's smoothquant=true, fp8's activations=static):
+    # those options, as KEY=VALUE, for messages and `qtool methods`; calibrates() decides
+    calibrating_options: ClassVar[tuple[str, ...]] = ()
     resumable: ClassVar[bool] = False  # quantize() takes a `workdir` that survives Ctrl-C (see api.resume_folder)
 
     # ---- availability -------------------------------------------------------------------
@@ -127,7 +130,9 @@ class Backend(ABC):
             calibration = calibration or CalibrationSpec()
             calibration.check()
         elif calibration is not None:
-            raise SpecError(f"{self.name} quantizes without calibration data{self.calibration_hint()}; "
+            hint = f" with these options (calibrating options: {', '.join(self.calibrating_options)})" \
+                if self.calibrating_options else ""
+            raise SpecError(f"{self.name} quantizes without calibration data{hint}; "
                             "drop --calib, --nsamples, --seqlen and --bos")
         from qtool.schema import MAX_SEED
 
@@ -140,10 +145,6 @@ class Backend(ABC):
     def calibrates(self, options: Any) -> bool:
         """Whether quantizing with these options reads calibration samples. Default: the capability."""
         return self.capabilities.needs_calibration
-
-    def calibration_hint(self) -> str:
-        """For methods where only some options calibrate: which ones (appended to the refusal)."""
-        return ""
 
     def check_spec(self, spec: QuantSpec) -> None:
         """Backend-specific combinations of bits and options; raise SpecError. Default: none."""
