@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,14 @@ from qtool.evaluate.lm_harness import WordPerplexityResult, word_perplexity
 from qtool.evaluate.memory import peak_memory, tensor_bytes
 from qtool.evaluate.perplexity import PerplexityResult, token_perplexity, tokenize
 from qtool.evaluate.speed import SpeedResult, measure_speed
-from qtool.models import ModelSource, describe_load_error, quantizable_linears, resolve_model
+from qtool.mixed.plan import Budget, MixedPlan, budget_table, check_budget, make_plan
+from qtool.models import (
+    ModelSource,
+    describe_load_error,
+    parameter_count,
+    quantizable_linears,
+    resolve_model,
+)
 from qtool.request import QuantizeRequest
 from qtool.runtime import (
     Stopwatch,
@@ -42,6 +50,8 @@ from qtool.runtime import (
     seed_everything,
 )
 from qtool.schema import parse_section
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,17 +78,23 @@ def quantize(
     seqlen: int | None = None,
     resume: bool = False,
     bos: str | None = None,
+    target_bits: float | None = None,
+    target_size: str | int | None = None,
+    sensitivity: str | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
     The arguments make one qtool.request.QuantizeRequest (see `quantize_request`). `calib`,
     `nsamples`, `seqlen` and `bos` are for the methods that calibrate (default: qtool's built-in
     text, 128 samples of 2048 tokens capped to the model's context, BOS first when the tokenizer
-    adds it: qtool.bos). Raises SpecError for what the backend refuses.
+    adds it: qtool.bos). `target_bits` (average bits per weight) or `target_size` (bytes, or a size
+    such as "120MiB") asks for mixed precision: qtool.mixed chooses each layer's bits, with the
+    `sensitivity` measure "fisher" (default) or "kl". Raises SpecError for what the backend refuses.
     """
     request = parse_section(QuantizeRequest, {
         "method": method, "bits": bits, "group_size": group_size, "options": options or {}, "device": device,
         "seed": seed, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "bos": bos,
+        "target_bits": target_bits, "target_size": target_size, "sensitivity": sensitivity,
     }, "quantize", error=SpecError)
     return quantize_request(model, out, request, force=force, resume=resume)
 
@@ -110,11 +126,20 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     backend.check_model(spec, config)
     linears = quantizable_linears(config)
     backend.check_layers(spec, linears)
+    budget = mixed_budget(backend, spec, config, linears, device) if spec.target else None
     watch = Stopwatch()
     calibration = None
     if spec.calibration:
         with watch.stage("calibration_data"):
             calibration = build_calibration(spec.calibration, source.load_tokenizer(), config, seed)
+    plan = None
+    if budget is not None:
+        with watch.stage("sensitivity"):
+            plan = make_plan(source, budget, spec.target, spec.group_size, calibration.samples, calibration.record,
+                             device, compute_dtype(device))
+        for line in plan.summary_lines():
+            log.info(line)
+        spec = plan.apply(spec)
 
     if device == "cpu":
         configure_cpu()
@@ -142,7 +167,7 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
             "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
             "kernel": backend.kernel(device),
             "format": backend.capabilities.format,
-            "effective_bits_per_weight": round(backend.effective_bits(spec), 4),
+            "effective_bits_per_weight": round(plan.average_bits if plan else backend.effective_bits(spec), 4),
             "quantized_layers": len(linears),
             "timings_s": watch.seconds,
             "peak_memory_mib": round(peak.mib, 1),
@@ -153,6 +178,10 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
         }
         if calibration:
             record["calibration"] = calibration.record
+        if plan:
+            record["mixed_precision"] = plan.record() | {
+                "written_bytes": record["weights_bytes"],
+                "size_error": round(record["weights_bytes"] / plan.predicted_bytes - 1, 5)}
         record |= extra
         if layer_losses:
             record["layer_losses"] = layer_losses
@@ -162,6 +191,35 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     if workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return record
+
+
+def mixed_budget(backend: Any, spec: Any, config: Any, linears: dict[str, nn.Linear], device: str) -> Budget:
+    """The sizes of every layer group at every candidate width; refuses a budget no plan meets."""
+    dtype_bytes = torch.empty((), dtype=compute_dtype(device)).element_size()
+    budget = budget_table(backend, spec, linears, parameter_count(config), dtype_bytes)
+    check_budget(budget, spec.target, backend.name)
+    return budget
+
+
+def plan_precision(model: str, request: QuantizeRequest) -> MixedPlan:
+    """The mixed-precision plan `request` (with target_bits or target_size) gives `model`, without
+    quantizing: `qtool plan`. Measures the costs or reads them from qtool's cache (the quantize run
+    that follows reads them there). Raises SpecError for a request without a budget."""
+    backend, spec = backends.get(request.method), request.spec
+    if spec.target is None:
+        raise SpecError("a plan needs a budget: --target-bits or --target-size")
+    device = resolve_device(request.device)
+    source = resolve_model(model)
+    config = source.config()
+    linears = quantizable_linears(config)
+    backend.check_layers(spec, linears)
+    budget = mixed_budget(backend, spec, config, linears, device)
+    calibration = build_calibration(spec.calibration, source.load_tokenizer(), config, request.seed)
+    if device == "cpu":
+        configure_cpu()
+    seed_everything(request.seed)
+    return make_plan(source, budget, spec.target, spec.group_size, calibration.samples, calibration.record, device,
+                     compute_dtype(device))
 
 
 def resume_folder(out: Path, backend: Any, resume: bool, force: bool) -> Path | None:

@@ -89,10 +89,39 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto = when the tokenizer adds one itself, e.g. Gemma (default: auto)")
     p.add_argument("--device", help="cpu, cuda or auto (default: auto, cuda if present)")
     p.add_argument("--seed", type=int, help="random seed; also picks the calibration samples (and gptq's rotation) (default 0)")
+    _add_mixed_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of a resumable method (aqlm) "
                    "from its last finished block; same settings and seed give the same result")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (and discard an interrupted run's state)")
     p.add_argument("--json", action="store_true", help="print the qtool.json record instead of a summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "plan",
+        help="mixed precision: print the bits qtool would give every layer under a budget, without quantizing",
+        description="Measure how much each layer group (q/k/v, o, gate/up, down of every decoder layer) costs in "
+        "quality at each bit-width the method offers, on calibration samples, and choose the widths that minimise "
+        "the summed cost under the budget (an integer program, scipy's milp). The costs are cached: a `qtool "
+        "quantize` with the same model, method, group size and calibration reads them instead of measuring again.",
+        epilog="examples:\n"
+        "  qtool plan --method gptq --target-bits 3.5 --calib ../shared/data/wikitext-2/valid.txt --nsamples 16 \\\n"
+        "      --seqlen 256 smollm2-135m\n"
+        "  qtool plan --method hqq --target-size 120MiB smollm2-135m --json\n"
+        "  qtool quantize --method gptq --target-bits 3.5 ... smollm2-135m out/gptq-mixed   # then quantize with it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="HF folder, .gguf file, built-in alias or Hub id")
+    p.add_argument("--method", required=True, help="a method with per-layer bits: gptq, awq, hqq, rtn")
+    p.add_argument("--group-size", type=int, help="weights per scale group (default: the method's)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
+    p.add_argument("--calib", metavar="SOURCE", help="calibration text the costs are measured on (default: builtin)")
+    p.add_argument("--nsamples", type=int, help="calibration samples (default 128; the measure reads at most 8192 tokens)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
+    p.add_argument("--bos", choices=BOS_MODES, help="start every calibration sample with the BOS token (default: auto)")
+    p.add_argument("--seed", type=int, help="picks the calibration samples (default 0)")
+    p.add_argument("--device", help="cpu, cuda or auto (default: auto)")
+    _add_mixed_flags(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (what qtool.json's mixed_precision holds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser(
@@ -338,6 +367,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         load_quantize_recipe(args.recipe) if args.recipe else None, args.targets,
         method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt) | _option_flags(args),
         device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, bos=args.bos,
+        target_bits=args.target_bits, target_size=args.target_size, sensitivity=args.sensitivity,
     )
     _no_loading_bars()
     try:
@@ -355,9 +385,51 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2))
     else:
         spec = record["spec"]
-        print(f"wrote {out}: {spec['method']} {spec['bits']}-bit group {spec['group_size']}, "
+        mixed = record.get("mixed_precision")
+        width = (f"mixed {'/'.join(mixed['layers_per_bits'])}-bit (average {mixed['average_bits']:.3f})" if mixed
+                 else f"{spec['bits']}-bit")
+        print(f"wrote {out}: {spec['method']} {width} group {spec['group_size']}, "
               f"{record['weights_bytes'] / 2**20:.1f} MiB weights, "
               f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB")
+    return 0
+
+
+def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-bits", type=float, metavar="B",
+                   help="mixed precision: choose each layer's bits so that the average is at most B bits per weight, "
+                   "scales and zero points included (gptq, awq, hqq, rtn; see `qtool plan`)")
+    p.add_argument("--target-size", metavar="SIZE",
+                   help="mixed precision: choose each layer's bits so that the weights take at most SIZE "
+                   "(e.g. 120MiB, 0.5GB, or bytes)")
+    p.add_argument("--sensitivity", choices=("fisher", "kl"),
+                   help="how a layer's cost is measured: fisher = Fisher-weighted rounding error, one backward pass "
+                   "(default); kl = measured KL with only that layer rounded, one forward pass per layer and width")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qtool import api
+    from qtool.errors import SpecError
+    from qtool.recipes import QUANTIZE_FLAGS
+    from qtool.request import QuantizeRequest
+    from qtool.schema import parse_section
+
+    _check_seed(args.seed)
+    fields = {"method": args.method, "group_size": args.group_size, "options": _parse_opts(args.opt),
+              "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "bos": args.bos,
+              "seed": args.seed, "device": args.device, "target_bits": args.target_bits,
+              "target_size": args.target_size, "sensitivity": args.sensitivity}
+    request = parse_section(QuantizeRequest, {k: v for k, v in fields.items() if v is not None}, "qtool plan",
+                            names=QUANTIZE_FLAGS, error=SpecError)
+    _no_loading_bars()
+    plan = api.plan_precision(args.model, request)
+    if args.json:
+        print(json.dumps(plan.record(), indent=2))
+        return 0
+    print("\n".join(plan.summary_lines()))
+    print(f"\n  {'group':<44} bits  " + "  ".join(f"cost@{b}" for b in plan.budget.candidates))
+    for row in plan.record()["groups"]:
+        costs = "  ".join(f"{row['cost'][str(b)]:>{len(f'cost@{b}')}.2e}" for b in plan.budget.candidates)
+        print(f"  {row['group']:<44} {row['bits']:>4}  {costs}")
     return 0
 
 
@@ -649,7 +721,7 @@ def _check_generation_flags(args: argparse.Namespace) -> None:
 COMMANDS = {
     "methods": cmd_methods, "models": cmd_models, "quantize": cmd_quantize, "eval": cmd_eval,
     "generate": cmd_generate, "recipes": cmd_recipes, "compare": cmd_compare,
-    "qlora": cmd_qlora, "chat": cmd_chat, "merge": cmd_merge,
+    "qlora": cmd_qlora, "chat": cmd_chat, "merge": cmd_merge, "plan": cmd_plan,
 }
 
 COMMANDS.update({"engines": cli_engines.cmd_engines, "serve-check": cli_engines.cmd_serve_check,

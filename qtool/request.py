@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, PrivateAttr, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, PrivateAttr, model_validator
 
 from qtool.calibration import CalibrationFields, CalibrationSpec
 from qtool.errors import SpecError
+from qtool.mixed.target import MixedTarget, parse_size
 from qtool.runtime import check_device_name
 from qtool.schema import Seed, parse_section
 
@@ -39,6 +40,10 @@ class QuantizeFields(CalibrationFields):
     options: dict[str, OptionValue] = Field(default_factory=dict)
     seed: Seed | None = None
     device: Device | None = None
+    # mixed precision (qtool.mixed): one budget, the plan picks each layer's bits
+    target_bits: PositiveFloat | None = None  # average bits per quantized weight, scales included
+    target_size: str | PositiveInt | None = None  # bytes of the written weights: 120MiB, 0.5GB, 125829120
+    sensitivity: Literal["fisher", "kl"] | None = None  # the per-layer cost measure (default fisher)
 
     def request(self, **defaults: Any) -> QuantizeRequest:
         """The checked request: these keys, with `defaults` for the ones left out (None)."""
@@ -66,8 +71,17 @@ class QuantizeRequest(QuantizeFields):
         check_device_name(self.device)
         backend = backends.get(self.method)
         self._spec = backend.make_spec(self.bits, self.group_size, option_strings(self.options), self.seed,
-                                       self.calibration_spec())
+                                       self.calibration_spec(), self.mixed_target())
         return self
+
+    def mixed_target(self) -> MixedTarget | None:
+        """The mixed-precision budget the request names; None for one bit-width everywhere."""
+        if self.target_bits is None and self.target_size is None:
+            if self.sensitivity is not None:
+                raise SpecError("--sensitivity only applies with --target-bits or --target-size")
+            return None
+        size = None if self.target_size is None else parse_size(self.target_size)
+        return MixedTarget(self.target_bits, size, self.sensitivity or "fisher")
 
     def calibration_spec(self) -> CalibrationSpec | None:
         """The calibration the request names; None when it names none (the backend's default)."""

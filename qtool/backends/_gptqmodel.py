@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -165,6 +166,38 @@ def packed_bits_per_weight(bits: int, group_size: int) -> float:
     return float(bits) if group_size == -1 else bits + (16 + bits) / group_size
 
 
+@contextlib.contextmanager
+def accepting_fp32(layer_class: type) -> Iterator[None]:
+    """Let a GPTQModel torch layer class take fp32. Its declared dtypes say fp16/bf16 only, but its
+    torch code computes in the input's dtype (transformers' loader, which does not check the list,
+    already runs it in fp32 for 2/3/8-bit GPTQ on CPU)."""
+    declared = layer_class.SUPPORTS_DTYPES
+    layer_class.SUPPORTS_DTYPES = [*declared, torch.float32]
+    try:
+        yield
+    finally:
+        layer_class.SUPPORTS_DTYPES = declared
+
+
+def dynamic_overrides(spec: Any) -> dict[str, dict[str, int]] | None:
+    """GPTQModel's per-module `dynamic` config for a mixed-precision spec: one exact-name rule
+    ("+:^name$") per module whose bits differ from spec.bits; None for one width everywhere."""
+    rules = {f"+:^{re.escape(name)}$": {"bits": bits}
+             for name, bits in (spec.layer_bits or {}).items() if bits != spec.bits}
+    return rules or None
+
+
+def has_per_module_bits(folder: Path) -> bool:
+    """Whether a GPTQModel checkpoint's `dynamic` overrides change some module's bits or group size.
+
+    transformers (through optimum 2.3) builds every layer with the global bits and fails on such a
+    checkpoint (size mismatch); GPTQModel's own loader reads the overrides.
+    """
+    config = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    dynamic = config.get("dynamic") or {}
+    return any(isinstance(rule, dict) and ("bits" in rule or "group_size" in rule) for rule in dynamic.values())
+
+
 class GptqModelBackend(Backend):
     """The base of the backends that write GPTQModel checkpoints (gptq, awq, autoround): quiet
     import, save, quiet load, kernel choice at load, reload check, size.
@@ -177,6 +210,10 @@ class GptqModelBackend(Backend):
 
     #: transformers' config class for this checkpoint format; only its `backend` is used at load.
     loading_config = "GPTQConfig"
+    #: whether the layout stores an int32 g_idx per input column (GPTQ's does, AWQ's does not)
+    stores_g_idx: ClassVar[bool] = True
+    mixed_bits = (2, 3, 4, 8)
+    mixed_kernel: ClassVar[str] = "gptq_torch"  # GPTQModel's kernel for mixed checkpoints on CPU
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         import_quietly()
@@ -201,6 +238,8 @@ class GptqModelBackend(Backend):
         """
         import transformers
 
+        if has_per_module_bits(Path(path)):
+            return quiet_load(lambda: self.load_per_module_bits(Path(path), device, kernel))
         kwargs: dict[str, Any] = {}
         if kernel != "auto":
             bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
@@ -211,8 +250,33 @@ class GptqModelBackend(Backend):
             warnings.simplefilter("ignore")
             return quiet_load(lambda: source.load_model(device, compute_dtype(device), **kwargs))
 
+    def load_per_module_bits(self, path: Path, device: str, kernel: str) -> Any:
+        """A mixed-precision checkpoint through GPTQModel's loader (transformers ignores `dynamic`).
+
+        On CPU GPTQModel's `auto` choice follows the checkpoint's default bits and picks a 4-bit-only
+        kernel (TorchFusedLinear in fp32) that then fails on the 2/3/8-bit layers, so "auto" and
+        "auto_trainable" become `mixed_kernel`, the torch kernel for every width.
+        """
+        from gptqmodel import GPTQModel
+
+        if device == "cpu" and kernel in ("auto", "auto_trainable"):
+            kernel = self.mixed_kernel
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+        with accepting_fp32(TorchLinear):
+            return GPTQModel.load(str(path), device=device, dtype=compute_dtype(device), backend=kernel).model
+
     def reload_check(self, out: Path, device: str) -> dict[str, Any]:
-        return reload_and_name_kernels(self, out, device)
+        check = reload_and_name_kernels(self, out, device)
+        if has_per_module_bits(out):
+            check["loader"] = "gptqmodel.GPTQModel.load (per-module bits: transformers 5 + optimum ignore `dynamic`)"
+        return check
+
+    def layer_bytes(self, spec: Any, out_features: int, in_features: int) -> int:
+        """int32-packed codes and zero points, fp16 scales per group, and GPTQ's int32 g_idx."""
+        groups = 1 if spec.group_size == -1 else in_features // spec.group_size
+        return (in_features * out_features * spec.bits // 8 + groups * out_features * spec.bits // 8
+                + groups * out_features * 2 + (4 * in_features if self.stores_g_idx else 0))
 
     def check_model(self, spec: Any, config: Any) -> None:
         if getattr(spec.options, "rotate", False):

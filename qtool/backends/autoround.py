@@ -54,6 +54,7 @@ class AutoRoundOptions:
 
 @register
 class AutoRoundBackend(GptqModelBackend):
+    mixed_bits = ()  # auto-round's own per-layer config is not wired to qtool.mixed yet
     name = "autoround"
     summary = "AutoRound (SignRound) via auto-round: learned rounding per block, calibrated, standard GPTQ checkpoint"
     capabilities = Capabilities(

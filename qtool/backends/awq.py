@@ -21,17 +21,21 @@ took WikiText-2 PPL from +11.0/+13.2 % to +7.3/+7.0 % over the base (README tabl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from qtool.backends import register
 from qtool.backends._awq_clip import batched_clip_search
 from qtool.backends._awq_gptq import gptq_rounding
-from qtool.backends._gptqmodel import GptqModelBackend, check_damp_percent, quantize_with_gptqmodel
+from qtool.backends._gptqmodel import (
+    GptqModelBackend,
+    accepting_fp32,
+    check_damp_percent,
+    dynamic_overrides,
+    quantize_with_gptqmodel,
+)
 from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -63,6 +67,8 @@ class AwqBackend(GptqModelBackend):
     )
     Options = AwqOptions
     loading_config = "AwqConfig"
+    stores_g_idx = False
+    mixed_kernel = "awq_torch"
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.options.damp_percent != DEFAULT_DAMP and not spec.options.gptq:
@@ -78,6 +84,7 @@ class AwqBackend(GptqModelBackend):
             return AWQConfig(
                 bits=spec.bits, group_size=spec.group_size, sym=spec.options.sym,
                 offload_to_disk=spec.options.offload_to_disk, offload_to_disk_path=offload_dir,
+                dynamic=dynamic_overrides(spec),
             )
 
         modules = len(quantizable_linears(source.config()))
@@ -99,15 +106,9 @@ class AwqBackend(GptqModelBackend):
         return "fastest GPTQModel AWQ CUDA kernel (Marlin, GEMM/GEMV, ExLlama), picked at load"
 
 
-@contextlib.contextmanager
-def fp32_awq_layers() -> Iterator[None]:
+def fp32_awq_layers() -> contextlib.AbstractContextManager[None]:
     """Let GPTQModel's torch AWQ layer take fp32 (it converts scales to fp16 and casts the
     dequantized weight to the input's dtype; only its declared dtype list says fp16/bf16)."""
     from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 
-    declared = AwqTorchLinear.SUPPORTS_DTYPES
-    AwqTorchLinear.SUPPORTS_DTYPES = [*declared, torch.float32]
-    try:
-        yield
-    finally:
-        AwqTorchLinear.SUPPORTS_DTYPES = declared
+    return accepting_fp32(AwqTorchLinear)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 
 from qtool.calibration import CalibrationSet, CalibrationSpec
 from qtool.errors import BackendUnavailableError, SpecError
+from qtool.mixed.target import MixedTarget
 from qtool.models import ModelSource
 from qtool.runtime import compute_dtype
 
@@ -41,6 +43,14 @@ class QuantSpec:
     options: Any  # the backend's own Options dataclass instance
     seed: int = 0
     calibration: CalibrationSpec | None = None  # for the methods that quantize from data
+    # mixed precision (qtool.mixed): the budget asked for, then the plan's per-module bits
+    # (full module name -> bits; modules not named take `bits`)
+    target: MixedTarget | None = None
+    layer_bits: dict[str, int] | None = None
+
+    def bits_of(self, module: str) -> int:
+        """The bit-width of the module named `module` (full name)."""
+        return (self.layer_bits or {}).get(module, self.bits)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +60,7 @@ class QuantSpec:
             "options": dataclasses.asdict(self.options),
             "seed": self.seed,
             **({"calibration": dataclasses.asdict(self.calibration)} if self.calibration else {}),
+            **({"target": self.target.as_dict()} if self.target else {}),
         }
 
 
@@ -83,6 +94,10 @@ class Backend(ABC):
     # methods that calibrate only with some options (w8a8's smoothquant=true, fp8's activations=static):
     # those options, as KEY=VALUE, for messages and `qtool methods`; calibrates() decides
     calibrating_options: ClassVar[tuple[str, ...]] = ()
+    # mixed precision (qtool.mixed): the bit-widths a plan may give a layer; () = no per-layer bits
+    mixed_bits: ClassVar[tuple[int, ...]] = ()
+    # False where the written size does not depend on the bits (rtn stores dense weights)
+    mixed_size_target: ClassVar[bool] = True
     resumable: ClassVar[bool] = False  # quantize() takes a `workdir` that survives Ctrl-C (see api.resume_folder)
 
     # ---- availability -------------------------------------------------------------------
@@ -113,7 +128,10 @@ class Backend(ABC):
         options: dict[str, str] | None = None,
         seed: int = 0,
         calibration: CalibrationSpec | None = None,
+        target: MixedTarget | None = None,
     ) -> QuantSpec:
+        if target is not None:
+            self.check_mixed(target, bits)
         bits = self.default_bits if bits is None else bits
         group_size = self.default_group_size if group_size is None else group_size
         if bits not in self.capabilities.bits:
@@ -126,7 +144,7 @@ class Backend(ABC):
         if allowed is None and group_size != -1 and group_size < 1:
             raise SpecError(f"group size must be positive or -1 (per channel), got {group_size}")
         options_value = parse_options(self.Options, options or {}, self.name)
-        if self.calibrates(options_value):
+        if self.calibrates(options_value) or target is not None:  # a plan measures on calibration samples
             calibration = calibration or CalibrationSpec()
             calibration.check()
         elif calibration is not None:
@@ -138,10 +156,23 @@ class Backend(ABC):
 
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
             raise SpecError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
-        spec = QuantSpec(self.name, bits, group_size, options_value, seed, calibration)
+        spec = QuantSpec(self.name, bits, group_size, options_value, seed, calibration, target)
         self.check_spec(spec)
         return spec
 
+    def check_mixed(self, target: MixedTarget, bits: int | None) -> None:
+        """Refuse a mixed-precision budget this backend cannot honour; raise SpecError."""
+        from qtool import backends
+
+        if not self.mixed_bits:
+            able = ", ".join(n for n in backends.known_methods() if backends.get(n).mixed_bits)
+            raise SpecError(f"{self.name} has no per-layer bit-widths; --target-bits/--target-size work with {able}")
+        if bits is not None:
+            raise SpecError("--bits and a mixed-precision budget (--target-bits/--target-size) exclude each other: "
+                            f"the plan picks each layer's bits from {_join(self.mixed_bits)}")
+        if target.size_bytes is not None and not self.mixed_size_target:
+            raise SpecError(f"{self.name} writes dense weights whatever the bits: its size does not follow a plan; "
+                            "use --target-bits")
     def calibrates(self, options: Any) -> bool:
         """Whether quantizing with these options reads calibration samples. Default: the capability."""
         return self.capabilities.needs_calibration
@@ -212,6 +243,13 @@ class Backend(ABC):
     def lora_unsupported_reason(self, device: str) -> str | None:
         """Why PEFT's LoRA layer for this backend fails in training on `device`, when known. Default: None."""
         return None
+
+    def layer_bytes(self, spec: QuantSpec, out_features: int, in_features: int) -> int:
+        """Bytes a (out_features, in_features) layer quantized as `spec` takes in the checkpoint.
+
+        Default: its `effective_bits`; backends with a fixed packed layout give it exactly.
+        """
+        return math.ceil(out_features * in_features * self.effective_bits(spec) / 8)
 
     def effective_bits(self, spec: QuantSpec) -> float:
         """Storage bits per quantized weight, counting a fp16 scale and zero per group."""

@@ -44,10 +44,10 @@ class BnbBackend(Backend):
     )
     Options = BnbOptions
 
-    def make_spec(self, bits=None, group_size=None, options=None, seed=0, calibration=None) -> QuantSpec:
+    def make_spec(self, bits=None, group_size=None, options=None, seed=0, calibration=None, target=None) -> QuantSpec:
         if group_size is None and bits == 8:
             group_size = -1  # LLM.int8 scales each row
-        return super().make_spec(bits, group_size, options, seed, calibration)
+        return super().make_spec(bits, group_size, options, seed, calibration, target)
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.bits == 4 and spec.group_size != BLOCK_SIZE_4BIT:

@@ -19,7 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qtool.backends import register
-from qtool.backends._gptqmodel import GptqModelBackend, check_damp_percent, quantize_with_gptqmodel
+from qtool.backends._gptqmodel import (
+    GptqModelBackend,
+    check_damp_percent,
+    dynamic_overrides,
+    quantize_with_gptqmodel,
+)
 from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -80,6 +85,7 @@ class GptqBackend(GptqModelBackend):
                 offload_to_disk_path=offload_dir,
                 mse=o.mse,
                 gptaq=GPTAQConfig() if o.gptaq else None,
+                dynamic=dynamic_overrides(spec),
             )
 
         modules = len(quantizable_linears(source.config()))

@@ -9,6 +9,7 @@ loading a qtool hqq checkpoint never unpickles anything.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,23 +43,27 @@ class HqqBackend(Backend):
         format="safetensors of hqq's HQQLinear state; reload with qtool.load() (not plain transformers)",
     )
     Options = HqqOptions
+    mixed_bits = (2, 3, 4, 8)
 
     def quantize(self, source, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
-        from hqq.core.quantize import BaseQuantizeConfig
         from hqq.models.hf.base import AutoHQQHFModel
 
         dtype = compute_dtype(device)
         model = source.load_model(device, dtype)
-        config = BaseQuantizeConfig(
-            nbits=spec.bits,
-            group_size=None if spec.group_size == -1 else spec.group_size,
-            quant_zero=False,
-            quant_scale=False,
-        )
-        config["weight_quant_params"]["optimize"] = spec.options.optimize
+        if spec.layer_bits:
+            return quantize_per_layer(model, spec, dtype, device)
         with labelled_hqq_bars():
-            AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=dtype, device=device)
+            AutoHQQHFModel.quantize_model(model, quant_config=hqq_config(spec, spec.bits), compute_dtype=dtype,
+                                          device=device)
         return model
+
+    def layer_bytes(self, spec: QuantSpec, out_features: int, in_features: int) -> int:
+        """hqq's packing (2/4/8 bits in uint8, 3 bits ten per int32) and a scale and zero per group in
+        the compute dtype (fp32 on CPU, bf16 on CUDA; the plan counts fp32)."""
+        numel = out_features * in_features
+        codes = math.ceil(numel / 10) * 4 if spec.bits == 3 else math.ceil(numel * spec.bits / 8)
+        groups = out_features if spec.group_size == -1 else numel // spec.group_size
+        return codes + groups * 2 * 4
 
     def save(self, model: nn.Module, out: Path) -> None:
         save_state_checkpoint(model, out, quant_method="hqq")
@@ -80,6 +85,32 @@ class HqqBackend(Backend):
     def effective_bits(self, spec: QuantSpec) -> float:
         # scale and zero per group, stored in the compute dtype (fp32 on CPU, bf16 on CUDA)
         return float(spec.bits) if spec.group_size == -1 else spec.bits + 2 * 16 / spec.group_size
+
+
+def hqq_config(spec: QuantSpec, bits: int) -> dict[str, Any]:
+    from hqq.core.quantize import BaseQuantizeConfig
+
+    config = BaseQuantizeConfig(nbits=bits, group_size=None if spec.group_size == -1 else spec.group_size,
+                                quant_zero=False, quant_scale=False)
+    config["weight_quant_params"]["optimize"] = spec.options.optimize
+    return config
+
+
+def quantize_per_layer(model: nn.Module, spec: QuantSpec, dtype: Any, device: str) -> nn.Module:
+    """Every Linear but the head becomes an HQQLinear at its own bit-width (spec.layer_bits): hqq's
+    quantize_model takes one config per layer *type* (q_proj, ...), not per layer."""
+    from hqq.core.quantize import HQQLinear
+    from tqdm.auto import tqdm
+
+    from qtool.models import linear_layers
+
+    for name, linear in tqdm(linear_layers(model).items(), desc="hqq: quantize linear layers", unit="module",
+                             leave=False):
+        parent, _, child = name.rpartition(".")
+        layer = HQQLinear(linear, hqq_config(spec, spec.bits_of(name)), compute_dtype=dtype, device=device,
+                          del_orig=True)
+        setattr(model.get_submodule(parent), child, layer)
+    return model
 
 
 @contextlib.contextmanager

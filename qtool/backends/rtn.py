@@ -59,13 +59,19 @@ class RtnBackend(Backend):
         format="dense safetensors (HF standard; loads anywhere, no size saving)",
     )
     Options = RtnOptions
+    mixed_bits = (2, 3, 4, 8)
+    mixed_size_target = False
 
     @torch.no_grad()
     def quantize(self, source: ModelSource, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
         model = source.load_model(device, compute_dtype(device))
-        for _name, linear in tqdm(linear_layers(model).items(), desc="rtn", unit="layer", leave=False):
-            linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits, spec.group_size, spec.options.symmetric))
+        for name, linear in tqdm(linear_layers(model).items(), desc="rtn", unit="layer", leave=False):
+            linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits_of(name), spec.group_size, spec.options.symmetric))
         return model
+
+    def layer_bytes(self, spec: QuantSpec, out_features: int, in_features: int) -> int:
+        """Dense: the dequantized weight in fp32 (the CPU compute dtype) whatever the bits."""
+        return out_features * in_features * 4
 
     def kernel(self, device: str) -> str:
         return f"dense {'fp32' if device == 'cpu' else 'bf16'} matmul (weights stored dequantized)"

@@ -1,0 +1,53 @@
+"""The budget a mixed-precision request states: average bits per weight, or a size in bytes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from qtool.errors import SpecError
+
+PROXIES = ("fisher", "kl")
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass(frozen=True)
+class MixedTarget:
+    """What `--target-bits` / `--target-size` ask for; exactly one of `bits` and `size_bytes` is set.
+
+    bits: average storage bits per quantized weight (scales and zero points included);
+    size_bytes: bytes of the written weights (quantized layers plus unquantized tensors);
+    sensitivity: the per-layer cost measure (qtool.mixed.sensitivity: "fisher" or "kl").
+    """
+
+    bits: float | None = None
+    size_bytes: int | None = None
+    sensitivity: str = "fisher"
+
+    def __post_init__(self) -> None:
+        if (self.bits is None) == (self.size_bytes is None):
+            raise SpecError("give one budget: --target-bits or --target-size, not both")
+        if self.bits is not None and not self.bits > 0:
+            raise SpecError(f"--target-bits must be positive, got {self.bits}")
+        if self.size_bytes is not None and self.size_bytes <= 0:
+            raise SpecError(f"--target-size must be positive, got {self.size_bytes} bytes")
+        if self.sensitivity not in PROXIES:
+            raise SpecError(f"--sensitivity takes one of {', '.join(PROXIES)}, got {self.sensitivity!r}")
+
+    def describe(self) -> str:
+        return f"{self.bits:g} bits/weight" if self.bits is not None else f"{self.size_bytes / 2**20:.2f} MiB"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '120MiB', '0.5 GB', '123456' (plain bytes). Raises SpecError for anything else."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in UNITS | {"": 1}:
+        raise SpecError(f"--target-size takes a size such as 120MiB, 0.5GB or 125829120 (bytes), got {text!r}")
+    return int(float(match.group(1)) * UNITS.get(unit, 1))

@@ -1,0 +1,174 @@
+"""Mixed precision from a budget (qtool.mixed): allocation, budgets, per-layer bits in real checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qtool
+from qtool.errors import SpecError
+from qtool.mixed.allocate import allocate
+from qtool.mixed.target import parse_size
+from tests.conftest import assert_one_line_error, qtool_in_process
+
+CALIB = {"calib": "builtin", "nsamples": 4, "seqlen": 64}
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test measures its own costs (the sensitivity cache lives in QTOOL_CACHE)."""
+    monkeypatch.setenv("QTOOL_CACHE", str(tmp_path / "cache"))
+
+
+def brute_force(cost: np.ndarray, size: np.ndarray, budget: float) -> float:
+    best = np.inf
+    for choice in itertools.product(range(cost.shape[1]), repeat=cost.shape[0]):
+        rows = np.arange(cost.shape[0])
+        if size[rows, choice].sum() <= budget + 1e-9:
+            best = min(best, cost[rows, choice].sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_the_optimum_of_every_plan(seed):
+    rng = np.random.default_rng(seed)
+    groups, candidates = 6, 4
+    size = np.sort(rng.uniform(1, 10, (groups, candidates)), axis=1)
+    cost = np.sort(rng.uniform(0, 1, (groups, candidates)), axis=1)[:, ::-1]  # more bits, less cost
+    budget = rng.uniform(size.min(1).sum(), size.max(1).sum())
+    choice = allocate(cost, size, budget)
+    rows = np.arange(groups)
+    assert size[rows, choice].sum() <= budget + 1e-9
+    assert cost[rows, choice].sum() == pytest.approx(brute_force(cost, size, budget), rel=1e-6)
+
+
+def test_allocation_refuses_a_budget_below_the_smallest_plan():
+    with pytest.raises(SpecError, match="below the smallest plan"):
+        allocate(np.ones((2, 2)), np.array([[1.0, 2.0], [1.0, 2.0]]), 1.5)
+
+
+@pytest.mark.parametrize("text, expected", [("120MiB", 120 * 2**20), ("0.5GB", 500_000_000), ("1024", 1024),
+                                            ("64 kib", 65536), (2048, 2048)])
+def test_sizes_parse(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12 parsecs", "MiB", "-5MiB", ""])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(SpecError, match="--target-size takes a size"):
+        parse_size(text)
+
+
+def test_fused_projections_share_a_width(tiny_llama):
+    from qtool.api import model_config
+    from qtool.mixed.units import decision_units
+    from qtool.models import quantizable_linears
+
+    units = decision_units(quantizable_linears(model_config(tiny_llama)))
+    names = [u.name for u in units]
+    assert names[:4] == ["model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.0.self_attn.o_proj",
+                         "model.layers.0.mlp.gate_proj+up_proj", "model.layers.0.mlp.down_proj"]
+    assert len(units) == 8 and units[0].modules[1] == "model.layers.0.self_attn.k_proj"
+
+
+@pytest.mark.parametrize("target", [3.6, 4.4, 9.0])  # rtn g32: 2 bits is 3.0 per weight, 8 bits 9.0
+def test_rtn_plan_meets_the_budget_and_reloads_in_plain_transformers(target, tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "rtn"
+    record = qtool.quantize(str(tiny_llama), out, "rtn", group_size=32, device="cpu", target_bits=target, **CALIB)
+    mixed = record["mixed_precision"]
+    assert mixed["average_bits"] <= target and record["effective_bits_per_weight"] == pytest.approx(
+        mixed["average_bits"], abs=1e-4)
+    assert mixed["average_bits"] > target - 1.2  # the solver spends the budget (next width up is ~1 bit)
+    bits = {m: g["bits"] for g in mixed["groups"] for m in g["modules"]}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, width in bits.items():
+        groups = model.get_submodule(name).weight.reshape(-1, 32)
+        assert max(g.unique().numel() for g in groups) <= 2**width, name
+    assert len(set(bits.values())) > 1 or target == 9.0
+
+
+@pytest.mark.parametrize("method, layer_class", [("gptq", "TorchLinear"), ("awq", "AwqTorchLinear")])
+def test_gptqmodel_plan_writes_per_module_bits_and_its_predicted_size(method, layer_class, tiny_llama, tmp_path):
+    out = tmp_path / method
+    record = qtool.quantize(str(tiny_llama), out, method, group_size=32, device="cpu", target_bits=3.6, **CALIB)
+    mixed = record["mixed_precision"]
+    assert abs(mixed["size_error"]) < 0.01
+    assert record["reload_check"]["kernel_classes"] == [layer_class]
+    dynamic = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
+    planned = {m: g["bits"] for g in mixed["groups"] for m in g["modules"]}
+    assert all(rule["bits"] != record["spec"]["bits"] for rule in dynamic.values())
+    loaded = qtool.load(out, device="cpu")
+    for name, width in planned.items():
+        assert loaded.model.get_submodule(name).bits == width, name
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert torch.isfinite(loaded.model(ids).logits).all()
+
+
+def test_hqq_plan_meets_a_size_budget(tiny_llama, tmp_path):
+    out = tmp_path / "hqq"
+    record = qtool.quantize(str(tiny_llama), out, "hqq", group_size=32, device="cpu", target_size="12.07MiB", **CALIB)
+    mixed = record["mixed_precision"]
+    assert mixed["predicted_bytes"] <= 12.07 * 2**20 and abs(mixed["size_error"]) < 0.01
+    loaded = qtool.load(out, device="cpu")
+    widths = {name: module.meta["nbits"] for name, module in loaded.model.named_modules() if hasattr(module, "W_q")}
+    assert widths == {m: g["bits"] for g in mixed["groups"] for m in g["modules"]}
+
+
+def test_plan_is_deterministic_per_seed(tiny_llama, monkeypatch, tmp_path):
+    def plan(seed: int, cache: str) -> dict:
+        monkeypatch.setenv("QTOOL_CACHE", str(tmp_path / cache))
+        proc = qtool_in_process("plan", "--method", "gptq", "--group-size", "32", "--target-bits", "3.4",
+                                "--calib", "builtin", "--nsamples", "4", "--seqlen", "64", "--seed", str(seed),
+                                "--device", "cpu", "--json", "--quiet", tiny_llama)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    first, again, cached, other = plan(0, "a"), plan(0, "b"), plan(0, "a"), plan(1, "c")
+    keep = ("groups", "average_bits", "predicted_bytes")
+    assert {k: first[k] for k in keep} == {k: again[k] for k in keep} == {k: cached[k] for k in keep}
+    assert cached["sensitivity"]["cached"] and not again["sensitivity"]["cached"]
+    assert [g["cost"] for g in other["groups"]] != [g["cost"] for g in first["groups"]]  # other samples
+
+
+def test_kl_shortcut_equals_a_full_forward(tiny_llama):
+    """The kl measure runs only the layers after the perturbed one, from cached hidden states."""
+    from qtool.mixed.sensitivity import kl_costs, rounded
+    from qtool.mixed.units import decision_units
+    from qtool.models import linear_layers
+
+    model = qtool.load(str(tiny_llama), device="cpu").model
+    units = decision_units(linear_layers(model))
+    rows = [torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))]
+    costs = kl_costs(model, units, (2, 4), 32, rows)
+    with torch.no_grad():
+        base = torch.log_softmax(model(rows[0]).logits, -1)
+        unit = units[5]  # layer 1's o_proj: the shortcut starts at layer 1
+        with rounded(model, unit, 2, 32):
+            q = torch.log_softmax(model(rows[0]).logits, -1)
+    full = float((base.exp() * (base - q)).sum(-1).mean())
+    assert costs[5][0] == pytest.approx(full, rel=1e-4) and full > 0
+    assert all(row[0] > row[1] >= 0 for row in costs)  # 2 bits cost more than 4
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--method", "gptq", "--target-bits", "1.5"], ["cannot meet 1.5 bits/weight", "2.", "ask for more"]),
+    (["--method", "gptq", "--target-bits", "3.5", "--bits", "4"], ["--bits and a mixed-precision budget"]),
+    (["--method", "rtn", "--target-size", "10MiB"], ["rtn writes dense weights", "--target-bits"]),
+    (["--method", "bnb", "--target-bits", "4"], ["bnb has no per-layer bit-widths", "gptq"]),
+    (["--method", "hqq", "--target-size", "12 parsecs"], ["--target-size takes a size"]),
+    (["--method", "hqq", "--target-size", "1MiB"], ["cannot meet 1.00 MiB", "MiB"]),
+    (["--method", "hqq", "--target-bits", "3", "--target-size", "12MiB"], ["not both"]),
+    (["--method", "hqq", "--sensitivity", "kl"], ["--sensitivity only applies"]),
+    (["--method", "hqq", "--target-bits", "-3"], ["target-bits"]),
+])
+def test_bad_budgets_are_one_line_errors_before_loading(args, needles, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    proc = qtool_in_process("quantize", *args, "--group-size", "32", "--device", "cpu", "--quiet", tiny_llama, out)
+    assert_one_line_error(proc, *needles)
+    assert not out.exists()
