@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, help="weights per scale group (default: the method's)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
     p.add_argument("--calib", metavar="SOURCE", help="calibration text the costs are measured on (default: builtin)")
-    p.add_argument("--nsamples", type=int, help="calibration samples (default 128; the measure reads at most 8192 tokens)")
+    p.add_argument("--nsamples", type=int, help="calibration samples (default 128; the measure reads at most 8192 tokens, kl 1024)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sample (default 2048, capped to the model's context)")
     p.add_argument("--bos", choices=BOS_MODES, help="start every calibration sample with the BOS token (default: auto)")
     p.add_argument("--seed", type=int, help="picks the calibration samples (default 0)")

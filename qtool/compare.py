@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from qtool.calibration import CalibrationFields
 from qtool.errors import QtoolError, SpecError
@@ -40,12 +40,14 @@ class Cell:
     bits: int | None = None
     group_size: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    target_bits: float | None = None  # mixed precision: average bits per weight (qtool.mixed)
 
     @property
     def id(self) -> str:
         if self.method == BASE:
             return BASE
-        parts = [self.method, f"b{self.bits}" if self.bits else "", f"g{self.group_size}" if self.group_size else ""]
+        parts = [self.method, f"b{self.bits}" if self.bits else "", f"t{self.target_bits:g}" if self.target_bits else "",
+                 f"g{self.group_size}" if self.group_size else ""]
         parts += [f"{k}={v}" for k, v in sorted(self.options.items())]
         return "-".join(p for p in parts if p).replace("/", "_")
 
@@ -57,6 +59,8 @@ class CellEntry(Section):
     bits: PositiveInt | list[PositiveInt] | None = None
     group_size: int | list[int] | None = None
     options: dict[str, OptionValue | list[OptionValue]] = Field(default_factory=dict)
+    # mixed precision: each value is one cell whose layers' bits qtool chooses (instead of `bits`)
+    target_bits: PositiveFloat | list[PositiveFloat] | None = None
 
 
 class CompareSection(CalibrationFields):
@@ -93,10 +97,10 @@ def expand_cells(entries: list[CellEntry]) -> list[Cell]:
     """Every combination of each entry's list values; the base cell first, exactly once."""
     cells = [Cell(BASE)]
     for entry in entries:
-        axes = [_as_list(entry.bits), _as_list(entry.group_size),
+        axes = [_as_list(entry.bits), _as_list(entry.target_bits), _as_list(entry.group_size),
                 *[[(k, v) for v in _as_list(vals)] for k, vals in entry.options.items()]]
-        for bits, group, *opts in itertools.product(*axes):
-            cell = Cell(entry.method, bits, group, dict(opts))
+        for bits, target, group, *opts in itertools.product(*axes):
+            cell = Cell(entry.method, bits, group, dict(opts), target)
             if cell.id not in {c.id for c in cells}:
                 cells.append(cell)
     return cells
@@ -115,10 +119,11 @@ def cell_request(recipe: CompareRecipe, cell: Cell, device: str) -> QuantizeRequ
 
     backend = backends.get(cell.method)
     options = parse_options(backend.Options, option_strings(cell.options), cell.method)
-    calibration = recipe.calibration_arguments() if backend.calibrates(options) else {}
+    calibrates = backend.calibrates(options) or cell.target_bits is not None  # a plan measures on calibration data
+    calibration = recipe.calibration_arguments() if calibrates else {}
     return parse_section(QuantizeRequest, {"method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
                                            "options": cell.options, "seed": recipe.seed, "device": device,
-                                           **calibration}, "cell", error=SpecError)
+                                           "target_bits": cell.target_bits, **calibration}, "cell", error=SpecError)
 
 
 def check_recipe(recipe: CompareRecipe, device: str) -> None:
@@ -248,7 +253,10 @@ def _run_cell(recipe: CompareRecipe, cell: Cell, base: Any, device: str, out: Pa
     record = loaded.record or {}
     kept = ("spec", "kernel", "format", "effective_bits_per_weight", "timings_s", "peak_memory_mib",
             "peak_memory_kind", "weights_bytes", "calibration", "reload_check")
-    result: dict[str, Any] = {"device": loaded.device, "quantization": {k: record[k] for k in kept if k in record} or None,
+    quantization = {k: record[k] for k in kept if k in record}
+    if "mixed_precision" in record:  # the plan's summary; its per-group table stays in the cell's qtool.json
+        quantization["mixed_precision"] = {k: v for k, v in record["mixed_precision"].items() if k != "groups"}
+    result: dict[str, Any] = {"device": loaded.device, "quantization": quantization or None,
                               **as_records(run_plan(recipe.eval, loaded, base, progress))}
     result["memory"]["parameters"] = sum(p.numel() for p in base.model.parameters())
     result["versions"] = package_versions()

@@ -221,6 +221,7 @@ def plot(rows: list[Row], folder: Path) -> dict[str, Path]:
         ax.scatter([r.size_mib for r in points], [r.ppl for r in points], color="#4477aa", zorder=3)
         ax.plot([r.size_mib for r in front], [r.ppl for r in front], color="#cc3311", drawstyle="steps-post",
                 label="Pareto front", zorder=2)
+        plot_mixed_curves(ax, points)
         for r in points:
             ax.annotate(r.cell, (r.size_mib, r.ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
         base = next((r for r in points if r.cell == "base"), None)
@@ -262,6 +263,25 @@ def plot(rows: list[Row], folder: Path) -> dict[str, Path]:
         ax.grid(axis="y", alpha=0.3)
         paths["memory"] = _save(fig, folder / PLOTS["memory"])
     return paths
+
+
+def is_mixed(row: Row) -> bool:
+    return bool(((row.record.get("quantization") or {}).get("mixed_precision")))
+
+
+def plot_mixed_curves(ax: Any, points: list[Row]) -> None:
+    """Per method with mixed-precision cells: their curve over size, and the method's uniform
+    (one bit-width) cells marked next to it."""
+    colors = iter(["#228833", "#aa3377", "#ee7733", "#66ccee"])
+    for method in sorted({r.method for r in points if is_mixed(r)}):
+        color = next(colors, "#777777")
+        mixed = sorted((r for r in points if r.method == method and is_mixed(r)), key=lambda r: r.size_mib)
+        ax.plot([r.size_mib for r in mixed], [r.ppl for r in mixed], color=color, marker="o", zorder=4,
+                label=f"{method} mixed precision (qtool plan)")
+        uniform = [r for r in points if r.method == method and not is_mixed(r)]
+        if uniform:
+            ax.scatter([r.size_mib for r in uniform], [r.ppl for r in uniform], color=color, marker="s", s=50,
+                       facecolors="none", zorder=5, label=f"{method} uniform bits")
 
 
 def _save(fig: Any, path: Path) -> Path:

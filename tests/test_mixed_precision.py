@@ -172,3 +172,34 @@ def test_bad_budgets_are_one_line_errors_before_loading(args, needles, tiny_llam
     proc = qtool_in_process("quantize", *args, "--group-size", "32", "--device", "cpu", "--quiet", tiny_llama, out)
     assert_one_line_error(proc, *needles)
     assert not out.exists()
+
+
+def test_compare_cells_take_a_target_and_the_report_draws_the_curve(tiny_llama, wikitext_test, tmp_path):
+    from qtool.compare import load_compare_recipe, read_results, run_compare
+    from qtool.report import write_report
+
+    recipe_path = tmp_path / "compare.yaml"
+    recipe_path.write_text(f"""\
+compare:
+  name: tiny-mixed
+  model: {tiny_llama}
+  device: cpu
+  calib: builtin
+  nsamples: 4
+  seqlen: 64
+  eval: {{text: {wikitext_test}, ctx: 64, max_tokens: 256}}
+  cells:
+    - {{method: rtn, bits: [3, 4], group_size: 32}}
+    - {{method: rtn, target_bits: [3.6, 4.4], group_size: 32}}
+""")
+    recipe = load_compare_recipe(str(recipe_path))
+    assert [c.id for c in recipe.cells] == ["base", "rtn-b3-g32", "rtn-b4-g32", "rtn-t3.6-g32", "rtn-t4.4-g32"]
+    out = tmp_path / "report"
+    run_compare(recipe, out, progress=False, log=lambda _m: None)
+    results = read_results(out)
+    assert all(r["status"] == "ok" for r in results.values()), results
+    mixed = results["rtn-t3.6-g32"]["quantization"]
+    assert mixed["mixed_precision"]["average_bits"] <= 3.6 and "groups" not in mixed["mixed_precision"]
+    assert results["rtn-t3.6-g32"]["quantization"]["effective_bits_per_weight"] <= 3.6
+    write_report(results, out)
+    assert (out / "quality_vs_size.png").stat().st_size > 0

@@ -136,10 +136,11 @@ class MixedPlan:
             "average_bits": round(self.average_bits, 4),
             "predicted_bytes": self.predicted_bytes,
             "layers_per_bits": {str(b): widths[b] for b in sorted(widths)},
-            # predicted increase of the mean token loss (nats), assuming the groups' costs add up;
-            # exp(it) is the predicted perplexity ratio
-            "predicted_loss_increase": round(self.predicted_cost, 6),
-            "predicted_ppl_ratio": round(float(np.exp(self.predicted_cost)), 4),
+            # predicted increase of the mean token loss (nats) if every group were rounded to nearest
+            # (the perturbation the costs measure), assuming the groups' costs add up; exp(it) is the
+            # predicted perplexity ratio. Error-compensating methods (gptq, awq) land below it.
+            "predicted_loss_increase_rtn": round(self.predicted_cost, 6),
+            "predicted_ppl_ratio_rtn": round(float(np.exp(self.predicted_cost)), 4),
             "sensitivity": self.measured,
             "groups": [
                 {"group": u.name, "modules": list(u.modules), "bits": b, "numel": u.numel,
@@ -156,7 +157,7 @@ class MixedPlan:
             f"{self.measured['tokens']} calibration tokens{', cached' if self.measured.get('cached') else ''}):",
             f"  {mix}",
             f"  average {self.average_bits:.3f} bits/weight, predicted weights {self.predicted_bytes / 2**20:.2f} MiB, "
-            f"predicted PPL x{np.exp(self.predicted_cost):.3f} of the base",
+            f"PPL x{np.exp(self.predicted_cost):.3f} of the base predicted for round-to-nearest",
         ]
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from qtool.mixed.units import Unit
 
 #: calibration tokens each measure reads (whole samples first; the last one is cut to fit)
-TOKEN_BUDGET = {"fisher": 8192, "kl": 2048}
+TOKEN_BUDGET = {"fisher": 8192, "kl": 1024}
 
 
 def rounding_error(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
