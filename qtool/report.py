@@ -266,7 +266,7 @@ def plot(rows: list[Row], folder: Path) -> dict[str, Path]:
 
 
 def is_mixed(row: Row) -> bool:
-    return bool(((row.record.get("quantization") or {}).get("mixed_precision")))
+    return bool((row.record.get("quantization") or {}).get("mixed_precision"))
 
 
 def plot_mixed_curves(ax: Any, points: list[Row]) -> None:
