@@ -135,8 +135,8 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     plan = None
     if budget is not None:
         with watch.stage("sensitivity"):
-            plan = make_plan(source, budget, spec.target, spec.group_size, calibration.samples, calibration.record,
-                             device, compute_dtype(device))
+            plan = make_plan(source, backend, spec, budget, calibration.samples, calibration.record, device,
+                             compute_dtype(device))
         for line in plan.summary_lines():
             log.info(line)
         spec = plan.apply(spec)
@@ -218,7 +218,7 @@ def plan_precision(model: str, request: QuantizeRequest) -> MixedPlan:
     if device == "cpu":
         configure_cpu()
     seed_everything(request.seed)
-    return make_plan(source, budget, spec.target, spec.group_size, calibration.samples, calibration.record, device,
+    return make_plan(source, backend, spec, budget, calibration.samples, calibration.record, device,
                      compute_dtype(device))
 
 

@@ -320,6 +320,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                     "packages": caps.packages, "format": caps.format,
                 }
                 item["calibrates_with"] = list(get(r.name).calibrating_options)
+                item["mixed_precision_bits"] = list(get(r.name).mixed_bits)
                 item["options"] = option_help(get(r.name).Options)
                 item["kernel"] = get(r.name).kernel(args.device)
             out.append(item)
@@ -332,7 +333,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if r.capabilities and r.ready:
             caps = r.capabilities
             opts = ", ".join(f"{o['name']}={o['default']}" for o in option_help(get(r.name).Options))
-            print(f"{'':<{width}}  {'':<9}  bits {','.join(map(str, caps.bits))}; "
+            mixed = get(r.name).mixed_bits
+            print(f"{'':<{width}}  {'':<9}  bits {','.join(map(str, caps.bits))}"
+                  f"{'; mixed precision ' + '/'.join(map(str, mixed)) + ' per layer' if mixed else ''}; "
                   f"calibration {_calibration_word(get(r.name))}; options: {opts or 'none'}")
             print(f"{'':<{width}}  {'':<9}  kernel on {args.device}: {get(r.name).kernel(args.device)}")
     return 0

@@ -166,6 +166,7 @@ def test_kl_shortcut_equals_a_full_forward(tiny_llama):
     (["--method", "hqq", "--target-bits", "3", "--target-size", "12MiB"], ["not both"]),
     (["--method", "hqq", "--sensitivity", "kl"], ["--sensitivity only applies"]),
     (["--method", "hqq", "--target-bits", "-3"], ["target-bits"]),
+    (["--method", "gptq", "--opt", "rotate=true", "--target-size", "12MiB"], ["unties the output head"]),
 ])
 def test_bad_budgets_are_one_line_errors_before_loading(args, needles, tiny_llama, tmp_path):
     out = tmp_path / "out"
@@ -203,3 +204,13 @@ compare:
     assert results["rtn-t3.6-g32"]["quantization"]["effective_bits_per_weight"] <= 3.6
     write_report(results, out)
     assert (out / "quality_vs_size.png").stat().st_size > 0
+
+
+def test_rotated_gptq_measures_costs_on_the_rotated_model(tiny_llama, tmp_path):
+    plain = qtool.quantize(str(tiny_llama), tmp_path / "plain", "gptq", group_size=32, device="cpu",
+                           target_bits=3.6, **CALIB)["mixed_precision"]
+    rotated = qtool.quantize(str(tiny_llama), tmp_path / "rot", "gptq", group_size=32, device="cpu",
+                             options={"rotate": True}, target_bits=3.6, **CALIB)["mixed_precision"]
+    assert "rotated" in rotated["sensitivity"]["model"] and "model" not in plain["sensitivity"]
+    assert [g["cost"] for g in rotated["groups"]] != [g["cost"] for g in plain["groups"]]
+    assert rotated["average_bits"] <= 3.6

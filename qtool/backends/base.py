@@ -244,6 +244,15 @@ class Backend(ABC):
         """Why PEFT's LoRA layer for this backend fails in training on `device`, when known. Default: None."""
         return None
 
+    def sensitivity_transform(self, spec: QuantSpec) -> str:
+        """What `sensitivity_model` does to the full-precision model before a plan measures layer
+        costs on it, in words ("" = nothing); part of the cost cache's key."""
+        return ""
+
+    def sensitivity_model(self, model: nn.Module, spec: QuantSpec) -> None:
+        """Turn the full-precision model, in place, into the one `quantize` will round (default: as is)."""
+        return None
+
     def layer_bytes(self, spec: QuantSpec, out_features: int, in_features: int) -> int:
         """Bytes a (out_features, in_features) layer quantized as `spec` takes in the checkpoint.
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from qtool.backends import register
 from qtool.backends._gptqmodel import (
     GptqModelBackend,
@@ -29,6 +31,7 @@ from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 from qtool.models import ModelSource, quantizable_linears
+from qtool.rotation import rotate_with_seed
 
 
 @dataclass
@@ -63,6 +66,9 @@ class GptqBackend(GptqModelBackend):
         if spec.options.mse < 0:
             raise SpecError(f"gptq option mse must be >= 0 (0 turns the range search off), got {spec.options.mse}")
         check_damp_percent(self.name, spec.options.damp_percent)
+        if spec.options.rotate and spec.target and spec.target.size_bytes is not None:
+            raise SpecError("gptq rotate=true unties the output head (one more vocabulary-sized matrix), which a "
+                            "--target-size plan does not count yet; use --target-bits")
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
@@ -90,6 +96,13 @@ class GptqBackend(GptqModelBackend):
 
         modules = len(quantizable_linears(source.config()))
         return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules, rotate=o.rotate, seed=spec.seed)
+
+    def sensitivity_transform(self, spec: QuantSpec) -> str:
+        return f"residual stream rotated (seed {spec.seed}), as rotate=true quantizes it" if spec.options.rotate else ""
+
+    def sensitivity_model(self, model: nn.Module, spec: QuantSpec) -> None:
+        if spec.options.rotate:
+            rotate_with_seed(model, spec.seed)
 
     def kernel(self, device: str) -> str:
         return gptq_kernel(device)
