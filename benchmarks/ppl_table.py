@@ -81,6 +81,10 @@ MIXED = [  # name, method, bits, group size, options, seed, calibration and budg
     (f"gptq mixed {target} bits g64{'' if proxy == 'fisher' else ' ' + proxy} (seed {seed})", "gptq", None, 64,
      METHOD_OPTIONS["gptq"], seed, {**CALIB, "target_bits": target, "sensitivity": proxy})
     for target, proxy in ((3.5, "fisher"), (4.5, "fisher"), (3.5, "kl"), (4.5, "kl")) for seed in (0, 1)
+] + [  # ... on the rotated model with the best GPTQ options (costs measured on the rotated model)
+    (f"gptq mixed {target} bits g64 rotate mse=2.4 gptaq (seed {seed})", "gptq", None, 64,
+     {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target})
+    for target in (4.5, 3.5) for seed in (0, 1)
 ]
 ROWS = [  # name, method, bits, group size, options
     ("base fp32", None, None, None, {}),

@@ -149,6 +149,10 @@ def check_recipe(recipe: CompareRecipe, device: str) -> None:
             backend = backends.get(cell.method)
             backend.check_model(spec, config)
             backend.check_layers(spec, linears)
+            if spec.target:  # a budget no plan meets fails here, not after the cells before it ran
+                from qtool.api import mixed_budget
+
+                mixed_budget(backend, spec, config, linears, device)
             backend.require_available(device)
         except QtoolError as exc:
             raise type(exc)(f"cell {cell.id}: {exc}") from None

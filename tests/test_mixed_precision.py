@@ -214,3 +214,19 @@ def test_rotated_gptq_measures_costs_on_the_rotated_model(tiny_llama, tmp_path):
     assert "rotated" in rotated["sensitivity"]["model"] and "model" not in plain["sensitivity"]
     assert [g["cost"] for g in rotated["groups"]] != [g["cost"] for g in plain["groups"]]
     assert rotated["average_bits"] <= 3.6
+
+
+def test_compare_refuses_an_unreachable_budget_before_the_first_cell(tiny_llama, wikitext_test, tmp_path):
+    from qtool.compare import check_recipe, load_compare_recipe
+
+    recipe_path = tmp_path / "compare.yaml"
+    recipe_path.write_text(f"""\
+compare:
+  model: {tiny_llama}
+  device: cpu
+  eval: {{text: {wikitext_test}, ctx: 64, max_tokens: 256}}
+  cells:
+    - {{method: rtn, target_bits: [4.0, 1.0], group_size: 32}}
+""")
+    with pytest.raises(SpecError, match="cell rtn-t1-g32: rtn cannot meet 1 bits/weight"):
+        check_recipe(load_compare_recipe(str(recipe_path)), "cpu")
