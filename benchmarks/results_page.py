@@ -181,6 +181,13 @@ neither. Absolute speeds vary by ±15 % between runs on this shared 2-core machi
 in llama.cpp: 40.3 then 47.5 tok/s); compare ratios within one run.
 """
 
+MIXED_INTRO = """\
+With a budget instead of `--bits`, qtool gives each layer group its own width (2/3/4/8) under an
+average of bits per weight ([mixed-precision.md](mixed-precision.md)). The gptq rows of the
+[first table](#smollm2-135m-on-cpu-perplexity) named "mixed" are these plans; the table below sets
+each next to what its cost measure predicted and says what each measure cost to run.
+"""
+
 FORMATS_INTRO = """\
 The formats H100/H200/B200 deployments serve, written in compressed-tensors (vLLM's native
 layout; [methods.md](methods.md#deployment-formats-fp8-w8a8-mxfp4-nvfp4-compressed-tensors)). On this
@@ -392,6 +399,8 @@ def build() -> str:
     bench_title, bench_body = report_file("smollm2-cpu-engines/engines.md")
     formats = sections(report_file("smollm2-cpu-formats/report.md")[1])
     formats_bench_title, formats_bench_body = report_file("smollm2-cpu-formats/engines.md")
+    mixed_title, mixed_body = report_file("smollm2-cpu-mixed/table.md")
+    mixed_compare = sections(report_file("smollm2-cpu-mixed/report.md")[1])
 
     parts = [
         "<!-- Written by `python benchmarks/results_page.py` from the files under reports/: edit the script's\n"
@@ -405,6 +414,7 @@ def build() -> str:
         "[one compare run](#every-method-in-one-compare-run) ·\n"
         "[2 bits per weight](#2-bits-per-weight-aqlm-against-rtn-and-hqq) · [speed on CPU](#speed-on-cpu) ·\n"
         "[serving engines](#serving-engines) · [FP8, W8A8, FP4](#deployment-formats-fp8-int8-w8a8-mxfp4-nvfp4) ·\n"
+        "[mixed precision](#mixed-precision-from-a-budget) ·\n"
         "[GPU: one H200 check](#gpu-one-h200-check) · [reproduce](#reproduce)",
         "## SmolLM2-135M on CPU: perplexity",
         PPL_INTRO.strip("\n"),
@@ -453,6 +463,16 @@ def build() -> str:
         source("smollm2-cpu-formats/engines.md", formats_bench_title),
         formats_bench_body,
         FORMATS_AFTER.strip("\n"),
+        "## Mixed precision from a budget",
+        MIXED_INTRO.strip("\n"),
+        source("smollm2-cpu-mixed/table.md", mixed_title),
+        mixed_body,
+        "From [`reports/smollm2-cpu-mixed/report.md`](../reports/smollm2-cpu-mixed/report.md)"
+        " (`qtool compare recipes/compare-smollm2-mixed.yaml`: the curve from 3.0 to 5.0 bits next to uniform"
+        " gptq, 8,192 tokens), its Results section and plot:",
+        mixed_compare["Results"],
+        "![quality vs size](../reports/smollm2-cpu-mixed/quality_vs_size.png)",
+        MIXED_AFTER.strip("\n"),
         "## GPU: one H200 check",
         GPU_INTRO.strip("\n"),
         GPU_BULLETS.strip("\n"),

@@ -81,6 +81,7 @@ def quantize(
     target_bits: float | None = None,
     target_size: str | int | None = None,
     sensitivity: str | None = None,
+    perturbation: str | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
@@ -89,12 +90,14 @@ def quantize(
     text, 128 samples of 2048 tokens capped to the model's context, BOS first when the tokenizer
     adds it: qtool.bos). `target_bits` (average bits per weight) or `target_size` (bytes, or a size
     such as "120MiB") asks for mixed precision: qtool.mixed chooses each layer's bits, with the
-    `sensitivity` measure "fisher" (default) or "kl". Raises SpecError for what the backend refuses.
+    `sensitivity` measure "fisher" (default) or "kl", perturbing the weights by the `perturbation`
+    "rtn" (default) or "method" (the backend's own error). Raises SpecError for what the backend refuses.
     """
     request = parse_section(QuantizeRequest, {
         "method": method, "bits": bits, "group_size": group_size, "options": options or {}, "device": device,
         "seed": seed, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "bos": bos,
         "target_bits": target_bits, "target_size": target_size, "sensitivity": sensitivity,
+        "perturbation": perturbation,
     }, "quantize", error=SpecError)
     return quantize_request(model, out, request, force=force, resume=resume)
 
@@ -135,8 +138,7 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     plan = None
     if budget is not None:
         with watch.stage("sensitivity"):
-            plan = make_plan(source, backend, spec, budget, calibration.samples, calibration.record, device,
-                             compute_dtype(device))
+            plan = make_plan(source, backend, spec, budget, calibration, device, compute_dtype(device))
         for line in plan.summary_lines():
             log.info(line)
         spec = plan.apply(spec)
@@ -218,8 +220,7 @@ def plan_precision(model: str, request: QuantizeRequest) -> MixedPlan:
     if device == "cpu":
         configure_cpu()
     seed_everything(request.seed)
-    return make_plan(source, backend, spec, budget, calibration.samples, calibration.record, device,
-                     compute_dtype(device))
+    return make_plan(source, backend, spec, budget, calibration, device, compute_dtype(device))
 
 
 def resume_folder(out: Path, backend: Any, resume: bool, force: bool) -> Path | None:

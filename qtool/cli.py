@@ -371,6 +371,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         method=args.method, bits=args.bits, group_size=args.group_size, options=_parse_opts(args.opt) | _option_flags(args),
         device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, bos=args.bos,
         target_bits=args.target_bits, target_size=args.target_size, sensitivity=args.sensitivity,
+        perturbation=args.perturbation,
     )
     _no_loading_bars()
     try:
@@ -404,9 +405,15 @@ def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-size", metavar="SIZE",
                    help="mixed precision: choose each layer's bits so that the weights take at most SIZE "
                    "(e.g. 120MiB, 0.5GB, or bytes)")
-    p.add_argument("--sensitivity", choices=("fisher", "kl"),
-                   help="how a layer's cost is measured: fisher = Fisher-weighted rounding error, one backward pass "
-                   "(default); kl = measured KL with only that layer rounded, one forward pass per layer and width")
+    p.add_argument("--sensitivity", choices=("fisher", "output", "kl"),
+                   help="how a layer's cost is measured: fisher = weight-space Fisher times the squared error, one "
+                   "backward pass (default); output = Fisher of each layer's output times its output error (pair it "
+                   "with --perturbation method); kl = measured KL with only that layer perturbed, one forward pass per "
+                   "layer and width")
+    p.add_argument("--perturbation", choices=("rtn", "method"),
+                   help="the error a layer's cost is measured with: rtn = round-to-nearest at each width (default, "
+                   "seconds); method = the method's own, from one uniform quantization per width (gptq: minutes; "
+                   "ranks layers by what an error-compensating method really does)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -420,7 +427,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fields = {"method": args.method, "group_size": args.group_size, "options": _parse_opts(args.opt),
               "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "bos": args.bos,
               "seed": args.seed, "device": args.device, "target_bits": args.target_bits,
-              "target_size": args.target_size, "sensitivity": args.sensitivity}
+              "target_size": args.target_size, "sensitivity": args.sensitivity,
+              "perturbation": args.perturbation}
     request = parse_section(QuantizeRequest, {k: v for k, v in fields.items() if v is not None}, "qtool plan",
                             names=QUANTIZE_FLAGS, error=SpecError)
     _no_loading_bars()

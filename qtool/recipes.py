@@ -88,7 +88,7 @@ def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
 QUANTIZE_FLAGS = {"group_size": "--group-size", "options": "--opt", "nsamples": "--nsamples", "seqlen": "--seqlen",
                   "calib": "--calib", "bits": "--bits", "method": "--method", "seed": "--seed", "device": "--device",
                   "bos": "--bos", "target_bits": "--target-bits", "target_size": "--target-size",
-                  "sensitivity": "--sensitivity"}
+                  "sensitivity": "--sensitivity", "perturbation": "--perturbation"}
 
 
 def quantize_arguments(recipe: QuantizeRecipe | None, paths: list[str], **flags: Any) -> tuple[str, str, QuantizeRequest]:

@@ -43,7 +43,8 @@ class QuantizeFields(CalibrationFields):
     # mixed precision (qtool.mixed): one budget, the plan picks each layer's bits
     target_bits: PositiveFloat | None = None  # average bits per quantized weight, scales included
     target_size: str | PositiveInt | None = None  # bytes of the written weights: 120MiB, 0.5GB, 125829120
-    sensitivity: Literal["fisher", "kl"] | None = None  # the per-layer cost measure (default fisher)
+    sensitivity: Literal["fisher", "output", "kl"] | None = None  # the per-layer cost measure (default fisher)
+    perturbation: Literal["rtn", "method"] | None = None  # the error it perturbs weights by (default rtn)
 
     def request(self, **defaults: Any) -> QuantizeRequest:
         """The checked request: these keys, with `defaults` for the ones left out (None)."""
@@ -77,11 +78,11 @@ class QuantizeRequest(QuantizeFields):
     def mixed_target(self) -> MixedTarget | None:
         """The mixed-precision budget the request names; None for one bit-width everywhere."""
         if self.target_bits is None and self.target_size is None:
-            if self.sensitivity is not None:
-                raise SpecError("--sensitivity only applies with --target-bits or --target-size")
+            if self.sensitivity is not None or self.perturbation is not None:
+                raise SpecError("--sensitivity and --perturbation only apply with --target-bits or --target-size")
             return None
         size = None if self.target_size is None else parse_size(self.target_size)
-        return MixedTarget(self.target_bits, size, self.sensitivity or "fisher")
+        return MixedTarget(self.target_bits, size, self.sensitivity or "fisher", self.perturbation or "rtn")
 
     def calibration_spec(self) -> CalibrationSpec | None:
         """The calibration the request names; None when it names none (the backend's default)."""

@@ -138,18 +138,18 @@ def test_plan_is_deterministic_per_seed(tiny_llama, monkeypatch, tmp_path):
 
 def test_kl_shortcut_equals_a_full_forward(tiny_llama):
     """The kl measure runs only the layers after the perturbed one, from cached hidden states."""
-    from qtool.mixed.sensitivity import kl_costs, rounded
+    from qtool.mixed.sensitivity import kl_costs, rounded, rtn_errors
     from qtool.mixed.units import decision_units
     from qtool.models import linear_layers
 
     model = qtool.load(str(tiny_llama), device="cpu").model
     units = decision_units(linear_layers(model))
     rows = [torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))]
-    costs = kl_costs(model, units, (2, 4), 32, rows)
+    costs = kl_costs(model, units, (2, 4), rtn_errors(32), rows)
     with torch.no_grad():
         base = torch.log_softmax(model(rows[0]).logits, -1)
         unit = units[5]  # layer 1's o_proj: the shortcut starts at layer 1
-        with rounded(model, unit, 2, 32):
+        with rounded(model, unit, 2, rtn_errors(32)):
             q = torch.log_softmax(model(rows[0]).logits, -1)
     full = float((base.exp() * (base - q)).sum(-1).mean())
     assert costs[5][0] == pytest.approx(full, rel=1e-4) and full > 0
@@ -164,7 +164,7 @@ def test_kl_shortcut_equals_a_full_forward(tiny_llama):
     (["--method", "hqq", "--target-size", "12 parsecs"], ["--target-size takes a size"]),
     (["--method", "hqq", "--target-size", "1MiB"], ["cannot meet 1.00 MiB", "MiB"]),
     (["--method", "hqq", "--target-bits", "3", "--target-size", "12MiB"], ["not both"]),
-    (["--method", "hqq", "--sensitivity", "kl"], ["--sensitivity only applies"]),
+    (["--method", "hqq", "--sensitivity", "kl"], ["--sensitivity and --perturbation only apply"]),
     (["--method", "hqq", "--target-bits", "-3"], ["target-bits"]),
     (["--method", "gptq", "--opt", "rotate=true", "--target-size", "12MiB"], ["unties the output head"]),
 ])
@@ -230,3 +230,18 @@ compare:
 """)
     with pytest.raises(SpecError, match="cell rtn-t1-g32: rtn cannot meet 1 bits/weight"):
         check_recipe(load_compare_recipe(str(recipe_path)), "cpu")
+
+
+def test_method_perturbation_measures_the_methods_own_error(tiny_llama, tmp_path):
+    """With perturbation=method the costs come from gptq's own error at each width: measured on the
+    layers' outputs, smaller than round-to-nearest's at 2 bits for most groups (GPTQ minimises the
+    output error on the calibration inputs), and recorded."""
+    runs = {kind: qtool.quantize(str(tiny_llama), tmp_path / kind, "gptq", group_size=32, device="cpu",
+                                 options={"sym": False}, target_bits=3.6, sensitivity="output", perturbation=kind,
+                                 **CALIB)["mixed_precision"]
+            for kind in ("rtn", "method")}
+    assert "gptq itself" in runs["method"]["sensitivity"]["perturbation"]
+    at2 = {kind: [g["cost"]["2"] for g in run["groups"]] for kind, run in runs.items()}
+    assert at2["method"] != at2["rtn"]
+    assert sum(m < r for m, r in zip(at2["method"], at2["rtn"], strict=True)) > len(at2["rtn"]) / 2
+    assert runs["method"]["average_bits"] <= 3.6

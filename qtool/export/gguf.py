@@ -273,24 +273,33 @@ def kernel_weights(folder: Path) -> dict[str, np.ndarray]:
     """Every weight of a checkpoint as dense float32, whatever its format: the model is loaded by
     its qtool backend and each quantized projection's weight is read back through its own kernel,
     W = (layer(I) - layer(0))^T, so no format-specific unpacking is needed (hqq, bnb, aqlm, eetq, ...)."""
-    import torch
-
     from qtool import api
 
     model = api.load(folder, "cpu").model
     projections = projection_modules(model)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()
              if v.is_floating_point() and not k.startswith(tuple(projections))}
+    for name, (weight, bias) in projection_weights(model).items():
+        state[f"{name}.weight"] = weight.numpy()
+        if bias is not None:
+            state[f"{name}.bias"] = bias.numpy()
+    return state
+
+
+def projection_weights(model: Any) -> dict[str, tuple[Any, Any]]:
+    """name -> (weight [out, in], bias [out] or None), float32, of every decoder projection as its
+    kernel computes it: W = (layer(I) - layer(0))^T."""
+    import torch
+
+    result = {}
     with torch.no_grad():
-        for name, module in projections.items():
+        for name, module in projection_modules(model).items():
             dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
             cols = module.in_features
-            eye = torch.eye(cols, dtype=dtype)
             bias = module(torch.zeros(1, cols, dtype=dtype)).float()
-            state[f"{name}.weight"] = (module(eye).float() - bias).T.contiguous().numpy()
-            if getattr(module, "bias", None) is not None:
-                state[f"{name}.bias"] = bias[0].numpy()
-    return state
+            weight = (module(torch.eye(cols, dtype=dtype)).float() - bias).T.contiguous()
+            result[name] = (weight, bias[0] if getattr(module, "bias", None) is not None else None)
+    return result
 
 
 def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:

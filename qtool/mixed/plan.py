@@ -23,6 +23,7 @@ from torch import nn
 
 from qtool.errors import SpecError
 from qtool.mixed.allocate import allocate
+from qtool.mixed.perturbation import perturbation_errors
 from qtool.mixed.sensitivity import TOKEN_BUDGET, budget_samples, measure
 from qtool.mixed.target import MixedTarget
 from qtool.mixed.units import Unit, decision_units
@@ -161,32 +162,39 @@ class MixedPlan:
         ]
 
 
-def make_plan(source: Any, backend: Any, spec: Any, budget: Budget, samples: list[list[int]],
-              calibration_record: dict[str, Any], device: str, dtype: Any) -> MixedPlan:
+def make_plan(source: Any, backend: Any, spec: Any, budget: Budget, calibration: Any, device: str,
+              dtype: Any) -> MixedPlan:
     """Measure the costs (or read them from the cache) and solve the allocation for `spec.target`.
 
     The costs are measured on the model the backend will quantize (Backend.sensitivity_model:
     e.g. gptq's rotated one with rotate=true).
     """
     target, group_size = spec.target, spec.group_size
-    used = budget_samples(samples, TOKEN_BUDGET[target.sensitivity])
+    used = budget_samples(calibration.samples, TOKEN_BUDGET[target.sensitivity])
     tokens = sum(len(s) for s in used)
     transform = backend.sensitivity_transform(spec)
-    key = _cache_key(source, budget, target.sensitivity, group_size, calibration_record, tokens, transform)
+    perturbation = ({"perturbation": "method", "method": spec.method, "options": dataclasses.asdict(spec.options),
+                     "seed": spec.seed} if target.perturbation == "method" else {})
+    key = _cache_key(source, budget, target.sensitivity, group_size, calibration.record, tokens, transform,
+                     perturbation)
     path = _cache_path(key)
     start = time.perf_counter()
     cached = _read_cache(path, budget)
     if cached is None:
+        errors = perturbation_errors(target.perturbation, source, backend, spec, budget.candidates, calibration,
+                                     device)
         model = source.load_model(device, dtype)
         backend.sensitivity_model(model, spec)
-        costs = np.array(measure(model, budget.units, budget.candidates, group_size, used, target.sensitivity))
+        costs = np.array(measure(model, budget.units, budget.candidates, errors, used, target.sensitivity))
         del model
         _write_cache(path, budget, costs)
     else:
         costs = cached
     measured = {"proxy": target.sensitivity, "tokens": tokens, "samples": len(used),
                 "seconds": round(time.perf_counter() - start, 1), "cached": cached is not None,
-                "perturbation": f"round-to-nearest, min-max grid with zero point, group {group_size}",
+                "perturbation": (f"{spec.method} itself, one uniform quantization per width"
+                                 if target.perturbation == "method"
+                                 else f"round-to-nearest, min-max grid with zero point, group {group_size}"),
                 **({"model": transform} if transform else {}),
                 "cache": str(path)}
     sizes, limit = budget.limit(target)
@@ -195,14 +203,14 @@ def make_plan(source: Any, backend: Any, spec: Any, budget: Budget, samples: lis
 
 
 def _cache_key(source: Any, budget: Budget, proxy: str, group_size: int, calibration: dict[str, Any],
-               tokens: int, transform: str) -> str:
+               tokens: int, transform: str, perturbation: dict[str, Any]) -> str:
     location = Path(source.location)
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in location.glob("*.safetensors")) \
         if location.is_dir() else []
     payload = {"version": SENSITIVITY_VERSION, "source": source.location, "weights": weights, "proxy": proxy,
                "group_size": group_size, "candidates": budget.candidates, "tokens": tokens,
                "calibration": calibration,
-               "units": [u.name for u in budget.units], "transform": transform}
+               "units": [u.name for u in budget.units], "transform": transform, **perturbation}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -1,13 +1,20 @@
 """How much each layer group costs in quality at each bit-width: the cost a plan minimises.
 
-Two measures, both on calibration samples, both perturbing a weight W by the round-to-nearest
-error E_b = W - RTN_b(W) of its group size (min-max grid with a zero point, qtool.backends.rtn):
+Two measures, both on calibration samples, both perturbing a weight W by an error E_b: by default
+the round-to-nearest error W - RTN_b(W) of its group size (min-max grid with a zero point,
+qtool.backends.rtn), or with perturbation "method" the error the backend itself makes at b bits
+(qtool.mixed.perturbation):
 
 - `fisher` (default): the second-order estimate of the loss increase, 0.5 * sum(F * E_b**2),
   with F the diagonal empirical Fisher information (mean squared gradient of the token loss),
   as in SqueezeLLM (Kim et al., 2024) and HAWQ-style mixed precision (Dong et al., 2019).
   One forward and backward pass per sample, then elementwise products: about a minute for
   SmolLM2-135M on 8k tokens. Units: nats per token.
+- `output`: the diagonal Fisher of each layer's output (BRECQ, Li et al., 2021):
+  0.5 * sum G**2 * (E_b x)**2 over tokens and output channels, G the loss gradient at the layer's
+  output, x its input. One forward and backward pass per sample, plus one matmul per layer and
+  width. It sees an error through the inputs it meets, so it credits GPTQ's error compensation,
+  which the weight-space Fisher (elementwise on E_b) does not.
 - `kl`: the measured KL divergence (nats per token) of the model's next-token distribution when
   only that group is rounded to b bits, everything else in full precision. One partial forward
   pass (from the group's decoder layer on, from cached hidden states) per group and bit-width.
@@ -22,7 +29,7 @@ qtool's own code.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +39,11 @@ from tqdm.auto import tqdm
 from qtool.mixed.units import Unit
 
 #: calibration tokens each measure reads (whole samples first; the last one is cut to fit)
-TOKEN_BUDGET = {"fisher": 8192, "kl": 1024}
+TOKEN_BUDGET = {"fisher": 8192, "output": 4096, "kl": 1024}
+
+
+#: (module name, its full-precision weight, bits) -> the error E_b, fp32, shape of the weight
+Errors = Callable[[str, torch.Tensor, int], torch.Tensor]
 
 
 def rounding_error(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -41,6 +52,10 @@ def rounding_error(weight: torch.Tensor, bits: int, group_size: int) -> torch.Te
 
     w = weight.detach().float()
     return w - rtn_dequantized(w, bits, group_size, symmetric=False)
+
+
+def rtn_errors(group_size: int) -> Errors:
+    return lambda _name, weight, bits: rounding_error(weight, bits, group_size)
 
 
 def budget_samples(samples: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
@@ -55,18 +70,20 @@ def budget_samples(samples: Sequence[Sequence[int]], tokens: int) -> list[list[i
     return chosen
 
 
-def measure(model: nn.Module, units: list[Unit], candidates: Sequence[int], group_size: int,
+def measure(model: nn.Module, units: list[Unit], candidates: Sequence[int], errors: Errors,
             samples: Sequence[Sequence[int]], proxy: str) -> list[list[float]]:
     """cost[u][c] of group `units[u]` at bit-width `candidates[c]` (nats per token), shape
     (groups, candidates). `model` is the full-precision model; its weights are restored."""
     device = next(model.parameters()).device
     rows = [torch.tensor([ids], device=device) for ids in samples]
     if proxy == "fisher":
-        return fisher_costs(model, units, candidates, group_size, rows)
-    return kl_costs(model, units, candidates, group_size, rows)
+        return fisher_costs(model, units, candidates, errors, rows)
+    if proxy == "output":
+        return output_costs(model, units, candidates, errors, rows)
+    return kl_costs(model, units, candidates, errors, rows)
 
 
-def fisher_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int], group_size: int,
+def fisher_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int], errors: Errors,
                  rows: list[torch.Tensor]) -> list[list[float]]:
     weights = {name: model.get_submodule(name).weight for unit in units for name in unit.modules}
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
@@ -79,9 +96,50 @@ def fisher_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int],
                 w.grad = None
     costs = []
     for unit in tqdm(units, desc="sensitivity: rounding error", unit="group", leave=False):
-        costs.append([sum(0.5 * float((fisher[n] * rounding_error(weights[n], b, group_size).square()).sum())
+        costs.append([sum(0.5 * float((fisher[n] * errors(n, weights[n], b).square()).sum())
                           for n in unit.modules) for b in candidates])
     return costs
+
+
+def output_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int], errors: Errors,
+                 rows: list[torch.Tensor]) -> list[list[float]]:
+    """0.5 * sum over tokens and output channels of G**2 * (E_b x)**2, per token: the loss increase
+    the diagonal Fisher of each layer's *output* predicts (BRECQ, Li et al., 2021), with G the
+    gradient of the sequence's summed token loss at the layer output and x the layer's input.
+    Unlike the weight-space Fisher it sees how an error-compensating method's errors act on the
+    actual inputs, so it pairs with perturbation="method"."""
+    names = [n for unit in units for n in unit.modules]
+    modules = {n: model.get_submodule(n) for n in names}
+    deltas = {(n, b): errors(n, modules[n].weight, b) for n in names for b in candidates}
+    totals = dict.fromkeys(deltas, 0.0)
+    inputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def capture(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            inputs[name] = args[0].detach()
+            output.register_hook(lambda grad: grads.__setitem__(name, grad.detach()))
+        return hook
+
+    handles = [modules[n].register_forward_hook(capture(n)) for n in names]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    scored = 0
+    try:
+        with only_grad_for(model, []):
+            for ids in tqdm(rows, desc="sensitivity: output fisher", unit="sample", leave=False):
+                tokens = ids.shape[1] - 1
+                (model(ids, labels=ids, use_cache=False).loss * tokens).backward()
+                scored += tokens
+                for n in names:
+                    x, g2 = inputs[n][0].float(), grads[n][0].float().square()
+                    for b in candidates:
+                        totals[n, b] += 0.5 * float((g2 * (x @ deltas[n, b].T).square()).sum())
+                inputs.clear()
+                grads.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [[sum(totals[n, b] for n in unit.modules) / scored for b in candidates] for unit in units]
 
 
 @contextlib.contextmanager
@@ -100,7 +158,7 @@ def only_grad_for(model: nn.Module, params: Any) -> Iterator[None]:
 
 
 @torch.no_grad()
-def kl_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int], group_size: int,
+def kl_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int], errors: Errors,
              rows: list[torch.Tensor]) -> list[list[float]]:
     layers = decoder_layers(model)
     inputs: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -119,7 +177,7 @@ def kl_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int], gro
         start = _layer_index(unit, layers, model) if partial_ok else None
         row = []
         for b in candidates:
-            with rounded(model, unit, b, group_size):
+            with rounded(model, unit, b, errors):
                 kl = 0.0
                 for k, ids in enumerate(rows):
                     q = (torch.log_softmax(model(ids, use_cache=False).logits.float(), -1) if start is None
@@ -133,13 +191,13 @@ def kl_costs(model: nn.Module, units: list[Unit], candidates: Sequence[int], gro
 
 
 @contextlib.contextmanager
-def rounded(model: nn.Module, unit: Unit, bits: int, group_size: int) -> Iterator[None]:
-    """The unit's weights rounded to `bits` for the duration; restored after."""
+def rounded(model: nn.Module, unit: Unit, bits: int, errors: Errors) -> Iterator[None]:
+    """The unit's weights perturbed by their `bits` error for the duration; restored after."""
     saved = {}
     for name in unit.modules:
         w = model.get_submodule(name).weight
         saved[name] = w.detach().clone()
-        w.data.sub_(rounding_error(w, bits, group_size).to(w.dtype))
+        w.data.sub_(errors(name, w, bits).to(w.dtype))
     try:
         yield
     finally:

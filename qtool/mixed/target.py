@@ -8,7 +8,8 @@ from typing import Any
 
 from qtool.errors import SpecError
 
-PROXIES = ("fisher", "kl")
+PROXIES = ("fisher", "output", "kl")
+PERTURBATIONS = ("rtn", "method")
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -18,12 +19,14 @@ class MixedTarget:
 
     bits: average storage bits per quantized weight (scales and zero points included);
     size_bytes: bytes of the written weights (quantized layers plus unquantized tensors);
-    sensitivity: the per-layer cost measure (qtool.mixed.sensitivity: "fisher" or "kl").
+    sensitivity: the per-layer cost measure (qtool.mixed.sensitivity: "fisher" or "kl");
+    perturbation: the error it perturbs weights by (qtool.mixed.perturbation: "rtn" or "method").
     """
 
     bits: float | None = None
     size_bytes: int | None = None
     sensitivity: str = "fisher"
+    perturbation: str = "rtn"
 
     def __post_init__(self) -> None:
         if (self.bits is None) == (self.size_bytes is None):
@@ -34,6 +37,8 @@ class MixedTarget:
             raise SpecError(f"--target-size must be positive, got {self.size_bytes} bytes")
         if self.sensitivity not in PROXIES:
             raise SpecError(f"--sensitivity takes one of {', '.join(PROXIES)}, got {self.sensitivity!r}")
+        if self.perturbation not in PERTURBATIONS:
+            raise SpecError(f"--perturbation takes one of {', '.join(PERTURBATIONS)}, got {self.perturbation!r}")
 
     def describe(self) -> str:
         return f"{self.bits:g} bits/weight" if self.bits is not None else f"{self.size_bytes / 2**20:.2f} MiB"
