@@ -82,6 +82,7 @@ def quantize(
     target_size: str | int | None = None,
     sensitivity: str | None = None,
     perturbation: str | None = None,
+    mixed_bits: list[int] | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
@@ -91,13 +92,14 @@ def quantize(
     adds it: qtool.bos). `target_bits` (average bits per weight) or `target_size` (bytes, or a size
     such as "120MiB") asks for mixed precision: qtool.mixed chooses each layer's bits, with the
     `sensitivity` measure "fisher" (default) or "kl", perturbing the weights by the `perturbation`
-    "rtn" (default) or "method" (the backend's own error). Raises SpecError for what the backend refuses.
+    "rtn" (default) or "method" (the backend's own error), giving layers the `mixed_bits` widths
+    (default: all the backend offers). Raises SpecError for what the backend refuses.
     """
     request = parse_section(QuantizeRequest, {
         "method": method, "bits": bits, "group_size": group_size, "options": options or {}, "device": device,
         "seed": seed, "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "bos": bos,
         "target_bits": target_bits, "target_size": target_size, "sensitivity": sensitivity,
-        "perturbation": perturbation,
+        "perturbation": perturbation, "mixed_bits": mixed_bits,
     }, "quantize", error=SpecError)
     return quantize_request(model, out, request, force=force, resume=resume)
 

@@ -372,6 +372,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         device=args.device, seed=args.seed, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, bos=args.bos,
         target_bits=args.target_bits, target_size=args.target_size, sensitivity=args.sensitivity,
         perturbation=args.perturbation,
+        mixed_bits=list(_int_list(args.mixed_bits, "--mixed-bits")) if args.mixed_bits else None,
     )
     _no_loading_bars()
     try:
@@ -410,6 +411,9 @@ def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
                    "backward pass (default); output = Fisher of each layer's output times its output error (pair it "
                    "with --perturbation method); kl = measured KL with only that layer perturbed, one forward pass per "
                    "layer and width")
+    p.add_argument("--mixed-bits", metavar="B,B,...",
+                   help="the widths a plan may give a layer group (default: all the method offers, 2,3,4,8); e.g. "
+                   "4,8 for a gptq checkpoint vLLM runs (its GPTQ kernels take symmetric 4- and 8-bit)")
     p.add_argument("--perturbation", choices=("rtn", "method"),
                    help="the error a layer's cost is measured with: rtn = round-to-nearest at each width (default, "
                    "seconds); method = the method's own, from one uniform quantization per width (gptq: minutes; "
@@ -428,7 +432,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
               "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "bos": args.bos,
               "seed": args.seed, "device": args.device, "target_bits": args.target_bits,
               "target_size": args.target_size, "sensitivity": args.sensitivity,
-              "perturbation": args.perturbation}
+              "perturbation": args.perturbation,
+              "mixed_bits": list(_int_list(args.mixed_bits, "--mixed-bits")) if args.mixed_bits else None}
     request = parse_section(QuantizeRequest, {k: v for k, v in fields.items() if v is not None}, "qtool plan",
                             names=QUANTIZE_FLAGS, error=SpecError)
     _no_loading_bars()

@@ -88,7 +88,8 @@ def load_quantize_recipe(name_or_path: str) -> QuantizeRecipe:
 QUANTIZE_FLAGS = {"group_size": "--group-size", "options": "--opt", "nsamples": "--nsamples", "seqlen": "--seqlen",
                   "calib": "--calib", "bits": "--bits", "method": "--method", "seed": "--seed", "device": "--device",
                   "bos": "--bos", "target_bits": "--target-bits", "target_size": "--target-size",
-                  "sensitivity": "--sensitivity", "perturbation": "--perturbation"}
+                  "sensitivity": "--sensitivity", "perturbation": "--perturbation",
+                  "mixed_bits": "--mixed-bits"}
 
 
 def quantize_arguments(recipe: QuantizeRecipe | None, paths: list[str], **flags: Any) -> tuple[str, str, QuantizeRequest]:

@@ -45,6 +45,7 @@ class QuantizeFields(CalibrationFields):
     target_size: str | PositiveInt | None = None  # bytes of the written weights: 120MiB, 0.5GB, 125829120
     sensitivity: Literal["fisher", "output", "kl"] | None = None  # the per-layer cost measure (default fisher)
     perturbation: Literal["rtn", "method"] | None = None  # the error it perturbs weights by (default rtn)
+    mixed_bits: list[PositiveInt] | None = None  # the widths a plan may give a layer (default: the backend's)
 
     def request(self, **defaults: Any) -> QuantizeRequest:
         """The checked request: these keys, with `defaults` for the ones left out (None)."""
@@ -78,11 +79,13 @@ class QuantizeRequest(QuantizeFields):
     def mixed_target(self) -> MixedTarget | None:
         """The mixed-precision budget the request names; None for one bit-width everywhere."""
         if self.target_bits is None and self.target_size is None:
-            if self.sensitivity is not None or self.perturbation is not None:
-                raise SpecError("--sensitivity and --perturbation only apply with --target-bits or --target-size")
+            if self.sensitivity is not None or self.perturbation is not None or self.mixed_bits is not None:
+                raise SpecError("--sensitivity, --perturbation and --mixed-bits only apply with --target-bits or "
+                                "--target-size")
             return None
         size = None if self.target_size is None else parse_size(self.target_size)
-        return MixedTarget(self.target_bits, size, self.sensitivity or "fisher", self.perturbation or "rtn")
+        return MixedTarget(self.target_bits, size, self.sensitivity or "fisher", self.perturbation or "rtn",
+                           tuple(self.mixed_bits) if self.mixed_bits is not None else None)
 
     def calibration_spec(self) -> CalibrationSpec | None:
         """The calibration the request names; None when it names none (the backend's default)."""

@@ -164,9 +164,12 @@ def test_kl_shortcut_equals_a_full_forward(tiny_llama):
     (["--method", "hqq", "--target-size", "12 parsecs"], ["--target-size takes a size"]),
     (["--method", "hqq", "--target-size", "1MiB"], ["cannot meet 1.00 MiB", "MiB"]),
     (["--method", "hqq", "--target-bits", "3", "--target-size", "12MiB"], ["not both"]),
-    (["--method", "hqq", "--sensitivity", "kl"], ["--sensitivity and --perturbation only apply"]),
+    (["--method", "hqq", "--sensitivity", "kl"], ["--sensitivity, --perturbation and --mixed-bits only apply"]),
     (["--method", "hqq", "--target-bits", "-3"], ["target-bits"]),
     (["--method", "gptq", "--opt", "rotate=true", "--target-size", "12MiB"], ["unties the output head"]),
+    (["--method", "gptq", "--target-bits", "5", "--mixed-bits", "4,5"], ["--mixed-bits 4,5", "2,3,4,8"]),
+    (["--method", "gptq", "--target-bits", "4", "--mixed-bits", "4,8"], ["cannot meet 4 bits/weight", "4 to 8 bits"]),
+    (["--method", "gptq", "--mixed-bits", "4,8"], ["and --mixed-bits only apply"]),
 ])
 def test_bad_budgets_are_one_line_errors_before_loading(args, needles, tiny_llama, tmp_path):
     out = tmp_path / "out"
@@ -245,3 +248,11 @@ def test_method_perturbation_measures_the_methods_own_error(tiny_llama, tmp_path
     assert at2["method"] != at2["rtn"]
     assert sum(m < r for m, r in zip(at2["method"], at2["rtn"], strict=True)) > len(at2["rtn"]) / 2
     assert runs["method"]["average_bits"] <= 3.6
+
+
+def test_a_plan_keeps_to_the_widths_asked_for(tiny_llama, tmp_path):
+    record = qtool.quantize(str(tiny_llama), tmp_path / "out", "gptq", group_size=32, device="cpu", target_bits=5.6,
+                            mixed_bits=[4, 8], **CALIB)
+    mixed = record["mixed_precision"]
+    assert mixed["candidates"] == [4, 8] and set(mixed["layers_per_bits"]) == {"4", "8"}
+    assert record["spec"]["target"]["candidates"] == [4, 8]

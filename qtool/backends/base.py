@@ -170,6 +170,7 @@ class Backend(ABC):
         if bits is not None:
             raise SpecError("--bits and a mixed-precision budget (--target-bits/--target-size) exclude each other: "
                             f"the plan picks each layer's bits from {_join(self.mixed_bits)}")
+        target.widths(self.mixed_bits, self.name)
         if target.size_bytes is not None and not self.mixed_size_target:
             raise SpecError(f"{self.name} writes dense weights whatever the bits: its size does not follow a plan; "
                             "use --target-bits")

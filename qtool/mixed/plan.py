@@ -62,7 +62,7 @@ class Budget:
 def budget_table(backend: Any, spec: Any, linears: dict[str, nn.Linear], total_params: int, dtype_bytes: int) -> Budget:
     """The sizes of every candidate of every group, from the layer shapes alone."""
     units = decision_units(linears)
-    candidates = tuple(backend.mixed_bits)
+    candidates = spec.target.widths(tuple(backend.mixed_bits), backend.name)
     specs = [dataclasses.replace(spec, bits=b) for b in candidates]
     bits = np.array([[u.numel * backend.effective_bits(s) for s in specs] for u in units])
     sizes = np.array([[sum(backend.layer_bytes(s, o, i) for o, i in u.shapes) for s in specs] for u in units],

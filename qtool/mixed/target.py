@@ -20,13 +20,16 @@ class MixedTarget:
     bits: average storage bits per quantized weight (scales and zero points included);
     size_bytes: bytes of the written weights (quantized layers plus unquantized tensors);
     sensitivity: the per-layer cost measure (qtool.mixed.sensitivity: "fisher" or "kl");
-    perturbation: the error it perturbs weights by (qtool.mixed.perturbation: "rtn" or "method").
+    perturbation: the error it perturbs weights by (qtool.mixed.perturbation: "rtn" or "method");
+    candidates: the widths a layer group may take (None: all the backend offers), e.g. (4, 8) for
+    the GPTQ widths vLLM runs.
     """
 
     bits: float | None = None
     size_bytes: int | None = None
     sensitivity: str = "fisher"
     perturbation: str = "rtn"
+    candidates: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.bits is None) == (self.size_bytes is None):
@@ -40,11 +43,21 @@ class MixedTarget:
         if self.perturbation not in PERTURBATIONS:
             raise SpecError(f"--perturbation takes one of {', '.join(PERTURBATIONS)}, got {self.perturbation!r}")
 
+    def widths(self, offered: tuple[int, ...], method: str) -> tuple[int, ...]:
+        """The candidate widths: `candidates` checked against what the backend offers."""
+        if self.candidates is None:
+            return offered
+        bad = sorted(set(self.candidates) - set(offered))
+        if bad or not self.candidates:
+            raise SpecError(f"--mixed-bits {','.join(map(str, self.candidates))}: {method} gives a layer one of "
+                            f"{','.join(map(str, offered))} bits")
+        return tuple(sorted(set(self.candidates)))
+
     def describe(self) -> str:
         return f"{self.bits:g} bits/weight" if self.bits is not None else f"{self.size_bytes / 2**20:.2f} MiB"
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v is not None}
 
 
 def parse_size(text: str | int) -> int:
