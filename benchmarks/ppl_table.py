@@ -75,17 +75,18 @@ COMPRESSED_TENSORS = [  # name, method, bits, group size, options, seed, calibra
 ]
 
 # Mixed precision (qtool.mixed): gptq with each layer group's bits (2/3/4/8) chosen under an average
-# budget. Costs: "fisher" = weight-space Fisher x round-to-nearest error (default, ~40 s); "output
-# method" = output Fisher x gptq's own error (one uniform gptq run per width first, ~8 min).
+# budget. Costs: "fisher" = weight-space Fisher x round-to-nearest error (~40 s); "output method" =
+# output Fisher x gptq's own error (one uniform gptq run per width first, ~9 min; gptq's default).
 # Uniform 3-bit g64 is 3.30 bits/weight, 4-bit g64 4.31.
-MIXED_COSTS = {"fisher": {}, "output method": {"sensitivity": "output", "perturbation": "method"}}
+MIXED_COSTS = {"fisher": {"sensitivity": "fisher", "perturbation": "rtn"},
+               "output method": {"sensitivity": "output", "perturbation": "method"}}
 MIXED = [  # name, method, bits, group size, options, seed, calibration and budget
     (f"gptq mixed {target} bits g64{'' if costs == 'fisher' else ' ' + costs} (seed {seed})", "gptq", None, 64,
      METHOD_OPTIONS["gptq"], seed, {**CALIB, "target_bits": target, **MIXED_COSTS[costs]})
     for costs in MIXED_COSTS for seed in (0, 1) for target in (3.5, 4.5)
 ] + [  # ... on the rotated model with the best GPTQ options (costs measured on the rotated model)
     (f"gptq mixed {target} bits g64 rotate mse=2.4 gptaq (seed {seed})", "gptq", None, 64,
-     {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target})
+     {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target, **MIXED_COSTS["fisher"]})
     for target in (4.5,) for seed in (0,)
 ]
 ROWS = [  # name, method, bits, group size, options

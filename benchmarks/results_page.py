@@ -188,6 +188,10 @@ average of bits per weight ([mixed-precision.md](mixed-precision.md)). The gptq 
 each next to what its cost measure predicted and says what each measure cost to run.
 """
 
+MIXED_AFTER = """\
+MIXED_AFTER_TEXT
+"""
+
 FORMATS_INTRO = """\
 The formats H100/H200/B200 deployments serve, written in compressed-tensors (vLLM's native
 layout; [methods.md](methods.md#deployment-formats-fp8-w8a8-mxfp4-nvfp4-compressed-tensors)). On this

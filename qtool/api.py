@@ -213,6 +213,7 @@ def plan_precision(model: str, request: QuantizeRequest) -> MixedPlan:
     if spec.target is None:
         raise SpecError("a plan needs a budget: --target-bits or --target-size")
     device = resolve_device(request.device)
+    backend.require_available(device)
     source = resolve_model(model)
     config = source.config()
     linears = quantizable_linears(config)

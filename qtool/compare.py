@@ -41,6 +41,8 @@ class Cell:
     group_size: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     target_bits: float | None = None  # mixed precision: average bits per weight (qtool.mixed)
+    sensitivity: str | None = None  # mixed precision: the cost measure and perturbation (None: defaults)
+    perturbation: str | None = None
 
     @property
     def id(self) -> str:
@@ -49,6 +51,7 @@ class Cell:
         parts = [self.method, f"b{self.bits}" if self.bits else "", f"t{self.target_bits:g}" if self.target_bits else "",
                  f"g{self.group_size}" if self.group_size else ""]
         parts += [f"{k}={v}" for k, v in sorted(self.options.items())]
+        parts += [p for p in (self.sensitivity, self.perturbation) if p]
         return "-".join(p for p in parts if p).replace("/", "_")
 
 
@@ -61,6 +64,8 @@ class CellEntry(Section):
     options: dict[str, OptionValue | list[OptionValue]] = Field(default_factory=dict)
     # mixed precision: each value is one cell whose layers' bits qtool chooses (instead of `bits`)
     target_bits: PositiveFloat | list[PositiveFloat] | None = None
+    sensitivity: Literal["fisher", "output", "kl"] | None = None
+    perturbation: Literal["rtn", "method"] | None = None
 
 
 class CompareSection(CalibrationFields):
@@ -100,7 +105,7 @@ def expand_cells(entries: list[CellEntry]) -> list[Cell]:
         axes = [_as_list(entry.bits), _as_list(entry.target_bits), _as_list(entry.group_size),
                 *[[(k, v) for v in _as_list(vals)] for k, vals in entry.options.items()]]
         for bits, target, group, *opts in itertools.product(*axes):
-            cell = Cell(entry.method, bits, group, dict(opts), target)
+            cell = Cell(entry.method, bits, group, dict(opts), target, entry.sensitivity, entry.perturbation)
             if cell.id not in {c.id for c in cells}:
                 cells.append(cell)
     return cells
@@ -123,7 +128,8 @@ def cell_request(recipe: CompareRecipe, cell: Cell, device: str) -> QuantizeRequ
     calibration = recipe.calibration_arguments() if calibrates else {}
     return parse_section(QuantizeRequest, {"method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
                                            "options": cell.options, "seed": recipe.seed, "device": device,
-                                           "target_bits": cell.target_bits, **calibration}, "cell", error=SpecError)
+                                           "target_bits": cell.target_bits, "sensitivity": cell.sensitivity,
+                                           "perturbation": cell.perturbation, **calibration}, "cell", error=SpecError)
 
 
 def check_recipe(recipe: CompareRecipe, device: str) -> None:

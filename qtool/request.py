@@ -43,8 +43,8 @@ class QuantizeFields(CalibrationFields):
     # mixed precision (qtool.mixed): one budget, the plan picks each layer's bits
     target_bits: PositiveFloat | None = None  # average bits per quantized weight, scales included
     target_size: str | PositiveInt | None = None  # bytes of the written weights: 120MiB, 0.5GB, 125829120
-    sensitivity: Literal["fisher", "output", "kl"] | None = None  # the per-layer cost measure (default fisher)
-    perturbation: Literal["rtn", "method"] | None = None  # the error it perturbs weights by (default rtn)
+    sensitivity: Literal["fisher", "output", "kl"] | None = None  # the per-layer cost measure (default: the backend's)
+    perturbation: Literal["rtn", "method"] | None = None  # the error it perturbs weights by (default: the backend's)
     mixed_bits: list[PositiveInt] | None = None  # the widths a plan may give a layer (default: the backend's)
 
     def request(self, **defaults: Any) -> QuantizeRequest:
@@ -84,7 +84,7 @@ class QuantizeRequest(QuantizeFields):
                                 "--target-size")
             return None
         size = None if self.target_size is None else parse_size(self.target_size)
-        return MixedTarget(self.target_bits, size, self.sensitivity or "fisher", self.perturbation or "rtn",
+        return MixedTarget(self.target_bits, size, self.sensitivity, self.perturbation,
                            tuple(self.mixed_bits) if self.mixed_bits is not None else None)
 
     def calibration_spec(self) -> CalibrationSpec | None:

@@ -13,7 +13,7 @@ import qtool
 from qtool.errors import SpecError
 from qtool.mixed.allocate import allocate
 from qtool.mixed.target import parse_size
-from tests.conftest import assert_one_line_error, qtool_in_process
+from tests.conftest import assert_one_line_error, qtool_in_process, run_qtool
 
 CALIB = {"calib": "builtin", "nsamples": 4, "seqlen": 64}
 
@@ -120,12 +120,12 @@ def test_hqq_plan_meets_a_size_budget(tiny_llama, tmp_path):
     assert widths == {m: g["bits"] for g in mixed["groups"] for m in g["modules"]}
 
 
-def test_plan_is_deterministic_per_seed(tiny_llama, monkeypatch, tmp_path):
-    def plan(seed: int, cache: str) -> dict:
-        monkeypatch.setenv("QTOOL_CACHE", str(tmp_path / cache))
-        proc = qtool_in_process("plan", "--method", "gptq", "--group-size", "32", "--target-bits", "3.4",
+def test_plan_is_deterministic_per_seed(tiny_llama, tmp_path):
+    def plan(seed: int, cache: str) -> dict:  # a fresh process: stdout must be nothing but the JSON
+        proc = run_qtool("plan", "--method", "gptq", "--group-size", "32", "--target-bits", "3.4",
                                 "--calib", "builtin", "--nsamples", "4", "--seqlen", "64", "--seed", str(seed),
-                                "--device", "cpu", "--json", "--quiet", tiny_llama)
+                                "--device", "cpu", "--json", "--quiet", tiny_llama,
+                                env={"QTOOL_CACHE": str(tmp_path / cache)})
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 

@@ -98,6 +98,8 @@ class Backend(ABC):
     mixed_bits: ClassVar[tuple[int, ...]] = ()
     # False where the written size does not depend on the bits (rtn stores dense weights)
     mixed_size_target: ClassVar[bool] = True
+    # the (sensitivity, perturbation) a plan uses unless told otherwise (qtool.mixed)
+    mixed_defaults: ClassVar[tuple[str, str]] = ("fisher", "rtn")
     resumable: ClassVar[bool] = False  # quantize() takes a `workdir` that survives Ctrl-C (see api.resume_folder)
 
     # ---- availability -------------------------------------------------------------------
@@ -132,6 +134,7 @@ class Backend(ABC):
     ) -> QuantSpec:
         if target is not None:
             self.check_mixed(target, bits)
+            target = target.resolved(self.mixed_defaults)
         bits = self.default_bits if bits is None else bits
         group_size = self.default_group_size if group_size is None else group_size
         if bits not in self.capabilities.bits:

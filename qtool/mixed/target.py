@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from qtool.errors import SpecError
@@ -27,8 +27,8 @@ class MixedTarget:
 
     bits: float | None = None
     size_bytes: int | None = None
-    sensitivity: str = "fisher"
-    perturbation: str = "rtn"
+    sensitivity: str | None = None  # None: the backend's default (Backend.mixed_defaults)
+    perturbation: str | None = None
     candidates: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -38,10 +38,14 @@ class MixedTarget:
             raise SpecError(f"--target-bits must be positive, got {self.bits}")
         if self.size_bytes is not None and self.size_bytes <= 0:
             raise SpecError(f"--target-size must be positive, got {self.size_bytes} bytes")
-        if self.sensitivity not in PROXIES:
+        if self.sensitivity is not None and self.sensitivity not in PROXIES:
             raise SpecError(f"--sensitivity takes one of {', '.join(PROXIES)}, got {self.sensitivity!r}")
-        if self.perturbation not in PERTURBATIONS:
+        if self.perturbation is not None and self.perturbation not in PERTURBATIONS:
             raise SpecError(f"--perturbation takes one of {', '.join(PERTURBATIONS)}, got {self.perturbation!r}")
+
+    def resolved(self, defaults: tuple[str, str]) -> MixedTarget:
+        """This target with the backend's (sensitivity, perturbation) where it names none."""
+        return replace(self, sensitivity=self.sensitivity or defaults[0], perturbation=self.perturbation or defaults[1])
 
     def widths(self, offered: tuple[int, ...], method: str) -> tuple[int, ...]:
         """The candidate widths: `candidates` checked against what the backend offers."""
