@@ -85,9 +85,9 @@ MIXED = [  # name, method, bits, group size, options, seed, calibration and budg
      METHOD_OPTIONS["gptq"], seed, {**CALIB, "target_bits": target, **MIXED_COSTS[costs]})
     for costs in MIXED_COSTS for seed in (0, 1) for target in (3.5, 4.5)
 ] + [  # ... on the rotated model with the best GPTQ options (costs measured on the rotated model)
-    (f"gptq mixed {target} bits g64 rotate mse=2.4 gptaq (seed {seed})", "gptq", None, 64,
-     {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target, **MIXED_COSTS["fisher"]})
-    for target in (4.5,) for seed in (0,)
+    (f"gptq mixed {target} bits g64{'' if costs == 'fisher' else ' ' + costs} rotate mse=2.4 gptaq (seed {seed})",
+     "gptq", None, 64, {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target, **MIXED_COSTS[costs]})
+    for costs in MIXED_COSTS for target in (4.5,) for seed in (0,)
 ]
 ROWS = [  # name, method, bits, group size, options
     ("base fp32", None, None, None, {}),
