@@ -179,7 +179,7 @@ def make_plan(source: Any, backend: Any, spec: Any, budget: Budget, calibration:
                      perturbation)
     path = _cache_path(key)
     start = time.perf_counter()
-    cached = _read_cache(path, budget)
+    cached, seconds = _read_cache(path, budget)
     if cached is None:
         errors = perturbation_errors(target.perturbation, source, backend, spec, budget.candidates, calibration,
                                      device)
@@ -187,11 +187,13 @@ def make_plan(source: Any, backend: Any, spec: Any, budget: Budget, calibration:
         backend.sensitivity_model(model, spec)
         costs = np.array(measure(model, budget.units, budget.candidates, errors, used, target.sensitivity))
         del model
-        _write_cache(path, budget, costs)
+        seconds = round(time.perf_counter() - start, 1)
+        _write_cache(path, budget, costs, seconds)
     else:
         costs = cached
+    # seconds: what measuring took, also when this run read the costs from the cache
     measured = {"proxy": target.sensitivity, "tokens": tokens, "samples": len(used),
-                "seconds": round(time.perf_counter() - start, 1), "cached": cached is not None,
+                "seconds": seconds, "cached": cached is not None,
                 "perturbation": (f"{spec.method} itself, one uniform quantization per width"
                                  if target.perturbation == "method"
                                  else f"round-to-nearest, min-max grid with zero point, group {group_size}"),
@@ -220,22 +222,26 @@ def _cache_path(key: str) -> Path:
     return cache_dir() / "sensitivity" / f"{key}.json"
 
 
-def _read_cache(path: Path, budget: Budget) -> np.ndarray | None:
+def _read_cache(path: Path, budget: Budget) -> tuple[np.ndarray | None, float | None]:
+    """(costs, seconds they took to measure), or (None, None) when absent or unreadable."""
     try:
         data = json.loads(path.read_text())
         costs = np.array(data["costs"], dtype=float)
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return costs if costs.shape == (len(budget.units), len(budget.candidates)) else None
+        return None, None
+    if costs.shape != (len(budget.units), len(budget.candidates)):
+        return None, None
+    return costs, data.get("seconds")
 
 
-def _write_cache(path: Path, budget: Budget, costs: np.ndarray) -> None:
+def _write_cache(path: Path, budget: Budget, costs: np.ndarray, seconds: float) -> None:
     from qtool.checkpoint import write_text_atomic
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps({"units": [u.name for u in budget.units],
-                                            "candidates": list(budget.candidates), "costs": costs.tolist()}))
+                                            "candidates": list(budget.candidates), "costs": costs.tolist(),
+                                            "seconds": seconds}))
     except OSError:  # a read-only cache costs the next run a re-measurement, not this run
         if os.environ.get("QTOOL_DEBUG"):
             raise
