@@ -124,10 +124,7 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     inputs.append(source.location)  # a .gguf's converted folder in qtool's cache
     check_output_dir(out, force, inputs)
     config = source.config()
-    prior = read_record(Path(source.location)) if source.kind == "folder" else None
-    if prior or getattr(config, "quantization_config", None):
-        kind = prior["method"] if prior else dict(config.quantization_config).get("quant_method", "?")
-        raise SpecError(f"model {model} is already quantized ({kind}); quantize its full-precision original")
+    refuse_quantized(model, source, config)
     backend.check_model(spec, config)
     linears = quantizable_linears(config)
     backend.check_layers(spec, linears)
@@ -197,6 +194,14 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     return record
 
 
+def refuse_quantized(model: str, source: ModelSource, config: Any) -> None:
+    """SpecError when MODEL is a quantized checkpoint (qtool's or another tool's)."""
+    prior = read_record(Path(source.location)) if source.kind == "folder" else None
+    if prior or getattr(config, "quantization_config", None):
+        kind = prior["method"] if prior else dict(config.quantization_config).get("quant_method", "?")
+        raise SpecError(f"model {model} is already quantized ({kind}); quantize its full-precision original")
+
+
 def mixed_budget(backend: Any, spec: Any, config: Any, linears: dict[str, nn.Linear], device: str) -> Budget:
     """The sizes of every layer group at every candidate width; refuses a budget no plan meets."""
     dtype_bytes = torch.empty((), dtype=compute_dtype(device)).element_size()
@@ -216,6 +221,7 @@ def plan_precision(model: str, request: QuantizeRequest) -> MixedPlan:
     backend.require_available(device)
     source = resolve_model(model)
     config = source.config()
+    refuse_quantized(model, source, config)
     linears = quantizable_linears(config)
     backend.check_layers(spec, linears)
     budget = mixed_budget(backend, spec, config, linears, device)

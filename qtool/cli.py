@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  qtool plan --method gptq --target-bits 3.5 --calib ../shared/data/wikitext-2/valid.txt --nsamples 16 \\\n"
         "      --seqlen 256 smollm2-135m\n"
-        "  qtool plan --method hqq --target-size 120MiB smollm2-135m --json\n"
+        "  qtool plan --method hqq --target-size 160MiB smollm2-135m --json\n"
         "  qtool quantize --method gptq --target-bits 3.5 ... smollm2-135m out/gptq-mixed   # then quantize with it",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -402,22 +402,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-bits", type=float, metavar="B",
                    help="mixed precision: choose each layer's bits so that the average is at most B bits per weight, "
-                   "scales and zero points included (gptq, awq, hqq, rtn; see `qtool plan`)")
+                   "scales and zero points included (gptq, awq, hqq, rtn; docs/mixed-precision.md)")
     p.add_argument("--target-size", metavar="SIZE",
                    help="mixed precision: choose each layer's bits so that the weights take at most SIZE "
                    "(e.g. 120MiB, 0.5GB, or bytes)")
     p.add_argument("--sensitivity", choices=("fisher", "output", "kl"),
                    help="how a layer's cost is measured: fisher = weight-space Fisher times the squared error, one "
-                   "backward pass (default); output = Fisher of each layer's output times its output error (pair it "
-                   "with --perturbation method); kl = measured KL with only that layer perturbed, one forward pass per "
-                   "layer and width")
+                   "backward pass (default for hqq, rtn); output = Fisher of each layer's output times its output "
+                   "error (default for gptq, awq); kl = measured KL with only that layer perturbed, one forward pass "
+                   "per layer and width")
     p.add_argument("--mixed-bits", metavar="B,B,...",
                    help="the widths a plan may give a layer group (default: all the method offers, 2,3,4,8); e.g. "
                    "4,8 for a gptq checkpoint vLLM runs (its GPTQ kernels take symmetric 4- and 8-bit)")
     p.add_argument("--perturbation", choices=("rtn", "method"),
-                   help="the error a layer's cost is measured with: rtn = round-to-nearest at each width (default, "
-                   "seconds); method = the method's own, from one uniform quantization per width (gptq: minutes; "
-                   "ranks layers by what an error-compensating method really does)")
+                   help="the error a layer's cost is measured with: rtn = round-to-nearest at each width (seconds; "
+                   "default for hqq, rtn); method = the method's own, from one uniform quantization per width "
+                   "(default for gptq, awq: minutes, cached; ranks layers by what an error-compensating method does)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -428,6 +428,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qtool.schema import parse_section
 
     _check_seed(args.seed)
+    if args.target_bits is None and args.target_size is None:
+        raise SpecError("a plan needs a budget: --target-bits B or --target-size SIZE")
     fields = {"method": args.method, "group_size": args.group_size, "options": _parse_opts(args.opt),
               "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "bos": args.bos,
               "seed": args.seed, "device": args.device, "target_bits": args.target_bits,

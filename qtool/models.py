@@ -277,15 +277,17 @@ def quantizable_linears(config: Any) -> dict[str, nn.Linear]:
     return linear_layers(skeleton)
 
 
-def parameter_count(config: Any) -> int:
-    """Parameters of the model `config` describes (tied weights once), from a meta-device skeleton."""
+def parameter_count(config: Any) -> tuple[int, int]:
+    """(parameters, parameter tensors) of the model `config` describes, tied weights once, from a
+    meta-device skeleton."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # not applied on the meta device by from_config (transformers 5.24)
-    return sum(p.numel() for p in skeleton.parameters())
+    params = list(skeleton.parameters())
+    return sum(p.numel() for p in params), len(params)
 
 
 # A Llama-family decoder layer's projections: what 4-bit methods quantize and exports map.

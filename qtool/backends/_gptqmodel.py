@@ -218,7 +218,8 @@ class GptqModelBackend(Backend):
     # their own error, on the layers' outputs (on SmolLM2-135M gptq this plan beat the default
     # weight-space Fisher with round-to-nearest errors at 3.5 and 4.5 bits: docs/mixed-precision.md)
     mixed_defaults = ("output", "method")
-    mixed_kernel: ClassVar[str] = "gptq_torch"  # GPTQModel's kernel for mixed checkpoints on CPU
+    mixed_kernel: ClassVar[str] = "gptq_torch"
+    stored_tensors_per_layer = 4  # qweight, qzeros, scales, g_idx (awq: 3)  # GPTQModel's kernel for mixed checkpoints on CPU
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         import_quietly()

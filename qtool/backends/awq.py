@@ -68,6 +68,7 @@ class AwqBackend(GptqModelBackend):
     Options = AwqOptions
     loading_config = "AwqConfig"
     stores_g_idx = False
+    stored_tensors_per_layer = 3
     mixed_kernel = "awq_torch"
 
     def check_spec(self, spec: QuantSpec) -> None:

@@ -98,6 +98,8 @@ class Backend(ABC):
     mixed_bits: ClassVar[tuple[int, ...]] = ()
     # False where the written size does not depend on the bits (rtn stores dense weights)
     mixed_size_target: ClassVar[bool] = True
+    # tensors one quantized layer writes (for the safetensors header a size budget counts)
+    stored_tensors_per_layer: ClassVar[int] = 1
     # the (sensitivity, perturbation) a plan uses unless told otherwise (qtool.mixed)
     mixed_defaults: ClassVar[tuple[str, str]] = ("fisher", "rtn")
     resumable: ClassVar[bool] = False  # quantize() takes a `workdir` that survives Ctrl-C (see api.resume_folder)

@@ -44,6 +44,7 @@ class HqqBackend(Backend):
     )
     Options = HqqOptions
     mixed_bits = (2, 3, 4, 8)
+    stored_tensors_per_layer = 19  # W_q, scale, zero and hqq's 16 metadata entries (shape, nbits, ...)
 
     def quantize(self, source, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
         from hqq.models.hf.base import AutoHQQHFModel
@@ -63,7 +64,7 @@ class HqqBackend(Backend):
         numel = out_features * in_features
         codes = math.ceil(numel / 10) * 4 if spec.bits == 3 else math.ceil(numel * spec.bits / 8)
         groups = out_features if spec.group_size == -1 else numel // spec.group_size
-        return codes + groups * 2 * 4
+        return codes + groups * 2 * 4 + 16 * 8  # the metadata entries' own bytes
 
     def save(self, model: nn.Module, out: Path) -> None:
         save_state_checkpoint(model, out, quant_method="hqq")
