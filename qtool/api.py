@@ -205,7 +205,9 @@ def refuse_quantized(model: str, source: ModelSource, config: Any) -> None:
 def mixed_budget(backend: Any, spec: Any, config: Any, linears: dict[str, nn.Linear], device: str) -> Budget:
     """The sizes of every layer group at every candidate width; refuses a budget no plan meets."""
     dtype_bytes = torch.empty((), dtype=compute_dtype(device)).element_size()
-    budget = budget_table(backend, spec, linears, parameter_count(config), dtype_bytes)
+    params, tensors = parameter_count(config)
+    added_params, added_tensors = backend.added_parameters(spec, config)
+    budget = budget_table(backend, spec, linears, (params + added_params, tensors + added_tensors), dtype_bytes)
     check_budget(budget, spec.target, backend.name)
     return budget
 

@@ -250,6 +250,11 @@ class Backend(ABC):
         """Why PEFT's LoRA layer for this backend fails in training on `device`, when known. Default: None."""
         return None
 
+    def added_parameters(self, spec: QuantSpec, config: Any) -> tuple[int, int]:
+        """(parameters, tensors) the checkpoint holds beyond the model's own, unquantized (gptq
+        rotate=true unties the output head). Default: none."""
+        return 0, 0
+
     def sensitivity_transform(self, spec: QuantSpec) -> str:
         """What `sensitivity_model` does to the full-precision model before a plan measures layer
         costs on it, in words ("" = nothing); part of the cost cache's key."""

@@ -66,9 +66,6 @@ class GptqBackend(GptqModelBackend):
         if spec.options.mse < 0:
             raise SpecError(f"gptq option mse must be >= 0 (0 turns the range search off), got {spec.options.mse}")
         check_damp_percent(self.name, spec.options.damp_percent)
-        if spec.options.rotate and spec.target and spec.target.size_bytes is not None:
-            raise SpecError("gptq rotate=true unties the output head (one more vocabulary-sized matrix), which a "
-                            "--target-size plan does not count yet; use --target-bits")
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None
@@ -96,6 +93,11 @@ class GptqBackend(GptqModelBackend):
 
         modules = len(quantizable_linears(source.config()))
         return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules, rotate=o.rotate, seed=spec.seed)
+
+    def added_parameters(self, spec: QuantSpec, config) -> tuple[int, int]:
+        if spec.options.rotate and getattr(config, "tie_word_embeddings", False):
+            return config.vocab_size * config.hidden_size, 1  # the untied output head
+        return 0, 0
 
     def sensitivity_transform(self, spec: QuantSpec) -> str:
         return f"residual stream rotated (seed {spec.seed}), as rotate=true quantizes it" if spec.options.rotate else ""
