@@ -123,11 +123,7 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     source = resolve_model(model)
     inputs.append(source.location)  # a .gguf's converted folder in qtool's cache
     check_output_dir(out, force, inputs)
-    config = source.config()
-    refuse_quantized(model, source, config)
-    backend.check_model(spec, config)
-    linears = quantizable_linears(config)
-    backend.check_layers(spec, linears)
+    config, linears = checked_source(model, source, backend, spec)
     budget = mixed_budget(backend, spec, config, linears, device) if spec.target else None
     watch = Stopwatch()
     calibration = None
@@ -194,12 +190,18 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     return record
 
 
-def refuse_quantized(model: str, source: ModelSource, config: Any) -> None:
-    """SpecError when MODEL is a quantized checkpoint (qtool's or another tool's)."""
+def checked_source(model: str, source: ModelSource, backend: Any, spec: Any) -> tuple[Any, dict[str, nn.Linear]]:
+    """(config, quantizable linears) of `source`, after the checks that need no weights: not quantized
+    already, the architecture and the layer widths fit `spec`. Raises SpecError."""
+    config = source.config()
     prior = read_record(Path(source.location)) if source.kind == "folder" else None
     if prior or getattr(config, "quantization_config", None):
         kind = prior["method"] if prior else dict(config.quantization_config).get("quant_method", "?")
         raise SpecError(f"model {model} is already quantized ({kind}); quantize its full-precision original")
+    backend.check_model(spec, config)
+    linears = quantizable_linears(config)
+    backend.check_layers(spec, linears)
+    return config, linears
 
 
 def mixed_budget(backend: Any, spec: Any, config: Any, linears: dict[str, nn.Linear], device: str) -> Budget:
@@ -222,10 +224,7 @@ def plan_precision(model: str, request: QuantizeRequest) -> MixedPlan:
     device = resolve_device(request.device)
     backend.require_available(device)
     source = resolve_model(model)
-    config = source.config()
-    refuse_quantized(model, source, config)
-    linears = quantizable_linears(config)
-    backend.check_layers(spec, linears)
+    config, linears = checked_source(model, source, backend, spec)
     budget = mixed_budget(backend, spec, config, linears, device)
     calibration = build_calibration(spec.calibration, source.load_tokenizer(), config, request.seed)
     if device == "cpu":
