@@ -4,7 +4,9 @@ QTOOL := $(VENV)/bin/qtool
 DEMO_OUT ?= out/smollm2-hqq4
 WIKITEXT ?= ../shared/data/wikitext-2/test.txt
 
-.PHONY: venv demo test test-all test-engines engine-vllm engine-llamacpp lint clean
+WEBUI_PORT ?= 7860
+
+.PHONY: venv demo webui test test-all test-engines engine-vllm engine-llamacpp lint clean
 
 venv:
 	@./scripts/setup-venv.sh
@@ -16,6 +18,10 @@ demo: venv
 	$(QTOOL) generate $(DEMO_OUT) "Give me three tips for staying focused while studying." --max-new-tokens 160
 	$(QTOOL) eval smollm2-135m --ppl $(or $(wildcard $(WIKITEXT)),builtin) --ctx 512 --max-tokens 8192
 	$(QTOOL) eval $(DEMO_OUT) --ppl $(or $(wildcard $(WIKITEXT)),builtin) --ctx 512 --max-tokens 8192
+
+## webui: the web page (Quantize, Compare, Fine-tune, Chat, Merge / export tabs) on http://127.0.0.1:$(WEBUI_PORT).
+webui: venv
+	$(QTOOL) webui --port $(WEBUI_PORT)
 
 ## test: the default suite (what CI runs).
 test: venv

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from qtool import cli_engines  # light: no torch
+from qtool import cli_engines, cli_webui  # light: no torch
 from qtool.bos import BOS_MODES  # light: no torch
 
 DEFAULT_CTX = 2048  # qtool.evaluate.plan.DEFAULT_CTX (not imported here: --help stays fast)
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("dest")
 
     cli_engines.add_parsers(sub)
+    cli_webui.add_parser(sub)
 
     p = sub.add_parser("generate", help="greedy completion of a prompt (chat template applied if the model has one)")
     p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
@@ -743,7 +744,7 @@ COMMANDS = {
 }
 
 COMMANDS.update({"engines": cli_engines.cmd_engines, "serve-check": cli_engines.cmd_serve_check,
-                 "export": cli_engines.cmd_export})
+                 "export": cli_engines.cmd_export, "webui": cli_webui.cmd_webui})
 
 
 

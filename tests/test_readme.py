@@ -21,7 +21,7 @@ from tests.conftest import REPO, run_qtool
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 COMMANDS = ("quantize", "eval", "compare", "qlora", "chat", "merge", "generate", "methods", "recipes", "models",
-            "engines", "serve-check", "export", "plan")
+            "engines", "serve-check", "export", "plan", "webui")
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 
