@@ -6,6 +6,7 @@ The server runs in this process on a free port with a temporary working folder; 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -118,6 +119,18 @@ def test_webui_command_refuses_bad_input_in_one_line(tmp_path):
                           "qtool webui needs Gradio", "pip install 'qtool[webui]'")
 
 
+def test_a_job_killed_without_an_exit_code_is_lost_not_running(tmp_path):
+    import signal
+
+    job = jobs.start(tmp_path, "quantize", ["methods"], "killed", None)
+    pid = json.loads((jobs.jobs_root(tmp_path) / job / "job.json").read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    st = jobs.wait(tmp_path, job, timeout=30)
+    assert st.state == "lost" and st.exit_code is None
+    with pytest.raises(FileNotFoundError, match="no job 'nope'"):
+        jobs.status(tmp_path, "nope")
+
+
 # ---- actions through gradio_client ----------------------------------------------------------------
 
 def test_methods_and_options_come_from_the_registry(server):
@@ -156,17 +169,18 @@ def test_form_values_never_reach_a_shell(server):
     assert not list(server.root.rglob("pwned*"))
 
 
-def test_jobs_outlive_the_page_a_new_client_reattaches_and_stop_is_ctrl_c(server, tmp_path):
+def _qlora_values(server, max_steps: str) -> list:
+    # model, quantize with, bits, group, dataset, format, r, alpha, learning rate, epochs, max steps, batch
+    return [str(server.tiny), "rtn", "4", "32", str(IDENTITY), "alpaca", 8, 16, 1e-3, 1, max_steps, 2]
+
+
+def test_jobs_outlive_the_page_a_new_client_reattaches_stop_is_ctrl_c_and_resume_continues(server):
     from gradio_client import Client
 
-    recipe = tmp_path / "long.yaml"
-    recipe.write_text(yaml.safe_dump({"qlora": {
-        "model": str(server.tiny), "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
-        "dataset": {"path": str(IDENTITY), "format": "alpaca", "cutoff_len": 64},
-        "train": {"max_steps": 400, "batch_size": 2, "save_steps": 2, "logging_steps": 1}, "device": "cpu"}}))
-    job = jobs.start(server.root, "qlora", ["qlora", str(recipe), "--out", "runs/long"], "long run", "runs/long")
-    deadline = time.monotonic() + 120
-    while not (server.root / "runs" / "long" / "train_log.jsonl").exists() and time.monotonic() < deadline:
+    job = server.client.predict("runs/long", *_qlora_values(server, "400"), api_name="/qlora")[0]
+    checkpoints = server.root / "runs" / "long" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not list(checkpoints.glob("checkpoint-*")) and time.monotonic() < deadline:
         time.sleep(0.5)
     fresh = Client(server.url, verbose=False)  # another page: it lists the running job
     assert job in fresh.predict(api_name="/jobs")["qlora"]
@@ -174,6 +188,12 @@ def test_jobs_outlive_the_page_a_new_client_reattaches_and_stop_is_ctrl_c(server
     assert fresh.predict(job, api_name="/qlora_cancel") == "stopping: Ctrl-C sent"
     st = _wait(server, job)
     assert st["state"] == "interrupted" and "--resume" in st["log_tail"], st["log_tail"]
+    last = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    resumed = fresh.predict("runs/long", *_qlora_values(server, str(last + 2)), api_name="/qlora_resume")[0]
+    st = _wait(server, resumed)
+    assert st["state"] == "done", st["log_tail"]
+    record = json.loads((server.root / "runs" / "long" / "qtool.json").read_text())
+    assert record["resumed_from"] == f"checkpoint-{last}" and record["steps"] == last + 2
 
 
 def test_compare_with_edited_cells_then_its_report_in_the_page(server, wikitext_test):
@@ -201,8 +221,7 @@ def test_fine_tune_then_chat_with_the_adapter_then_merge(server):
     assert fields[0] == "smollm2-135m" and fields[-1] == ""
     preview, error = server.client.predict(str(IDENTITY), api_name="/dataset_preview")
     assert error == "" and preview["data"][0][0] == "Who are you?"
-    values = [str(server.tiny), "rtn", "4", "32", str(IDENTITY), "alpaca", 8, 16, 1e-3, 1, "4", 2]
-    result = server.client.predict("runs/id", *values, api_name="/qlora")
+    result = server.client.predict("runs/id", *_qlora_values(server, "4"), api_name="/qlora")
     st = _wait(server, result[0])
     assert st["state"] == "done", st["log_tail"]
     assert forms.loss_points(server.root, "runs/id") and (server.root / "runs/id/adapter/adapter_config.json").is_file()
