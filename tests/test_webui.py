@@ -208,8 +208,10 @@ def test_compare_with_edited_cells_then_its_report_in_the_page(server, wikitext_
                                    api_name="/compare")
     st = _wait(server, result[0])
     assert st["state"] == "done", st["log_tail"]
-    rows = forms.cell_results(server.root, "reports/tiny")
+    rows = forms.cell_results(server.root, "reports/tiny", st["argv"][1])
     assert [r[0] for r in rows] == ["base", "rtn-b2-g32"] and all(r[1] == "ok" for r in rows)
+    pending = forms.cell_results(server.root, "reports/tiny", str(recipe), running=True)  # the unedited recipe
+    assert [r[:2] for r in pending[2:]] == [["rtn-b4-g32", "running"], ["rtn-b3-g32", "pending"]]
     text, plots, error = server.client.predict(str(server.root / "reports/tiny"), api_name="/report")
     assert error == "" and "## Results" in text and "rtn-b2-g32" in text and plots
     _, _, error = server.client.predict("/etc", api_name="/report")

@@ -202,8 +202,11 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
 
             def compare_refresh(job_id):
                 values = panel_values(job_id)
-                out = values[3]["out"] if values[3] else None
-                return (*values, forms.cell_results(root, out) if out else [])
+                st = values[3]
+                if not st or not st["out"]:
+                    return (*values, [])
+                recipe = st["argv"][1] if len(st["argv"]) > 1 else None
+                return (*values, forms.cell_results(root, st["out"], recipe, running=st["state"] == "running"))
 
             c_timer = gr.Timer(POLL_S)
             for trigger in (c_timer.tick, c_panel["job"].change):

@@ -136,19 +136,28 @@ def compare_argv(recipe: str, out: str, rows: list[list[Any]] | None) -> tuple[l
     return ["compare", "{job}/recipe.yaml", *argv_tail], {"recipe.yaml": text}
 
 
-def cell_results(root: Path, out: str) -> list[list[str]]:
-    """The cells recorded so far in OUT/results.jsonl (the report's own rows), in the order they finished."""
-    from qtool.compare import read_results
+def cell_results(root: Path, out: str, recipe: str | None = None, running: bool = False) -> list[list[str]]:
+    """The cells recorded so far in OUT/results.jsonl (the report's own rows), in the order they
+    finished; with `recipe`, its cells not recorded yet follow as pending (the first one as running
+    while the job runs)."""
+    from qtool.compare import load_compare_recipe, read_results
     from qtool.report import rows_from_results
 
     folder = Path(root) / _str(out)
-    if not _str(out) or not folder.is_dir():
-        return []
-    rows = rows_from_results(read_results(folder))
+    rows = rows_from_results(read_results(folder)) if _str(out) and folder.is_dir() else []
     base = next((r.ppl for r in rows if r.cell == "base"), None)
-    return [[r.cell, r.status, _fmt(r.size_mib, 1, ".1f"), _fmt(r.bits_per_weight, 1, ".2f"), _fmt(r.ppl, 1, ".2f"),
-             f"{100 * (r.ppl / base - 1):+.1f} %" if r.ppl and base else "", str(r.error or "")[:200]]
-            for r in rows]
+    table = [[r.cell, r.status, _fmt(r.size_mib, 1, ".1f"), _fmt(r.bits_per_weight, 1, ".2f"), _fmt(r.ppl, 1, ".2f"),
+              f"{100 * (r.ppl / base - 1):+.1f} %" if r.ppl and base else "", str(r.error or "")[:200]]
+             for r in rows]
+    try:
+        local = Path(root) / recipe if recipe else None
+        cells = load_compare_recipe(str(local) if local and local.is_file() else recipe).cells if recipe else []
+    except Exception:  # the job reports an unreadable recipe itself
+        cells = []
+    done = {r.cell for r in rows}
+    waiting = [c.id for c in cells if c.id not in done]
+    return table + [[cell, "running" if running and i == 0 else "pending", "", "", "", "", ""]
+                    for i, cell in enumerate(waiting)]
 
 
 def report_view(root: Path, folder: str) -> tuple[str, list[str]]:

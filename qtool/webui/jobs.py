@@ -49,6 +49,7 @@ class JobStatus:
     log_tail: str
     out: str | None
     seconds: float
+    argv: list[str]
 
 
 def jobs_root(root: Path) -> Path:
@@ -119,7 +120,7 @@ def status(root: Path, job_id: str, tail_lines: int = 30) -> JobStatus:
         progress=(1.0 if state == "done" else min(int(percents[-1]), 100) / 100) if percents else (1.0 if state == "done" else None),
         error=errors[-1] if errors and state != "done" else None,
         log_tail="\n".join(lines[-tail_lines:]), out=record.get("out"),
-        seconds=end - record.get("started", end),
+        seconds=end - record.get("started", end), argv=record.get("argv", []),
     )
 
 
