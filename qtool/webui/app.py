@@ -96,6 +96,13 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 text += "\n\n" + _error_md(f"qtool: error: the job ended with exit code {st.exit_code}; see its log")
             return _bar(st.progress, st.state), text, st.log_tail, st.__dict__
 
+        def follow(panel: dict[str, Any], refresh: Callable, extra: tuple = ()) -> None:
+            """Re-read the panel's job (and `extra` outputs) every POLL_S seconds and when another job is picked."""
+            timer = gr.Timer(POLL_S)
+            for trigger in (timer.tick, panel["job"].change):
+                trigger(refresh, panel["job"], [*panel_outputs(panel), *extra], show_progress="hidden",
+                        api_visibility="private")
+
         def start_job(kind: str, argv: list[str], title: str, out: str | None, files: dict[str, str] | None = None) -> tuple:
             job_id = jobs.start(root, kind, argv, title, out, files)
             return (job_id, *panel_values(job_id))
@@ -154,10 +161,7 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                     card, record = forms.quantize_card(root, values[3]["out"])
                 return (*values, card, record)
 
-            q_timer = gr.Timer(POLL_S)
-            for trigger in (q_timer.tick, q_panel["job"].change):
-                trigger(quantize_refresh, q_panel["job"], [*panel_outputs(q_panel), q_card, q_record],
-                        show_progress="hidden", api_visibility="private")
+            follow(q_panel, quantize_refresh, (q_card, q_record))
 
         # ---- Compare ---------------------------------------------------------------------------
         with gr.Tab("Compare", id="compare"):
@@ -208,9 +212,7 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 recipe = st["argv"][1] if len(st["argv"]) > 1 else None
                 return (*values, forms.cell_results(root, st["out"], recipe, running=st["state"] == "running"))
 
-            c_timer = gr.Timer(POLL_S)
-            for trigger in (c_timer.tick, c_panel["job"].change):
-                trigger(compare_refresh, c_panel["job"], [*panel_outputs(c_panel), c_results], show_progress="hidden", api_visibility="private")
+            follow(c_panel, compare_refresh, (c_results,))
 
             @guarded(2)
             def open_report(folder):
@@ -294,10 +296,7 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                     adapter = f"adapter: `{Path(out) / 'adapter'}` (chat with it in the Chat tab: base `{Path(out) / 'base'}`)"
                 return (*values, points, adapter)
 
-            f_timer = gr.Timer(POLL_S)
-            for trigger in (f_timer.tick, f_panel["job"].change):
-                trigger(qlora_refresh, f_panel["job"], [*panel_outputs(f_panel), f_loss, f_adapter],
-                        show_progress="hidden", api_visibility="private")
+            follow(f_panel, qlora_refresh, (f_loss, f_adapter))
 
         # ---- Chat ------------------------------------------------------------------------------
         with gr.Tab("Chat", id="chat"):
@@ -376,10 +375,8 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
 
             e_start.click(export, [e_folder, e_format, e_type, e_output, e_force],
                           [e_panel["job"], *panel_outputs(e_panel), e_error], api_name="export")
-            for _kind, panel in (("merge", m_panel), ("export", e_panel)):
-                timer = gr.Timer(POLL_S)
-                for trigger in (timer.tick, panel["job"].change):
-                    trigger(panel_values, panel["job"], panel_outputs(panel), show_progress="hidden", api_visibility="private")
+            follow(m_panel, panel_values)
+            follow(e_panel, panel_values)
 
         # ---- re-attach and the status API ------------------------------------------------------
         def reattach():
