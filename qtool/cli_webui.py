@@ -61,8 +61,12 @@ def _check_port(host: str, port: int) -> None:
     from qtool.errors import SpecError
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no clash
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise SpecError(f"cannot serve on {host}:{port}: {exc.strerror} (another program, or another "
-                            "qtool webui? choose --port)") from None
+            import errno
+
+            hint = ("another program, or another qtool webui? choose --port" if exc.errno == errno.EADDRINUSE
+                    else "check --host: an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+            raise SpecError(f"cannot serve on {host}:{port}: {exc.strerror or exc} ({hint})") from None

@@ -71,21 +71,25 @@ def test_quantize_form_passes_only_what_was_set_and_keeps_what_the_cli_must_refu
     assert [r[0] for r in rows][:2] == ["sym", "desc_act"] and all(r[1] == r[2] for r in rows)
     rows[0][1] = "false"
     argv = forms.quantize_argv("m", "o", "gptq", 4.0, 64.0, rows, "builtin", "16", "", "3.5", False)
-    assert argv == ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64", "--target-bits", "3.5",
-                    "--opt", "sym=false", "--calib", "builtin", "--nsamples", "16", "m", "o"]
-    assert forms.quantize_argv("m", "o", "rtn", 4.5)[3:5] == ["--bits", "4.5"]  # not rounded: the CLI refuses it
+    assert argv == ["quantize", "--method=gptq", "--bits=4", "--group-size=64", "--target-bits=3.5",
+                    "--opt=sym=false", "--calib=builtin", "--nsamples=16", "--", "m", "o"]
+    assert forms.quantize_argv("m", "o", "rtn", 4.5)[2] == "--bits=4.5"  # not rounded: the CLI refuses it
+    assert forms.quantize_argv("--force", "-o", "rtn")[-3:] == ["--", "--force", "-o"]  # values, never flags
     assert forms.option_rows("no-such-method") == []
 
 
 def test_compare_form_runs_the_recipe_or_an_edited_copy(tmp_path):
     rows = forms.recipe_cells("compare-smollm2")
     assert rows[0] == ["eetq", "8", "", ""] and ["gptq", "4", "64", "sym=false"] in rows
-    assert forms.compare_argv("compare-smollm2", "r", rows) == (["compare", "compare-smollm2", "--out", "r"], {})
+    assert forms.compare_argv("compare-smollm2", "r", rows) == (["compare", "--out=r", "--", "compare-smollm2"], {})
     argv, files = forms.compare_argv("compare-smollm2", "r", [["rtn", "4", "32", "symmetric=true"]])
-    assert argv == ["compare", "{job}/recipe.yaml", "--out", "r"]
+    assert argv == ["compare", "--out=r", "--", "recipe.yaml"] and isinstance(argv[-1], forms.JobFile)
     edited = yaml.safe_load(files["recipe.yaml"])["compare"]
     assert edited["cells"] == [{"method": "rtn", "bits": 4, "group_size": 32, "options": {"symmetric": True}}]
     assert edited["model"] == "smollm2-135m" and edited["name"] == "smollm2-cpu"
+    _, files = forms.compare_argv("compare-smollm2", "r", rows, eval_text="builtin")  # another evaluation text
+    edited = yaml.safe_load(files["recipe.yaml"])["compare"]
+    assert edited["eval"]["text"] == "builtin" and edited["eval"]["ctx"] == 512 and len(edited["cells"]) == len(rows)
 
 
 def test_qlora_form_round_trips_through_the_recipe_schema(tmp_path):
@@ -102,6 +106,9 @@ def test_qlora_form_round_trips_through_the_recipe_schema(tmp_path):
     assert forms.dataset_preview(str(IDENTITY), 2)[0]["instruction"] == "Who are you?"
     with pytest.raises(FileNotFoundError, match="is not a file"):
         forms.dataset_preview(str(tmp_path / "none.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2 is not JSON"):
+        forms.dataset_preview(str(tmp_path / "bad.jsonl"))
 
 
 def test_webui_command_refuses_bad_input_in_one_line(tmp_path):
@@ -163,10 +170,16 @@ def test_quantize_job_writes_a_checkpoint_and_bad_input_is_the_clis_one_line(ser
     assert not [p for p in (server.root / "out").iterdir() if p.name not in ("rtn4",)]
 
 
-def test_form_values_never_reach_a_shell(server):
+def test_form_values_never_reach_a_shell_or_become_flags(server):
     st = _wait(server, _quantize(server, "x; touch pwned", "out/$(touch pwned2)"))
     assert st["state"] == "failed" and st["error"].startswith("qtool: error:")
     assert not list(server.root.rglob("pwned*"))
+    st = _wait(server, _quantize(server, "--force", "out/x"))  # a model named like a flag is a model name
+    assert st["state"] == "failed" and "model --force is not a local folder" in st["error"], st["error"]
+    st = _wait(server, _quantize(server, str(server.tiny), "{job}/x"))  # no placeholder in form text
+    assert st["state"] == "done" and (server.root / "{job}" / "x" / "qtool.json").is_file()
+    with pytest.raises(Exception, match="no job '../..'"):
+        server.client.predict("../..", api_name="/job")
 
 
 def _qlora_values(server, max_steps: str) -> list:
@@ -177,7 +190,7 @@ def _qlora_values(server, max_steps: str) -> list:
 def test_jobs_outlive_the_page_a_new_client_reattaches_stop_is_ctrl_c_and_resume_continues(server):
     from gradio_client import Client
 
-    job = server.client.predict("runs/long", *_qlora_values(server, "400"), api_name="/qlora")[0]
+    job = server.client.predict("runs/long", False, *_qlora_values(server, "400"), api_name="/qlora")[0]
     checkpoints = server.root / "runs" / "long" / "checkpoints"
     deadline = time.monotonic() + 180
     while not list(checkpoints.glob("checkpoint-*")) and time.monotonic() < deadline:
@@ -189,7 +202,7 @@ def test_jobs_outlive_the_page_a_new_client_reattaches_stop_is_ctrl_c_and_resume
     st = _wait(server, job)
     assert st["state"] == "interrupted" and "--resume" in st["log_tail"], st["log_tail"]
     last = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
-    resumed = fresh.predict("runs/long", *_qlora_values(server, str(last + 2)), api_name="/qlora_resume")[0]
+    resumed = fresh.predict(job, str(last + 2), api_name="/qlora_resume")[0]  # the job's own command
     st = _wait(server, resumed)
     assert st["state"] == "done", st["log_tail"]
     record = json.loads((server.root / "runs" / "long" / "qtool.json").read_text())
@@ -223,7 +236,9 @@ def test_fine_tune_then_chat_with_the_adapter_then_merge(server):
     assert fields[0] == "smollm2-135m" and fields[-1] == ""
     preview, error = server.client.predict(str(IDENTITY), api_name="/dataset_preview")
     assert error == "" and preview["data"][0][0] == "Who are you?"
-    result = server.client.predict("runs/id", *_qlora_values(server, "4"), api_name="/qlora")
+    _, error = server.client.predict("/etc/passwd", api_name="/dataset_preview")
+    assert "dataset /etc/passwd is outside the folders this page may read" in error
+    result = server.client.predict("runs/id", False, *_qlora_values(server, "4"), api_name="/qlora")
     st = _wait(server, result[0])
     assert st["state"] == "done", st["log_tail"]
     assert forms.loss_points(server.root, "runs/id") and (server.root / "runs/id/adapter/adapter_config.json").is_file()
@@ -231,7 +246,11 @@ def test_fine_tune_then_chat_with_the_adapter_then_merge(server):
     status, switch, error = server.client.predict(str(server.root / "runs/id/base"),
                                                   f"me={server.root / 'runs/id'}", 8, api_name="/chat_load")
     assert error == "" and "adapters: me" in status
-    history, message, error = server.client.predict("Who are you?", [], "me", api_name="/chat")
+    for model, tokens, needle in ((server.tiny, -5, "positive whole number"), (server.tiny, 4096, "does not fit"),
+                                  ("/nonexistent/model", 8, "does not exist")):
+        *_, error = server.client.predict(str(model), "", tokens, api_name="/chat_load")
+        assert needle in error, error
+    history, message, error = server.client.predict("Who are you?", [], "me", api_name="/chat")  # still loaded
     assert error == "" and message == "" and [m["role"] for m in history] == ["user", "assistant"]
     from gradio_client.exceptions import AppError
 
@@ -295,7 +314,8 @@ def test_the_page_in_headless_chromium(server, tmp_path):
         _fill(page, "q-model", str(server.tiny))
         _fill(page, "q-out", "out/from-browser")
         page.locator("#q-start").click()
-        expect(page.locator("#q-card")).to_contain_text("MiB", timeout=120_000)
+        expect(page.locator("#q-card")).to_contain_text("out/from-browser", timeout=120_000)
+        expect(page.locator("#q-card")).to_contain_text("MiB")
         page.screenshot(path=shots / "quantize.png", full_page=True)
         page.locator("#q-start").click()  # the same OUT again: the CLI's one line, in the page
         expect(page.locator("#quantize-state")).to_contain_text("qtool: error: output out/from-browser already exists",

@@ -28,8 +28,11 @@ KINDS = {"quantize": "Quantize", "compare": "Compare", "qlora": "Fine-tune", "me
 
 def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") -> gr.Blocks:
     """The Blocks app for working folder `root` (jobs, outputs and relative paths live there)."""
+    from qtool.resources import bundled_dir
+
     root = Path(root).resolve()
     serve_roots = [root, *[Path(p).resolve() for p in allowed or []]]
+    readable = [*serve_roots, bundled_dir("recipes").resolve()]  # the bundled recipes' data is qtool's own
 
     def error_line(exc: BaseException) -> str:
         from qtool.errors import describe_library_error
@@ -50,9 +53,12 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
             return inner
         return wrap
 
-    def in_served(path: Path) -> bool:
-        path = path.resolve()
-        return any(path == r or r in path.parents for r in serve_roots)
+    def check_readable(path: Path, what: str) -> None:
+        """The page shows file contents only from the working folder, --allow folders and qtool's own."""
+        resolved = path.resolve()
+        if not any(resolved == r or r in resolved.parents for r in readable):
+            raise PermissionError(f"{what} {path} is outside the folders this page may read ({root}"
+                                  + "".join(f", {p}" for p in serve_roots[1:]) + "; start it with --allow DIR)")
 
     with gr.Blocks(title="qtool", analytics_enabled=False) as demo:
         gr.Markdown("# qtool\nQuantize, compare, fine-tune and chat. Every action runs what the `qtool` "
@@ -89,7 +95,8 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 return _bar(None), _error_md(f"qtool: error: {exc}"), "", None
             words = {"running": "running", "done": "done", "failed": "failed", "interrupted": "stopped",
                      "lost": "lost (the process ended without an exit code)"}
-            text = f"**{st.title}**: {words[st.state]} after {st.seconds:.0f} s"
+            command = _escape(" ".join(["qtool", *st.argv]).replace("`", "'"))
+            text = f"`{command}`: **{words[st.state]}** after {st.seconds:.0f} s"
             if st.error:
                 text += "\n\n" + _error_md(st.error)
             elif st.state in ("failed", "lost"):
@@ -171,6 +178,8 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 c_recipe = gr.Dropdown(forms.recipe_names("compare"), value=None, allow_custom_value=True,
                                        label="compare recipe", elem_id="c-recipe")
                 c_out = gr.Textbox(label="report folder (--out)", value="", elem_id="c-out")
+                c_text = gr.Textbox(label="evaluation text (empty: the recipe's)", value="",
+                                    info="a .txt/.jsonl/.json file, 'builtin', or wikitext2 (online)")
             c_cells = gr.Dataframe(headers=forms.CELL_HEADERS, value=[], type="array", interactive=True,
                                    label="cells (method, bits, group size, options as k=v, k=v); base is always run")
             c_start = gr.Button("Run / resume", variant="primary", elem_id="c-start")
@@ -197,11 +206,11 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
             c_recipe.change(load_cells, c_recipe, [c_cells, c_out, c_error], api_name="compare_cells")
 
             @guarded(len(panel_outputs(c_panel)) + 1)
-            def compare(recipe, out, rows):
-                argv, files = forms.compare_argv(recipe, out, rows)
+            def compare(recipe, out, rows, text):
+                argv, files = forms.compare_argv(recipe, out, rows, text)
                 return start_job("compare", argv, f"compare {recipe} into {out}", str(out).strip(), files)
 
-            c_start.click(compare, [c_recipe, c_out, c_cells], [c_panel["job"], *panel_outputs(c_panel), c_error],
+            c_start.click(compare, [c_recipe, c_out, c_cells, c_text], [c_panel["job"], *panel_outputs(c_panel), c_error],
                           api_name="compare")
 
             def compare_refresh(job_id):
@@ -209,20 +218,22 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 st = values[3]
                 if not st or not st["out"]:
                     return (*values, [])
-                recipe = st["argv"][1] if len(st["argv"]) > 1 else None
-                return (*values, forms.cell_results(root, st["out"], recipe, running=st["state"] == "running"))
+                recipe = st["argv"][-1] if "--" in st["argv"] else None
+                rows = forms.cell_results(root, st["out"], recipe, running=st["state"] == "running")
+                if st["state"] == "running" and rows:  # cells finished, not the last progress bar printed
+                    finished = sum(r[1] not in ("pending", "running") for r in rows)
+                    values = (_bar(finished / len(rows)), *values[1:])
+                return (*values, rows)
 
             follow(c_panel, compare_refresh, (c_results,))
 
             @guarded(2)
             def open_report(folder):
-                path = root / str(folder or "").strip()
-                if not in_served(path):
-                    raise PermissionError(f"{folder} is outside the folders this page may read ({root}"
-                                          + "".join(f", {p}" for p in serve_roots[1:]) + "; start it with --allow DIR)")
+                check_readable(root / str(folder or "").strip(), "report folder")
                 return forms.report_view(root, folder)
 
-            c_open.click(open_report, c_folder, [c_report, c_plots, c_open_error], api_name="report")
+            c_open.click(lambda: ("", None), None, [c_report, c_plots], api_visibility="private").then(
+                open_report, c_folder, [c_report, c_plots, c_open_error], api_name="report")
 
         # ---- Fine-tune -------------------------------------------------------------------------
         with gr.Tab("Fine-tune", id="qlora"):
@@ -246,10 +257,12 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 f_epochs = gr.Number(label="epochs", value=3)
                 f_steps = gr.Textbox(label="max steps (overrides epochs)", placeholder="empty: by epochs")
                 f_batch = gr.Number(label="batch size", value=4)
-            f_out = gr.Textbox(label="run folder (--out)", value="runs/webui", elem_id="f-out")
+            with gr.Row():
+                f_out = gr.Textbox(label="run folder (--out)", value="runs/webui", elem_id="f-out", scale=4)
+                f_force = gr.Checkbox(label="replace the run folder (train from scratch)", value=False)
             with gr.Row():
                 f_start = gr.Button("Start", variant="primary")
-                f_resume = gr.Button("Resume")
+                f_resume = gr.Button("Resume the picked job (from its last checkpoint; max steps above applies)")
             f_error = gr.Markdown("")
             f_panel = job_panel("qlora")
             f_loss = gr.LinePlot(x="step", y="loss", color="split", title="loss", label="loss", height=260)
@@ -268,22 +281,38 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
             def preview(path):
                 import pandas as pd
 
-                return pd.DataFrame(forms.dataset_preview(path))
+                if not str(path or "").strip():
+                    return pd.DataFrame()
+                check_readable(root / str(path).strip(), "dataset")
+                return pd.DataFrame(forms.dataset_preview(str(root / str(path).strip())))
 
             f_dataset.change(preview, f_dataset, [f_preview, f_error], api_name="dataset_preview")
 
-            def qlora(resume, section, out, *values):
+            f_outputs = [f_panel["job"], *panel_outputs(f_panel), f_error]
+
+            @guarded(len(f_outputs) - 1)
+            def qlora(section, out, force, *values):
                 fields = dict(zip(forms.QLORA_FIELDS, values, strict=True))
                 text = forms.qlora_recipe_text(fields, section)
-                argv = ["qlora", "{job}/recipe.yaml", "--out", str(out).strip()] + (["--resume"] if resume else [])
+                argv = ["qlora", *forms.flag("--out", out), *(["--force"] if force else []), "--",
+                        forms.JobFile("recipe.yaml")]
                 return start_job("qlora", argv, f"qlora {fields['model']} into {out}", str(out).strip(),
                                  {"recipe.yaml": text})
 
-            f_outputs = [f_panel["job"], *panel_outputs(f_panel), f_error]
-            f_start.click(guarded(len(f_outputs) - 1)(functools.partial(qlora, False)), [f_section, f_out, *form_fields],
-                          f_outputs, api_name="qlora")
-            f_resume.click(guarded(len(f_outputs) - 1)(functools.partial(qlora, True)), [f_section, f_out, *form_fields],
-                           f_outputs, api_name="qlora_resume")
+            @guarded(len(f_outputs) - 1)
+            def qlora_resume(job_id, max_steps):
+                """Run the picked job's own command again with --resume (the form may differ from it
+                after a reload); a max steps value replaces the recipe's."""
+                if not job_id:
+                    raise ValueError("pick the fine-tuning job to resume in the job list")
+                old = jobs.status(root, job_id)
+                cut = old.argv.index("--")
+                flags = [a for a in old.argv[1:cut] if a not in ("--force", "--resume") and not a.startswith("--max-steps")]
+                argv = ["qlora", *flags, "--resume", *forms.flag("--max-steps", max_steps), *old.argv[cut:]]
+                return start_job("qlora", argv, f"resume {old.title}", old.out)
+
+            f_start.click(qlora, [f_section, f_out, f_force, *form_fields], f_outputs, api_name="qlora")
+            f_resume.click(qlora_resume, [f_panel["job"], f_steps], f_outputs, api_name="qlora_resume")
 
             def qlora_refresh(job_id):
                 import pandas as pd
@@ -307,6 +336,7 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 h_tokens = gr.Number(label="max new tokens", value=64, precision=0, scale=1)
                 h_load = gr.Button("Load", elem_id="h-load", scale=1)
             h_status = gr.Markdown("", elem_id="h-status")
+            h_load_error = gr.Markdown("", elem_id="h-load-error")
             h_adapter = gr.Radio([chat.BASE], value=chat.BASE, label="answer with", elem_id="h-adapter")
             h_bot = gr.Chatbot(label="chat", height=360, elem_id="h-bot")
             with gr.Row():
@@ -316,10 +346,11 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
 
             @guarded(2)
             def chat_load(model, adapters, tokens):
-                line, choices = chat.load(model, adapters, tokens or 64)
+                line, choices = chat.load(model, adapters, tokens)
                 return line, gr.update(choices=choices, value=choices[0])
 
-            h_load.click(chat_load, [h_model, h_adapters, h_tokens], [h_status, h_adapter, h_error], api_name="chat_load")
+            h_load.click(chat_load, [h_model, h_adapters, h_tokens], [h_status, h_adapter, h_load_error],
+                         api_name="chat_load")
 
             def chat_send(message, history, adapter):
                 history = list(history or [])
@@ -387,8 +418,11 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
 
         def job(job_id: str) -> dict:
             """A job's state: id, kind, title, state (running/done/failed/interrupted/lost), exit_code,
-            progress (0..1), error (the CLI's one line), log_tail, out, seconds."""
-            return jobs.status(root, job_id).__dict__
+            progress (0..1), error (the CLI's one line), log_tail, out, seconds, argv."""
+            try:
+                return jobs.status(root, job_id).__dict__
+            except FileNotFoundError as exc:
+                raise gr.Error(f"qtool: error: {exc}", print_exception=False) from None
 
         def job_list() -> dict:
             """Job ids of every kind, newest first."""

@@ -18,29 +18,36 @@ _lock = threading.Lock()
 _held: dict[str, Any] = {}
 
 
-def load(model: str, adapters_text: str = "", max_new_tokens: int = 128) -> tuple[str, list[str]]:
+def load(model: str, adapters_text: str = "", max_new_tokens: Any = 128) -> tuple[str, list[str]]:
     """Load MODEL with adapters given as NAME=PATH lines (or commas); returns (a status line, the
-    choices for the adapter switch: each adapter, then the base). Raises QtoolError in one line."""
+    choices for the adapter switch: each adapter, then the base). Raises QtoolError in one line,
+    and then the model held before stays loaded. A turn sent while loading waits for it."""
     from qtool import api
     from qtool.chat import Chat
     from qtool.errors import SpecError
     from qtool.finetune.adapters import attach_adapters, parse_adapter_args
+    from qtool.models import model_context
 
-    if not (model or "").strip():
+    model = (model or "").strip()
+    if not model:
         raise SpecError("an empty value for MODEL: give a path, name or text")
+    if not isinstance(max_new_tokens, (int, float)) or max_new_tokens < 1 or max_new_tokens != int(max_new_tokens):
+        raise SpecError(f"max new tokens takes a positive whole number, got {max_new_tokens}")
     items = [a.strip() for line in (adapters_text or "").splitlines() for a in line.split(",") if a.strip()]
     adapters = parse_adapter_args(items)
+    context = model_context(api.model_config(model))
+    if context is not None and max_new_tokens >= context:
+        raise SpecError(f"max new tokens {int(max_new_tokens)} does not fit {model}'s context of {context} tokens")
     with _lock:
-        _held.clear()
-        loaded = api.load(model.strip(), device="cpu")
-        peft_model = attach_adapters(loaded.model, adapters, model.strip())
+        loaded = api.load(model, device="cpu")
+        peft_model = attach_adapters(loaded.model, adapters, model)
         _held["chat"] = Chat(peft_model, loaded.tokenizer, loaded.device, list(adapters), None,
-                             int(max_new_tokens), name=model.strip())
-        _held["model"] = model.strip()
+                             int(max_new_tokens), name=model)
+        _held["model"] = model
     names = list(adapters)
     active = names[0] if names else BASE
     note = " (no chat template: plain completion)" if _held["chat"].plain else ""
-    return f"loaded {model.strip()} with adapters: {', '.join(names) or 'none'}; active: {active}{note}", [*names, BASE]
+    return f"loaded {model} with adapters: {', '.join(names) or 'none'}; active: {active}{note}", [*names, BASE]
 
 
 def loaded_model() -> str | None:
@@ -53,12 +60,12 @@ def answer(message: str, history: list[dict[str, Any]], adapter: str | None) -> 
     no model is loaded or the adapter is unknown."""
     from qtool.errors import SpecError
 
-    chat = _held.get("chat")
-    if chat is None:
-        raise SpecError("no model loaded: load one first")
     if not (message or "").strip():
         raise SpecError("the message is empty")
     with _lock:
+        chat = _held.get("chat")
+        if chat is None:
+            raise SpecError("no model loaded: load one first")
         if adapter and adapter != BASE:
             if adapter not in chat.adapters:
                 raise SpecError(f"no adapter {adapter!r}; loaded: {', '.join(chat.adapters) or 'none'}")

@@ -3,7 +3,9 @@
 No Gradio here: every function takes and returns plain values, so the page's logic is tested
 without a browser. Validation is the CLI's own: a form builds the argv a user would type and the
 job prints the CLI's one-line error, so the page and the terminal cannot disagree. Numbers that
-are not whole stay as typed (`4.5` for bits) for the CLI to refuse, never silently rounded.
+are not whole stay as typed (`4.5` for bits) for the CLI to refuse, never silently rounded. Flag
+values are passed as `--flag=value` and positional arguments after `--`, so a value that starts
+with `-` is a value, never a flag.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ OPTION_HEADERS = ["option", "value", "default", "choices", "help"]
 CELL_HEADERS = ["method", "bits", "group_size", "options"]
 RESULT_HEADERS = ["cell", "status", "weights MiB", "bits/weight", "token PPL", "ΔPPL", "error"]
 PREVIEW_ROWS = 5
+
+
+class JobFile(str):
+    """An argument naming a file the job folder will hold (e.g. the recipe a form wrote); the job
+    replaces it with the file's path. Form text is never such an argument."""
 
 
 # ---- methods -------------------------------------------------------------------------------------
@@ -62,18 +69,16 @@ def quantize_argv(model: str, out: str, method: str, bits: Any = None, group_siz
                   seqlen: Any = None, target_bits: Any = None, force: bool = False) -> list[str]:
     """`qtool quantize` arguments: only what the user set; an option row is passed as --opt KEY=VALUE
     when its value differs from its default."""
-    argv = ["quantize", "--method", _str(method)]
-    argv += _flag("--bits", bits) + _flag("--group-size", group_size) + _flag("--target-bits", target_bits)
+    argv = ["quantize", f"--method={_str(method)}"]
+    argv += flag("--bits", bits) + flag("--group-size", group_size) + flag("--target-bits", target_bits)
     for row in options or []:
         name, value, default = (list(row) + ["", "", ""])[:3]
         if str(name).strip() and _text(value) != _text(default):
-            argv += ["--opt", f"{str(name).strip()}={_text(value)}"]
-    if _str(calib):
-        argv += ["--calib", _str(calib)]
-    argv += _flag("--nsamples", nsamples) + _flag("--seqlen", seqlen)
+            argv.append(f"--opt={str(name).strip()}={_text(value)}")
+    argv += flag("--calib", calib) + flag("--nsamples", nsamples) + flag("--seqlen", seqlen)
     if force:
         argv.append("--force")
-    return argv + [_str(model), _str(out)]
+    return argv + ["--", _str(model), _str(out)]
 
 
 def quantize_card(root: Path, out: str) -> tuple[str, dict[str, Any] | None]:
@@ -113,27 +118,30 @@ def recipe_cells(recipe: str) -> list[list[str]]:
     return [[c.method, _text(c.bits), _text(c.group_size), _options_text(c.options)] for c in cells if c.method != BASE]
 
 
-def compare_argv(recipe: str, out: str, rows: list[list[Any]] | None) -> tuple[list[str], dict[str, str]]:
-    """(argv, files for the job folder): the recipe as it is, or, when the cells were edited, a copy
-    of it with the table's cells, written as `recipe.yaml` into the job folder."""
+def compare_argv(recipe: str, out: str, rows: list[list[Any]] | None, eval_text: str = "") -> tuple[list[Any], dict[str, str]]:
+    """(argv, files for the job folder): the recipe as it is, or, when the cells were edited or
+    `eval_text` replaces its evaluation text, a copy written as `recipe.yaml` into the job folder."""
     from qtool.recipes import find_recipe, read_recipe_section
 
     rows = [r for r in (rows or []) if any(_text(v) for v in r)]
-    argv_tail = ["--out", _str(out)] if _str(out) else []
+    head = ["compare", *flag("--out", out), "--"]
     if not _str(recipe):
-        return ["compare", "", *argv_tail], {}
+        return [*head, ""], {}
     try:
         unchanged = rows == recipe_cells(recipe) or not rows
     except Exception:  # an unreadable recipe: the CLI gives the one line
-        return ["compare", _str(recipe), *argv_tail], {}
-    if unchanged:
-        return ["compare", _str(recipe), *argv_tail], {}
+        return [*head, _str(recipe)], {}
+    if unchanged and not _str(eval_text):
+        return [*head, _str(recipe)], {}
     path, section, description = read_recipe_section(recipe, "compare")
     section["name"] = section.get("name") or find_recipe(recipe).stem
-    section["cells"] = [_cell_entry(r) for r in rows]
+    if rows:
+        section["cells"] = [_cell_entry(r) for r in rows]
+    if _str(eval_text):
+        section["eval"] = {**(section.get("eval") or {}), "text": _str(eval_text)}
     text = yaml.safe_dump({"description": f"{description} (cells edited in qtool webui)".strip(),
                            "compare": section}, sort_keys=False)
-    return ["compare", "{job}/recipe.yaml", *argv_tail], {"recipe.yaml": text}
+    return [*head, JobFile("recipe.yaml")], {"recipe.yaml": text}
 
 
 def cell_results(root: Path, out: str, recipe: str | None = None, running: bool = False) -> list[list[str]]:
@@ -231,14 +239,20 @@ def dataset_preview(path: str, rows: int = PREVIEW_ROWS) -> list[dict[str, Any]]
     if file.suffix == ".jsonl":
         out = []
         with open(file, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if line.strip():
-                    out.append(_record(json.loads(line)))
+                    try:
+                        out.append(_record(json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"dataset {path} line {number} is not JSON ({exc.msg})") from None
                 if len(out) >= rows:
                     break
         return out
     if file.suffix == ".json":
-        data = json.loads(file.read_text(encoding="utf-8", errors="replace"))
+        try:
+            data = json.loads(file.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"dataset {path} is not JSON ({exc.msg}, line {exc.lineno})") from None
         if not isinstance(data, list):
             raise ValueError(f"dataset {path} is a JSON {type(data).__name__}, not a list of records")
         return [_record(r) for r in data[:rows]]
@@ -267,25 +281,20 @@ def loss_points(root: Path, out: str) -> list[dict[str, float]]:
 
 def merge_argv(base: str, adapter: str, out: str, requantize: str = "", bits: Any = None,
                group_size: Any = None, force: bool = False) -> list[str]:
-    argv = ["merge", _str(base), _str(adapter), _str(out)]
-    if _str(requantize):
-        argv += ["--requantize", _str(requantize)] + _flag("--bits", bits) + _flag("--group-size", group_size)
-    return argv + (["--force"] if force else [])
+    argv = ["merge", *flag("--requantize", requantize), *flag("--bits", bits), *flag("--group-size", group_size)]
+    return argv + (["--force"] if force else []) + ["--", _str(base), _str(adapter), _str(out)]
 
 
 def export_argv(folder: str, fmt: str, type_: str = "", output: str = "", force: bool = False) -> list[str]:
-    argv = ["export", _str(folder), "--format", _str(fmt) or "gguf"]
-    if _str(type_):
-        argv += ["--type", _str(type_)]
-    if _str(output):
-        argv += ["--output", _str(output)]
-    return argv + (["--force"] if force else [])
+    argv = ["export", f"--format={_str(fmt) or 'gguf'}", *flag("--type", type_), *flag("--output", output)]
+    return argv + (["--force"] if force else []) + ["--", _str(folder)]
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 
-def _flag(name: str, value: Any) -> list[str]:
-    return [name, _text(value)] if _text(value) else []
+def flag(name: str, value: Any) -> list[str]:
+    """`--name=value` (one word, so a value starting with '-' stays a value), or nothing when empty."""
+    return [f"{name}={_text(value)}"] if _text(value) else []
 
 
 def _text(value: Any) -> str:

@@ -61,7 +61,7 @@ def start(root: Path, kind: str, argv: list[str], title: str, out: str | None = 
     """Start `qtool ARGV` in the background, with `root` as its working folder; returns the job id.
 
     `files` (name → text) are written into the job folder first (e.g. a recipe the form built);
-    the argv may name them as `{job}/NAME`. Raises ValueError for an unknown kind.
+    the argv names them as `forms.JobFile(NAME)`. Raises ValueError for an unknown kind.
     """
     if kind not in _KINDS:
         raise ValueError(f"unknown job kind {kind!r}")
@@ -75,7 +75,9 @@ def start(root: Path, kind: str, argv: list[str], title: str, out: str | None = 
     job.mkdir()
     for name, text in (files or {}).items():
         (job / name).write_text(text)
-    argv = [a.replace("{job}", str(job.resolve())) for a in argv]
+    from qtool.webui.forms import JobFile
+
+    argv = [str(job.resolve() / a) if isinstance(a, JobFile) else str(a) for a in argv]
     record = {"id": job.name, "kind": kind, "argv": argv, "title": title, "out": out, "started": time.time()}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "0.5"}
     with open(job / "log.txt", "wb") as log:
@@ -100,6 +102,8 @@ def list_jobs(root: Path, kind: str | None = None) -> list[str]:
 
 def status(root: Path, job_id: str, tail_lines: int = 30) -> JobStatus:
     """The job's state read from its folder. Raises FileNotFoundError for an unknown id."""
+    if not job_id or Path(job_id).name != job_id or job_id.startswith("."):
+        raise FileNotFoundError(f"no job {job_id!r}: a job id is a folder name under {jobs_root(root)}")
     job = jobs_root(root) / job_id
     record = _read_json(job / "job.json")
     if not record:
@@ -127,8 +131,10 @@ def status(root: Path, job_id: str, tail_lines: int = 30) -> JobStatus:
 def cancel(root: Path, job_id: str) -> bool:
     """Ctrl-C the job (SIGINT to its process group), so the CLI cleans up as it does in a terminal.
     Returns False when it was not running."""
-    record = _read_json(jobs_root(root) / job_id / "job.json")
-    pid = record.get("pid")
+    try:
+        pid = status(root, job_id).state == "running" and _read_json(jobs_root(root) / job_id / "job.json").get("pid")
+    except FileNotFoundError:
+        return False
     if not _alive(pid):
         return False
     try:
