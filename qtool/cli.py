@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -246,7 +247,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The `qtool` command. Ctrl-C at any moment, start-up included, exits 130 with one line."""
+    previous = _watch_ctrl_c()
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:  # during start-up (imports, parsing): nothing was written yet
+        sys.stderr.write("qtool: interrupted; nothing was written\n")
+        return _interrupted()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+_ctrl_c = {"seen": False}
+
+
+def _watch_ctrl_c() -> Any:
+    """Raise KeyboardInterrupt on Ctrl-C as Python does, and remember that it came: a library that
+    is importing a module when it arrives can turn it into another error (transformers' lazy
+    modules give "Could not import module ..."), which is then reported as the interruption it
+    was. Returns the handler it replaced, or None when SIGINT is not Python's default (ignored by
+    a shell's background job, or not the main thread)."""
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        _ctrl_c["seen"] = True
+        raise KeyboardInterrupt
+
+    _ctrl_c["seen"] = False
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return None
+        return signal.signal(signal.SIGINT, on_ctrl_c)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     method = None
     if argv[:1] == ["quantize"]:
@@ -274,31 +309,41 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     _quiet_libraries(progress_bars=not quiet and args.command not in ("generate", "chat"))
     _log_to_stderr(quiet)
-    from qtool.errors import QtoolError, describe_library_error
+    from qtool.errors import QtoolError
 
     try:
         return COMMANDS[args.command](args)
-    except QtoolError as exc:
-        sys.stderr.write(f"qtool: error: {exc}\n")
-        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("qtool: interrupted; nothing was written\n")
         return _interrupted()
-    except Exception as exc:  # the last boundary: one line, never a traceback on the terminal
-        known = describe_library_error(exc)
-        if known:
-            sys.stderr.write(f"qtool: error: {known}\n")
-            return 1
-        if os.environ.get("QTOOL_DEBUG"):
-            raise
-        try:
-            log = _save_traceback(exc)
-        except OSError as log_error:
-            log = f"(not saved: {log_error.strerror})"
-        first = (str(exc).strip().splitlines() or [""])[0][:300].encode("utf-8", "backslashreplace").decode("utf-8")
-        sys.stderr.write(f"qtool: internal error: {type(exc).__name__}: {first} (traceback in {log}; "
-                         "rerun with QTOOL_DEBUG=1 to see it here, and please report it)\n")
-        return 70
+    except Exception as exc:
+        if _ctrl_c["seen"]:  # a library turned Ctrl-C into its own error
+            sys.stderr.write("qtool: interrupted; nothing was written\n")
+            return _interrupted()
+        if isinstance(exc, QtoolError):
+            sys.stderr.write(f"qtool: error: {exc}\n")
+            return exc.exit_code
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    """The last boundary: one line, never a traceback on the terminal."""
+    from qtool.errors import describe_library_error
+
+    known = describe_library_error(exc)
+    if known:
+        sys.stderr.write(f"qtool: error: {known}\n")
+        return 1
+    if os.environ.get("QTOOL_DEBUG"):
+        raise exc
+    try:
+        log = _save_traceback(exc)
+    except OSError as log_error:
+        log = f"(not saved: {log_error.strerror})"
+    first = (str(exc).strip().splitlines() or [""])[0][:300].encode("utf-8", "backslashreplace").decode("utf-8")
+    sys.stderr.write(f"qtool: internal error: {type(exc).__name__}: {first} (traceback in {log}; "
+                     "rerun with QTOOL_DEBUG=1 to see it here, and please report it)\n")
+    return 70
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
