@@ -140,7 +140,7 @@ def remove_stale_work_dirs(out: Path) -> list[Path]:
             continue
         if match["pid"] is None:
             log.warning(f"{sibling} was left by an interrupted run of an older qtool; remove it if no qtool is running")
-        elif not _process_alive(int(match["pid"])):
+        elif not process_alive(int(match["pid"])):
             size = folder_size_bytes(sibling) if sibling.is_dir() else sibling.stat().st_size
             _remove(sibling)
             removed.append(sibling)
@@ -149,7 +149,8 @@ def remove_stale_work_dirs(out: Path) -> list[Path]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie counts: its parent has not reaped it yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

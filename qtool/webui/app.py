@@ -3,7 +3,7 @@
 Long actions (quantize, compare, fine-tune, merge, export) start a background job (`jobs`) and a
 timer reads its state back, so a reloaded page, or a second browser, re-attaches to the newest
 job of each kind. Chat runs in the server (`chat`). Every action is also an API endpoint
-(`gradio_client`: see `api_names`), and every error is shown as the CLI's own one line.
+(`gradio_client`: docs/webui.md lists them), and every error is shown as the CLI's own one line.
 Gradio serves files only from the working folder and the folders given with --allow.
 """
 
@@ -40,15 +40,16 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
         message = describe_library_error(exc) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"qtool: error: {message}"
 
-    def guarded(*n_outputs: Any) -> Callable:
-        """Turn a user error into the CLI's one line in the tab's error box (the last output)."""
+    def guarded(n_outputs: int) -> Callable:
+        """Turn a user error into the CLI's one line in the tab's error box (the last output); the
+        other `n_outputs` outputs are left as they are."""
         def wrap(fn: Callable) -> Callable:
             @functools.wraps(fn)
             def inner(*args: Any) -> Any:
                 try:
                     result = fn(*args)
                 except Exception as exc:  # the page's boundary, as the CLI's main() is the terminal's
-                    return (*[gr.update() for _ in range(n_outputs[0])], _error_md(error_line(exc)))
+                    return (*[gr.update() for _ in range(n_outputs)], _error_md(error_line(exc)))
                 return (*(result if isinstance(result, tuple) else (result,)), "")
             return inner
         return wrap
@@ -411,8 +412,8 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
 
         # ---- re-attach and the status API ------------------------------------------------------
         def reattach():
-            return tuple(gr.update(choices=jobs.list_jobs(root, kind), value=(jobs.list_jobs(root, kind) or [None])[0])
-                         for kind in panels)
+            listed = [jobs.list_jobs(root, kind) for kind in panels]
+            return tuple(gr.update(choices=ids, value=ids[0] if ids else None) for ids in listed)
 
         demo.load(reattach, None, [p["job"] for p in panels.values()], api_visibility="private")
 

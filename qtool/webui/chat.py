@@ -43,15 +43,10 @@ def load(model: str, adapters_text: str = "", max_new_tokens: Any = 128) -> tupl
         peft_model = attach_adapters(loaded.model, adapters, model)
         _held["chat"] = Chat(peft_model, loaded.tokenizer, loaded.device, list(adapters), None,
                              int(max_new_tokens), name=model)
-        _held["model"] = model
     names = list(adapters)
     active = names[0] if names else BASE
     note = " (no chat template: plain completion)" if _held["chat"].plain else ""
     return f"loaded {model} with adapters: {', '.join(names) or 'none'}; active: {active}{note}", [*names, BASE]
-
-
-def loaded_model() -> str | None:
-    return _held.get("model")
 
 
 def answer(message: str, history: list[dict[str, Any]], adapter: str | None) -> Iterator[str]:

@@ -83,7 +83,13 @@ def quantize_argv(model: str, out: str, method: str, bits: Any = None, group_siz
 
 def quantize_card(root: Path, out: str) -> tuple[str, dict[str, Any] | None]:
     """The result card of a finished quantize: (markdown, the qtool.json record)."""
-    record = _read_record(Path(root) / out)
+    from qtool.checkpoint import read_record
+    from qtool.errors import QtoolError
+
+    try:
+        record = read_record(Path(root) / out)
+    except QtoolError:  # a corrupt qtool.json: the job's own log says what went wrong
+        record = None
     if record is None:
         return "", None
     spec = record.get("spec", {})
@@ -353,10 +359,3 @@ def _record(row: Any) -> dict[str, Any]:
 
 def _fmt(value: Any, scale: float, spec: str) -> str:
     return format(value / scale, spec) if isinstance(value, (int, float)) else ""
-
-
-def _read_record(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / "qtool.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

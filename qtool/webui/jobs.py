@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qtool.checkpoint import write_text_atomic
+
 JOBS_DIR = Path(".qtool-webui") / "jobs"
 _PERCENT = re.compile(r"(\d{1,3})%\|")
 _ERROR = re.compile(r"^qtool(?: [a-z-]+)?: (?:internal )?error: .*")
@@ -85,7 +87,7 @@ def start(root: Path, kind: str, argv: list[str], title: str, out: str | None = 
                                 cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
     record["pid"] = proc.pid
-    _write_json(job / "job.json", record)
+    write_text_atomic(job / "job.json", json.dumps(record, indent=2))
     return job.name
 
 
@@ -121,7 +123,7 @@ def status(root: Path, job_id: str, tail_lines: int = 30) -> JobStatus:
     end = code_file.stat().st_mtime if code_file.is_file() else time.time()
     return JobStatus(
         id=job_id, kind=record["kind"], title=record.get("title", ""), state=state, exit_code=exit_code,
-        progress=(1.0 if state == "done" else min(int(percents[-1]), 100) / 100) if percents else (1.0 if state == "done" else None),
+        progress=1.0 if state == "done" else min(int(percents[-1]), 100) / 100 if percents else None,
         error=errors[-1] if errors and state != "done" else None,
         log_tail="\n".join(lines[-tail_lines:]), out=record.get("out"),
         seconds=end - record.get("started", end), argv=record.get("argv", []),
@@ -157,19 +159,17 @@ def wait(root: Path, job_id: str, timeout: float = 600, poll: float = 0.5) -> Jo
 
 
 def _alive(pid: Any) -> bool:
+    """checkpoint.process_alive, after reaping the runner if it is this server's finished child
+    (a zombie would otherwise count as alive)."""
+    from qtool.checkpoint import process_alive
+
     if not isinstance(pid, int):
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a finished child of this server stays a zombie until reaped
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: another server started it
+        pass
+    return process_alive(pid)
 
 
 def _read_tail(path: Path, limit: int = 64_000) -> str:
@@ -188,12 +188,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-
-
 def _run(job: Path, argv: list[str]) -> int:
     """The runner: the CLI as a child (so the exit code is recorded even if the web server is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the CLI; the runner waits for it
@@ -201,9 +195,7 @@ def _run(job: Path, argv: list[str]) -> int:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     code = proc.wait()
     code = 130 if code in (-signal.SIGINT, 130) else code
-    tmp = job / "exit_code.tmp"
-    tmp.write_text(str(code))
-    os.replace(tmp, job / "exit_code")
+    write_text_atomic(job / "exit_code", str(code))
     return code
 
 
