@@ -818,15 +818,12 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
 
 
 def _interrupted() -> int:
-    """Exit code 130 for Ctrl-C. Library worker threads (GPTQModel's C++ pool) still running would
-    abort the interpreter's shutdown (SIGABRT): then leave at once; the outputs are cleaned already."""
-    import threading
-
-    if threading.active_count() > 1 and threading.current_thread() is threading.main_thread():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    return 130
+    """Exit 130 for Ctrl-C, at once: outputs are cleaned up already, and a normal interpreter
+    shutdown can still fail afterwards (library worker threads, e.g. GPTQModel's C++ pool, abort it
+    with SIGABRT; a Ctrl-C that a library caught while importing resurfaced at exit as -2)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _save_traceback(exc: BaseException) -> str:
