@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mixed_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of a resumable method (aqlm) "
                    "from its last finished block; same settings and seed give the same result")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="largest weights file OUT gets, e.g. 500MB or 2GiB (default 2GiB); "
+                   "rtn, hqq and eetq stream a safetensors model one tensor at a time into such shards, so their peak "
+                   "memory is about the largest tensor plus one shard, not the model")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (and discard an interrupted run's state)")
     p.add_argument("--json", action="store_true", help="print the qtool.json record instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -176,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from OUT/results.jsonl")
     p.add_argument("--json", action="store_true", help="print the latest record of every cell as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("cluster", "run each cell as a job of its own (submitit: pip install 'qtool[cluster]'); "
+                                        "default: all cells one after another in this process")
+    g.add_argument("--workers", type=int, metavar="N", help="run up to N cells at once, each in its own worker")
+    g.add_argument("--executor", choices=["local", "slurm"], default=None,
+                   help="local: worker processes on this machine (default with --workers); slurm: one Slurm job "
+                        "array, one array task per cell")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads per worker (default: local cores / workers; slurm: --cpus-per-task)")
+    g.add_argument("--slurm-partition", metavar="NAME", help="Slurm partition of the array tasks")
+    g.add_argument("--gpus-per-task", type=int, default=0, metavar="N", help="GPUs per Slurm array task")
+    g.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per Slurm array task")
+    g.add_argument("--mem-gb", type=float, metavar="GB", help="memory per Slurm array task")
+    g.add_argument("--time-limit", type=int, default=240, metavar="MIN", help="time limit of each cell's job (default 240)")
 
     p = sub.add_parser(
         "qlora", help="LoRA fine-tuning on a quantized model from a YAML recipe (PEFT + transformers Trainer)",
@@ -189,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="delete OUT and train from scratch")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides the recipe)")
+    p.add_argument("--nproc", type=int, metavar="N", help="train in N processes on this machine (DDP, or the recipe's "
+                   "train.distributed/deepspeed) under torch's launcher; `torchrun ... -m qtool.cli qlora` works too")
     p.add_argument("--json", action="store_true", help="print the qtool.json record")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -422,7 +440,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     _no_loading_bars()
     try:
-        record = api.quantize_request(model, out, request, force=args.force, resume=args.resume)
+        record = api.quantize_request(model, out, request, force=args.force, resume=args.resume,
+                                      max_shard_size=args.max_shard_size)
     except KeyboardInterrupt:
         from qtool.checkpoint import resume_dir
 
@@ -441,7 +460,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                  else f"{spec['bits']}-bit")
         print(f"wrote {out}: {spec['method']} {width} group {spec['group_size']}, "
               f"{record['weights_bytes'] / 2**20:.1f} MiB weights, "
-              f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB")
+              f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB"
+              + (" (streamed tensor by tensor)" if record.get("streaming", {}).get("shards") else ""))
     return 0
 
 
@@ -649,7 +669,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         _no_loading_bars()
         try:
-            results = run_compare(recipe, out, progress=not args.quiet)
+            results = run_compare(recipe, out, progress=not args.quiet, cluster=_cluster_settings(args))
         except KeyboardInterrupt:
             done = sum(r.get("status") == "ok" for r in read_results(out).values())
             sys.stderr.write(f"qtool: interrupted; {done} finished cells are kept in {out / 'results.jsonl'}, "
@@ -669,33 +689,85 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_settings(args: argparse.Namespace) -> Any:
+    """compare's ClusterSettings from --workers/--executor/...; None runs the cells in this process."""
+    from qtool.cluster import ClusterSettings
+
+    slurm_only = (args.slurm_partition, args.gpus_per_task, args.cpus_per_task, args.mem_gb)
+    if args.workers is None and args.executor is None and not any(slurm_only) and args.threads is None:
+        return None
+    if args.workers is None and args.executor != "slurm":
+        from qtool.errors import SpecError
+
+        raise SpecError("--executor local, --threads and the Slurm settings need --workers N (or --executor slurm)")
+    return ClusterSettings(workers=args.workers or (256 if args.executor == "slurm" else 2), executor=args.executor or "local", threads=args.threads,
+                           partition=args.slurm_partition, gpus_per_task=args.gpus_per_task,
+                           cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_limit)
+
+
 def cmd_qlora(args: argparse.Namespace) -> int:
+    from qtool.errors import QtoolError, SpecError
+    from qtool.finetune.distributed import PeerError, world
     from qtool.finetune.recipe import load_qlora_recipe
     from qtool.finetune.train import output_dir, run_qlora
 
     recipe = load_qlora_recipe(args.recipe)
     if args.max_steps is not None and args.max_steps < 1:
-        from qtool.errors import SpecError
-
         raise SpecError(f"--max-steps takes a positive number, got {args.max_steps}")
+    me = world()
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise SpecError(f"--nproc takes a positive number, got {args.nproc}")
+        if me.distributed:
+            raise SpecError("--nproc starts the processes itself: under torchrun or accelerate launch leave it out")
+        if args.nproc > 1:
+            return _launch_qlora(args, recipe)
     _no_loading_bars()
     out = output_dir(recipe, args.out)
     try:
         record = run_qlora(recipe, args.out, resume=args.resume, force=args.force, max_steps=args.max_steps,
                            progress=not args.quiet)
     except KeyboardInterrupt:
-        sys.stderr.write(f"qtool: interrupted; continue from the last checkpoint with: qtool qlora {args.recipe} "
-                         f"--out {out} --resume\n")
+        if me.main:
+            nproc = f" --nproc {me.world_size}" if os.environ.get("QTOOL_NPROC_LAUNCH") else ""
+            sys.stderr.write(f"qtool: interrupted; continue from the last checkpoint with: qtool qlora {args.recipe} "
+                             f"--out {out}{nproc} --resume\n")
         return _interrupted()
+    except QtoolError as exc:
+        if isinstance(exc, PeerError) and exc.quiet:  # rank 0 prints the error all ranks agreed on
+            return exc.exit_code
+        raise
+    if not me.main:
+        return 0
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         first, last = record["train_loss_first"], record["train_loss_last"]
-        print(f"wrote {out}/adapter: {record['steps']} steps on {record['base']['method']} base, train loss "
-              f"{first:.3f} -> {last:.3f}" + (f", validation {record['eval_loss_last']:.3f}" if record["eval_loss_last"] else "")
+        what = "adapter" if record["finetuning_type"] == "lora" else f"{record['finetuning_type']}-tuned model"
+        ranks = f" x {me.world_size} processes ({record['distributed']['mode']})" if me.distributed else ""
+        print(f"wrote {out}/{record['output']} ({what}): {record['steps']} steps{ranks} on {record['base']['method']} "
+              f"base, train loss {first:.3f} -> {last:.3f}"
+              + (f", validation {record['eval_loss_last']:.3f}" if record["eval_loss_last"] else "")
               + f", {record['timings_s']['train']:.0f} s, peak {record['peak_memory_mib']:.0f} MiB"
               + (f" (resumed from {record['resumed_from']})" if record["resumed_from"] else ""))
     return 0
+
+
+def _launch_qlora(args: argparse.Namespace, recipe: Any) -> int:
+    """`qtool qlora --nproc N`: the cheap checks here (one line, before any process starts), then
+    the same command without --nproc in N processes (qtool.finetune.distributed.launch)."""
+    from qtool.finetune.distributed import launch
+    from qtool.finetune.recipe import resolve_data_path
+    from qtool.finetune.train import check_output, output_dir
+
+    folder = output_dir(recipe, args.out)
+    check_output(folder, args.resume, args.force, [recipe.model, recipe.quantized, resolve_data_path(recipe)])
+    argv = ["qlora", args.recipe, "--out", str(folder)]
+    argv += [flag for flag, on in (("--resume", args.resume), ("--force", args.force), ("--json", args.json),
+                                   ("--quiet", args.quiet)) if on]
+    if args.max_steps is not None:
+        argv += ["--max-steps", str(args.max_steps)]
+    return launch(argv, args.nproc)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

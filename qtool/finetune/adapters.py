@@ -36,6 +36,7 @@ def parse_adapter_args(values: list[str]) -> dict[str, Path]:
         folder = Path(path if sep else name).expanduser()
         if (folder / "adapter").is_dir() and not (folder / "adapter_config.json").exists():
             folder = folder / "adapter"  # a qlora run folder
+        refuse_full_model_run(folder)
         if not sep:
             name = folder.parent.name if folder.name == "adapter" else folder.name
         check_adapter_folder(folder)
@@ -43,6 +44,20 @@ def parse_adapter_args(values: list[str]) -> dict[str, Path]:
             raise SpecError(f"adapter name {name!r} is given twice")
         adapters[name] = folder
     return adapters
+
+
+def refuse_full_model_run(folder: Path) -> None:
+    """A freeze or full fine-tuning run holds a whole model (RUN/model), not an adapter: say so in
+    one line (CheckpointError) where an adapter is expected (chat --adapter, merge)."""
+    if (folder / "model").is_dir() and not (folder / "adapter").exists() and not (folder / "adapter_config.json").exists():
+        import json
+
+        try:
+            kind = json.loads((folder / "qtool.json").read_text()).get("finetuning_type", "freeze or full")
+        except (OSError, ValueError, AttributeError):
+            kind = "freeze or full"
+        raise CheckpointError(f"{folder} is a {kind} fine-tuning run: it holds a whole model in {folder / 'model'}, "
+                              f"not a LoRA adapter; use that folder as the model (qtool chat {folder / 'model'})")
 
 
 def check_adapter_folder(folder: Path) -> None:

@@ -73,6 +73,10 @@ class TrainSection(Section):
     save_steps: PositiveInt = 20
     eval_steps: PositiveInt | None = None  # default: save_steps, when there is a validation split
     save_total_limit: PositiveInt = 2
+    # Multi-process runs (torchrun / accelerate launch / `qtool qlora --nproc N`): DDP by default.
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # fsdp needs GPUs: accelerate 1.15 enables it only there
+    fsdp: str = "full_shard auto_wrap"  # the Trainer's `fsdp` options, for distributed: fsdp
+    deepspeed: str | None = None  # a DeepSpeed ZeRO stage 2/3 JSON config (relative: beside the recipe)
 
 
 class QloraRecipe(Section):
@@ -86,12 +90,29 @@ class QloraRecipe(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str | None = None
     description: str = ""
+    # LLaMA-Factory's names: lora (adapters on a quantized or full base), freeze (train only the last
+    # N decoder layers) or full (every weight); freeze and full need a full-precision base.
+    finetuning_type: Literal["lora", "freeze", "full"] = "lora"
+    freeze_trainable_layers: PositiveInt | None = None  # freeze only; default 2, as LLaMA-Factory
 
     @model_validator(mode="after")
     def _one_base(self) -> QloraRecipe:
         if self.quantization and self.quantized:
             raise ValueError("give either 'quantization' (quantize first) or 'quantized' (an existing folder), not both")
+        if self.finetuning_type != "lora" and (self.quantization or self.quantized):
+            key = "quantization" if self.quantization else "quantized"
+            raise ValueError(f"finetuning_type {self.finetuning_type} trains the base's own weights, which a quantized "
+                             f"base cannot: drop {key!r} (train on the full-precision model) or use finetuning_type: lora")
+        if self.freeze_trainable_layers is not None and self.finetuning_type != "freeze":
+            raise ValueError("freeze_trainable_layers is for finetuning_type: freeze")
+        if self.train.deepspeed and self.train.distributed == "fsdp":
+            raise ValueError("train.deepspeed and train.distributed: fsdp exclude each other: pick one")
         return self
+
+    @property
+    def trainable_layers(self) -> int:
+        """How many of the last decoder layers a freeze run trains (LLaMA-Factory's default: 2)."""
+        return self.freeze_trainable_layers or 2
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

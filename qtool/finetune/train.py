@@ -62,20 +62,28 @@ def check_output(out: Path, resume: bool, force: bool, inputs: list[Any]) -> boo
 
 
 @contextmanager
-def provisional_output(out: Path, replace: bool) -> Iterator[None]:
+def provisional_output(out: Path, replace: bool, main: bool = True) -> Iterator[None]:
     """Create OUT (replacing the old one when `replace`); remove it again if the block fails.
 
     The block holds what still fails before the first training step (quantizing the base,
     loading it, attaching LoRA): an OUT left behind then would make the corrected rerun meet
-    "holds an unfinished run". An OUT that existed before (a --resume run) is left as it is."""
+    "holds an unfinished run". An OUT that existed before (a --resume run) is left as it is.
+    In a multi-process run only rank 0 (`main`) creates and removes OUT; the others wait for it."""
+    from qtool.finetune.distributed import agreed
+
     existed = out.exists() and not replace
-    if replace:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+    def create() -> None:
+        if main:
+            if replace:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+
+    agreed(create)
     try:
         yield
     except BaseException:
-        if not existed:
+        if main and not existed:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -164,7 +172,7 @@ def _log_callback(path: Path) -> Any:
         """Every Trainer log line (train loss, eval loss, lr, grad norm) as one JSON line."""
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if logs:
+            if logs and state.is_world_process_zero:
                 with open(path, "a") as fh:
                     fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
@@ -187,47 +195,128 @@ def trim_log(path: Path, step: int) -> None:
 
 def run_qlora(recipe: QloraRecipe, out: str | None = None, resume: bool = False, force: bool = False,
               max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train LoRA as `recipe` says; return the qtool.json record written to OUT.
+    """Fine-tune as `recipe` says (LoRA, freeze or full); return the qtool.json record written to OUT.
 
     OUT appears only once everything that can fail without training has been checked (recipe,
     data, LoRA targets, the base when it need not be quantized into OUT first); whatever fails
-    after that but before the first step removes it again, so the corrected command just works."""
+    after that but before the first step removes it again, so the corrected command just works.
+
+    Under a launcher (torchrun, accelerate launch, `qtool qlora --nproc N`) every rank runs this;
+    the checks run on all ranks and fail on all of them together (distributed.agreed), and only
+    rank 0 writes: OUT, OUT/base (the others wait, then load it), the log, the adapter or model,
+    loss.png and qtool.json. Every rank returns the same record."""
     from qtool import api
+    from qtool.finetune.distributed import agreed, init_process_group
     from qtool.runtime import Stopwatch, resolve_device
 
-    folder = output_dir(recipe, out)
-    data_path = resolve_data_path(recipe)
-    replace = check_output(folder, resume, force, [recipe.model, recipe.quantized, data_path])
-    limit = max_steps or recipe.train.max_steps
-    done = last_checkpoint(folder / "checkpoints") if resume else None
-    if done and limit and int(done.name.split("-")[-1]) >= limit:
-        raise QtoolError(f"{folder} is already at step {done.name.split('-')[-1]}, at or past the {limit} steps asked "
-                         "for: nothing to train (raise --max-steps, or --force to train again from scratch)")
     device = resolve_device(recipe.device)
+    me = init_process_group(device)
+    folder = output_dir(recipe, out)
+    limit = max_steps or recipe.train.max_steps
+
+    def preflight() -> tuple[Path | str, bool, str | None, Path | None]:
+        from qtool.finetune.distributed import check_distributed
+
+        data_path = resolve_data_path(recipe)
+        replace = check_output(folder, resume, force, [recipe.model, recipe.quantized, data_path])
+        done = last_checkpoint(folder / "checkpoints") if resume else None
+        if done and limit and int(done.name.split("-")[-1]) >= limit:
+            raise QtoolError(f"{folder} is already at step {done.name.split('-')[-1]}, at or past the {limit} steps "
+                             "asked for: nothing to train (raise --max-steps, or --force to train again from scratch)")
+        deepspeed = check_distributed(recipe.train.distributed, recipe.train.deepspeed, recipe.path, device)
+        if recipe.finetuning_type != "lora":
+            check_full_precision_base(recipe)
+        return data_path, replace, deepspeed, done
+
+    data_path, replace, deepspeed, _ = agreed(preflight)
     if device == "cpu":
         torch.set_flush_denormal(True)  # LoRA through 4-bit layers hits denormals; 7x slower without this
     watch = Stopwatch()
     if recipe.quantization:
-        examples = check_before_quantizing(recipe, data_path, device)
+        examples = agreed(lambda: check_before_quantizing(recipe, data_path, device))
     else:
-        base_name, base_record = base_model_folder(recipe, folder, device)
-        with watch.stage("base"):
-            loaded = api.load(base_name, device=device, trainable=True)
-        examples = build_examples(recipe.dataset, data_path, loaded.tokenizer, recipe.train.seed)
-        model, method, targets = lora_model(loaded, recipe, device)
-    with provisional_output(folder, replace):
+        def load_base() -> tuple[Any, ...]:
+            base_name, base_record = base_model_folder(recipe, folder, device)
+            with watch.stage("base"):
+                loaded = api.load(base_name, device=device, trainable=True)
+            examples = build_examples(recipe.dataset, data_path, loaded.tokenizer, recipe.train.seed)
+            return base_name, base_record, loaded, examples, *trainable_model(loaded, recipe, device)
+
+        base_name, base_record, loaded, examples, model, method, targets = agreed(load_base)
+    with provisional_output(folder, replace, main=me.main):
         if recipe.quantization:
             with watch.stage("base"):
-                base_name, base_record = base_model_folder(recipe, folder, device)
-                loaded = api.load(base_name, device=device, trainable=True)
-            model, method, targets = lora_model(loaded, recipe, device)
+                if me.main:  # rank 0 quantizes into OUT/base; the others wait here, then load it
+                    agreed(lambda: base_model_folder(recipe, folder, device))
+                else:
+                    agreed(lambda: None)
+
+                def load_quantized() -> tuple[Any, ...]:
+                    base_name, base_record = base_model_folder(recipe, folder, device)
+                    loaded = api.load(base_name, device=device, trainable=True)
+                    return base_name, base_record, loaded, *trainable_model(loaded, recipe, device)
+
+                base_name, base_record, loaded, model, method, targets = agreed(load_quantized)
         tokenizer = loaded.tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        trainer = make_trainer(model, tokenizer, examples, recipe, folder, max_steps, progress)  # makes OUT/checkpoints
+        trainer = agreed(lambda: make_trainer(model, tokenizer, examples, recipe, folder, max_steps, progress,
+                                              device, deepspeed))  # makes OUT/checkpoints
         checkpoint = last_checkpoint(folder / "checkpoints") if resume else None
-    facts = {"model": base_name, "method": method, "record": base_record, "targets": targets, "data": examples.source}
+    facts = {"model": base_name, "method": method, "record": base_record, "targets": targets, "data": examples.source,
+             "deepspeed": deepspeed}
     return train_and_record(trainer, tokenizer, recipe, folder, checkpoint, watch, device, facts)
+
+
+def check_full_precision_base(recipe: QloraRecipe) -> None:
+    """freeze and full train the base's own weights: refuse a quantized base (a qtool quantized
+    folder) and more trainable layers than the model has, in one line, before loading anything."""
+    from qtool.finetune.adapters import quantized_base_record
+    from qtool.models import resolve_model
+
+    record = quantized_base_record(recipe.model)
+    if record and record.get("method") and record.get("kind", "quantize") == "quantize":
+        source = (record.get("source") or {}).get("name", "its full-precision original")
+        raise RecipeError(f"finetuning_type {recipe.finetuning_type} trains the base's own weights, and {recipe.model} "
+                          f"is {record['method']}-quantized: set model: to a full-precision model ({source}), or use "
+                          "finetuning_type: lora")
+    if recipe.finetuning_type == "freeze":
+        layers = getattr(resolve_model(recipe.model).config(), "num_hidden_layers", None)
+        if layers is not None and recipe.trainable_layers > layers:
+            raise RecipeError(f"freeze_trainable_layers: {recipe.trainable_layers}, but {recipe.model} has {layers} "
+                              "decoder layers")
+
+
+def trainable_model(loaded: Any, recipe: QloraRecipe, device: str) -> tuple[Any, str, list[str] | None]:
+    """The model to train and what it trains: LoRA adapters (lora_model), the last N decoder
+    layers (freeze: everything else has requires_grad off) or every weight (full). Returns
+    (model, base method, LoRA targets or None)."""
+    from qtool.runtime import seed_everything
+
+    if recipe.finetuning_type == "lora":
+        return lora_model(loaded, recipe, device)
+    model = loaded.model
+    seed_everything(recipe.train.seed)
+    if recipe.finetuning_type == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        layers = decoder_layers(model)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for layer in layers[len(layers) - recipe.trainable_layers:]:
+            for param in layer.parameters():
+                param.requires_grad_(True)
+    return model, (loaded.record or {}).get("method", "full-precision"), None
+
+
+def decoder_layers(model: Any) -> Any:
+    """The model's decoder layers: its ModuleList as long as config.num_hidden_layers (Llama's model.layers)."""
+    count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name.endswith("layers"):
+            return module
+    raise QtoolError(f"finetuning_type freeze: found no list of {count} decoder layers in {type(model).__name__}")
 
 
 def lora_model(loaded: Any, recipe: QloraRecipe, device: str) -> tuple[Any, str, list[str]]:
@@ -243,26 +332,43 @@ def lora_model(loaded: Any, recipe: QloraRecipe, device: str) -> tuple[Any, str,
 
 def train_and_record(trainer: Any, tokenizer: Any, recipe: QloraRecipe, folder: Path, checkpoint: Path | None,
                      watch: Any, device: str, base: dict[str, Any]) -> dict[str, Any]:
-    """Run the Trainer (from `checkpoint` when resuming), save the adapter and write qtool.json last."""
+    """Run the Trainer (from `checkpoint` when resuming), save the adapter (lora) or the whole
+    model (freeze, full) and write qtool.json last; rank 0 writes, every rank returns the record."""
     from qtool.checkpoint import write_record
     from qtool.evaluate.memory import peak_memory
+    from qtool.finetune.distributed import barrier, distributed_record, world
     from qtool.runtime import package_versions
 
-    if checkpoint:
+    main = world().main
+    if main and checkpoint:
         trim_log(folder / LOG_NAME, int(checkpoint.name.split("-")[-1]))
-    elif (folder / LOG_NAME).exists():
+    elif main and (folder / LOG_NAME).exists():
         (folder / LOG_NAME).unlink()
+    barrier()
     with watch.stage("train"), peak_memory(device) as peak:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     model = trainer.model
-    model.save_pretrained(folder / "adapter")
-    tokenizer.save_pretrained(folder / "adapter")
-    curve = loss_curve(folder / LOG_NAME, folder / "loss.png")
-    history = read_log(folder / LOG_NAME)
+    saved = folder / ("adapter" if recipe.finetuning_type == "lora" else "model")
+    mode = distributed_mode(recipe, base.get("deepspeed"))
+    if mode in ("fsdp", "deepspeed"):
+        trainer.save_model(str(saved))  # a collective: the Trainer gathers the sharded weights, rank 0 writes
+    elif main:
+        model.save_pretrained(saved)
+    write_rank_view(trainer, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    curve = None
+    if main:
+        tokenizer.save_pretrained(saved)
+        curve = loss_curve(folder / LOG_NAME, folder / "loss.png")
+    history = read_log(folder / LOG_NAME) if main else [h for h in trainer.state.log_history if "loss" in h]
     first, last = train_losses(history, result.training_loss)
+    tr = recipe.train
     record = {
         "qtool_format": 1,
         "kind": "qlora",
+        "finetuning_type": recipe.finetuning_type,
+        "output": saved.name,
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "recipe": recipe.as_dict(),
         "base": {"model": base["model"], "method": base["method"],
@@ -270,7 +376,9 @@ def train_and_record(trainer: Any, tokenizer: Any, recipe: QloraRecipe, folder: 
                  "sha256_weights": _weights_hash(base["model"])},
         "data": base["data"],
         "lora_targets": base["targets"],
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_layers": recipe.trainable_layers if recipe.finetuning_type == "freeze" else None,
+        "trainable_parameters": trainable,
+        "base_parameters": total,
         "steps": trainer.state.global_step,
         "resumed_from": checkpoint.name if checkpoint else None,
         "train_loss_first": first,
@@ -281,11 +389,47 @@ def train_and_record(trainer: Any, tokenizer: Any, recipe: QloraRecipe, folder: 
         "peak_memory_mib": round(peak.mib, 1),
         "peak_memory_kind": peak.kind.replace("this phase", "training"),
         "device": device,
+        "distributed": distributed_record(device, mode, tr.batch_size, tr.grad_accum),
         "loss_curve": curve and curve.name,
         "versions": package_versions(),
     }
-    write_record(folder, record)
+    if main:
+        write_record(folder, record)
+    barrier()  # no rank reports success before rank 0 has written qtool.json
     return record
+
+
+def distributed_mode(recipe: QloraRecipe, deepspeed: str | None) -> str | None:
+    """ddp, fsdp or deepspeed for a multi-process run; None for a single process."""
+    from qtool.finetune.distributed import world
+
+    if not world().distributed:
+        return None
+    return "deepspeed" if deepspeed else recipe.train.distributed
+
+
+def write_rank_view(trainer: Any, model: Any) -> None:
+    """With QTOOL_RANK_LOG_DIR set, each rank writes DIR/rank<R>.json: the losses it logged and a
+    sha256 of its own trainable weights, so that ranks can be compared (the tests do); off by default."""
+    import hashlib
+    import os
+
+    from qtool.finetune.distributed import world
+
+    folder = os.environ.get("QTOOL_RANK_LOG_DIR")
+    if not folder:
+        return
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    me = world()
+    view = {"rank": me.rank, "world_size": me.world_size, "steps": trainer.state.global_step,
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "trainable_sha256": digest.hexdigest()}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"rank{me.rank}.json").write_text(json.dumps(view) + "\n")
 
 
 def train_losses(history: list[dict[str, Any]], mean_loss: float) -> tuple[float, float]:
@@ -312,13 +456,18 @@ def base_linear_names(config: Any) -> list[str]:
 
 
 def make_trainer(model: Any, tokenizer: Any, examples: Any, recipe: QloraRecipe, folder: Path,
-                 max_steps: int | None, progress: bool) -> Any:
+                 max_steps: int | None, progress: bool, device: str = "cpu", deepspeed: str | None = None) -> Any:
     """The transformers Trainer for this run; it creates OUT/checkpoints.
 
     Without `progress` (--quiet) the Trainer shows nothing: no tqdm bars, none of its own log
     lines (with tqdm off it would print each log dict to stdout instead), no reporting
-    integrations; every log line still goes to OUT/train_log.jsonl through JsonlLog."""
+    integrations; every log line still goes to OUT/train_log.jsonl through JsonlLog.
+
+    Multi-process: gloo on CPU (the Trainer's default there would be ccl), FSDP when the recipe
+    says train.distributed: fsdp, DeepSpeed with the checked config path `deepspeed`."""
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+
+    from qtool.finetune.distributed import backend_for, world
 
     tr = recipe.train
     has_val = bool(examples.validation)
@@ -348,6 +497,7 @@ def make_trainer(model: Any, tokenizer: Any, examples: Any, recipe: QloraRecipe,
         disable_tqdm=not progress,
         log_level="passive" if progress else "error",
         dataloader_num_workers=0,
+        **distributed_args(recipe, device, deepspeed, world().distributed, backend_for(device)),
     )
     if tr.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -358,6 +508,20 @@ def make_trainer(model: Any, tokenizer: Any, examples: Any, recipe: QloraRecipe,
     if not progress:
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def distributed_args(recipe: QloraRecipe, device: str, deepspeed: str | None, distributed: bool,
+                     backend: str) -> dict[str, Any]:
+    """TrainingArguments for a multi-process run: the backend, FSDP options or a DeepSpeed config."""
+    if not distributed:
+        return {"deepspeed": deepspeed} if deepspeed else {}
+    # every trainable weight takes part in each forward: no extra autograd traversal to look for unused ones
+    args: dict[str, Any] = {"ddp_backend": backend, "ddp_find_unused_parameters": False}
+    if deepspeed:
+        args["deepspeed"] = deepspeed
+    elif recipe.train.distributed == "fsdp":
+        args["fsdp"] = recipe.train.fsdp
+    return args
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

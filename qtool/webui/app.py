@@ -323,7 +323,10 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 points = pd.DataFrame(forms.loss_points(root, out) if out else [], columns=["step", "loss", "split"])
                 adapter = ""
                 if values[3] and values[3]["state"] == "done":
-                    adapter = f"adapter: `{Path(out) / 'adapter'}` (chat with it in the Chat tab: base `{Path(out) / 'base'}`)"
+                    if (Path(out) / "model").is_dir():  # finetuning_type freeze/full: a whole model, no adapter
+                        adapter = f"model: `{Path(out) / 'model'}` (chat with it in the Chat tab as the model)"
+                    else:
+                        adapter = f"adapter: `{Path(out) / 'adapter'}` (chat with it in the Chat tab: base `{Path(out) / 'base'}`)"
                 return (*values, points, adapter)
 
             follow(f_panel, qlora_refresh, (f_loss, f_adapter))
