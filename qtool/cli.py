@@ -700,7 +700,8 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
         from qtool.errors import SpecError
 
         raise SpecError("--executor local, --threads and the Slurm settings need --workers N (or --executor slurm)")
-    return ClusterSettings(workers=args.workers or (256 if args.executor == "slurm" else 2), executor=args.executor or "local", threads=args.threads,
+    workers = args.workers if args.workers is not None else 256  # slurm: the array runs as many as it may
+    return ClusterSettings(workers=workers, executor=args.executor or "local", threads=args.threads,
                            partition=args.slurm_partition, gpus_per_task=args.gpus_per_task,
                            cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_limit)
 
@@ -756,12 +757,14 @@ def cmd_qlora(args: argparse.Namespace) -> int:
 def _launch_qlora(args: argparse.Namespace, recipe: Any) -> int:
     """`qtool qlora --nproc N`: the cheap checks here (one line, before any process starts), then
     the same command without --nproc in N processes (qtool.finetune.distributed.launch)."""
-    from qtool.finetune.distributed import launch
+    from qtool.finetune.distributed import check_distributed, launch
     from qtool.finetune.recipe import resolve_data_path
     from qtool.finetune.train import check_output, output_dir
+    from qtool.runtime import resolve_device
 
     folder = output_dir(recipe, args.out)
     check_output(folder, args.resume, args.force, [recipe.model, recipe.quantized, resolve_data_path(recipe)])
+    check_distributed(recipe.train.distributed, recipe.train.deepspeed, recipe.path, resolve_device(recipe.device))
     argv = ["qlora", args.recipe, "--out", str(folder)]
     argv += [flag for flag, on in (("--resume", args.resume), ("--force", args.force), ("--json", args.json),
                                    ("--quiet", args.quiet)) if on]
