@@ -161,14 +161,15 @@ def test_a_checked_deepspeed_config_reaches_the_trainer(tiny_llama, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(find_spec("deepspeed") is None,
                     reason="deepspeed is not installed in this venv (measured: 0.19.8 installs with pip --target "
-                           "--no-build-isolation beside torch 2.13+cpu and runs ZeRO-2 on gloo; its first run JIT-builds "
+                           "--no-build-isolation beside torch 2.13+cpu and runs ZeRO-2 and ZeRO-3 on gloo; its first run JIT-builds "
                            "an op for ~2 min)")
-def test_two_process_deepspeed_zero2_qlora(tiny_llama, tmp_path):
-    (tmp_path / "zero2.json").write_text(json.dumps({
-        "zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_zero_qlora(tiny_llama, tmp_path, stage):
+    (tmp_path / "zero.json").write_text(json.dumps({
+        "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
     recipe = _recipe(tmp_path, tiny_llama, quantization=None,
-                     train="{learning_rate: 1.0e-2, max_steps: 4, batch_size: 2, save_steps: 4, deepspeed: zero2.json}")
+                     train="{learning_rate: 1.0e-2, max_steps: 4, batch_size: 2, save_steps: 4, deepspeed: zero.json}")
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     proc = run_qtool("qlora", recipe, "--out", out, "--nproc", "2", "--quiet",
                      env={**ONE_THREAD, "QTOOL_RANK_LOG_DIR": str(ranks)})

@@ -9,9 +9,10 @@ FSDP or DeepSpeed through accelerate); qtool's part is that only rank 0 writes O
 check failing on any rank fails on all of them at the same point (`agreed`), so no rank waits
 forever at a collective that the others never reach.
 
-Why torchrun rather than `accelerate launch` for --nproc: accelerate's multi-CPU path launches
-through the same torch.distributed.run after reading (or asking for) an accelerate config file;
-torchrun needs nothing beyond torch. Both work when a user starts qtool under them directly.
+Why torchrun rather than `accelerate launch` for --nproc: with --cpu, accelerate 1.15 always takes
+its single-process launcher (measured: `--cpu --num_processes 2` ran one process); its multi-process
+path (`--multi_gpu`, which on CPU works with the recipe's device: cpu) is torch.distributed.run
+anyway. torchrun needs nothing beyond torch.
 """
 
 from __future__ import annotations
