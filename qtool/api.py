@@ -33,6 +33,7 @@ from qtool.evaluate.memory import peak_memory, tensor_bytes
 from qtool.evaluate.perplexity import PerplexityResult, token_perplexity, tokenize
 from qtool.evaluate.speed import SpeedResult, measure_speed
 from qtool.mixed.plan import Budget, MixedPlan, budget_table, check_budget, make_plan
+from qtool.mixed.target import parse_size
 from qtool.models import (
     ModelSource,
     describe_load_error,
@@ -50,6 +51,7 @@ from qtool.runtime import (
     seed_everything,
 )
 from qtool.schema import parse_section
+from qtool.streaming import DEFAULT_MAX_SHARD_BYTES, stream_quantize, stream_reason
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ def quantize(
     sensitivity: str | None = None,
     perturbation: str | None = None,
     mixed_bits: list[int] | None = None,
+    max_shard_size: str | int | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method` into the folder `out`; return its qtool.json record.
 
@@ -93,7 +96,8 @@ def quantize(
     such as "120MiB") asks for mixed precision: qtool.mixed chooses each layer's bits, with the
     `sensitivity` measure "fisher" (default) or "kl", perturbing the weights by the `perturbation`
     "rtn" (default) or "method" (the backend's own error), giving layers the `mixed_bits` widths
-    (default: all the backend offers). Raises SpecError for what the backend refuses.
+    (default: all the backend offers). `max_shard_size`: see `quantize_request`. Raises SpecError
+    for what the backend refuses.
     """
     request = parse_section(QuantizeRequest, {
         "method": method, "bits": bits, "group_size": group_size, "options": options or {}, "device": device,
@@ -101,20 +105,24 @@ def quantize(
         "target_bits": target_bits, "target_size": target_size, "sensitivity": sensitivity,
         "perturbation": perturbation, "mixed_bits": mixed_bits,
     }, "quantize", error=SpecError)
-    return quantize_request(model, out, request, force=force, resume=resume)
+    return quantize_request(model, out, request, force=force, resume=resume, max_shard_size=max_shard_size)
 
 
 def quantize_request(model: str, out: str | Path, request: QuantizeRequest, force: bool = False,
-                     resume: bool = False) -> dict[str, Any]:
+                     resume: bool = False, max_shard_size: str | int | None = None) -> dict[str, Any]:
     """Quantize `model` as `request` says into the folder `out`; return its qtool.json record.
 
     Everything that can be checked without weights is checked first (output, device, package,
     model, layer widths, calibration text); OUT appears only when the whole run succeeded.
+    Backends that quantize layer by layer (rtn, hqq, eetq) stream a local safetensors source one
+    tensor at a time into shards of at most `max_shard_size` bytes (default 2 GiB; "500MB" and
+    the like are read too): see qtool.streaming; qtool.json's `streaming` says which way it ran.
     Resumable backends (aqlm) keep finished blocks in `.OUT.qtool-resume/` beside OUT until the
     run succeeds; `resume=True` continues from there. Raises QtoolError subclasses, one line each.
     """
     out = Path(out)
     backend, spec, seed, calib = backends.get(request.method), request.spec, request.seed, request.calib
+    max_shard_bytes = shard_bytes(max_shard_size)
     inputs = [model, *([calib] if calib else [])]
     check_output_dir(out, force, inputs)
     workdir = resume_folder(out, backend, resume, force)
@@ -141,15 +149,21 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     if device == "cpu":
         configure_cpu()
     seed_everything(seed)
+    not_streamed = stream_reason(source, backend, config)
     with atomic_output_dir(out, force, inputs) as tmp:
         # the peak is reset here so that runs in one process (qtool compare) each get their own
         with peak_memory(device) as peak:
-            with watch.stage("quantize"):
-                result = backend.quantize(source, spec, device, calibration, **({"workdir": workdir} if workdir else {}))
-                result = result if isinstance(result, Quantized) else Quantized(result)
-            with watch.stage("save"):
-                backend.save(result.model, tmp)
-                source.load_tokenizer().save_pretrained(tmp)
+            if not_streamed is None:
+                with watch.stage("quantize"):  # reading, quantizing and writing, tensor by tensor
+                    streamed = stream_quantize(source, backend, spec, tmp, device, compute_dtype(device), max_shard_bytes)
+                result = Quantized(None)
+            else:
+                with watch.stage("quantize"):
+                    result = backend.quantize(source, spec, device, calibration, **({"workdir": workdir} if workdir else {}))
+                    result = result if isinstance(result, Quantized) else Quantized(result)
+                with watch.stage("save"):
+                    backend.save(result.model, tmp)
+            source.load_tokenizer().save_pretrained(tmp)
         layer_losses, extra = result.losses, result.record
         del result
         with watch.stage("reload_check"):
@@ -169,6 +183,7 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
             "timings_s": watch.seconds,
             "peak_memory_mib": round(peak.mib, 1),
             "peak_memory_kind": peak.kind.replace("this phase", "quantize and save"),
+            "streaming": streamed.as_dict() if not_streamed is None else {"mode": "in memory", "why": not_streamed},
             "weights_bytes": weights_size_bytes(tmp),
             "size_on_disk_bytes": folder_size_bytes(tmp),
             "versions": package_versions(),
@@ -188,6 +203,19 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
     if workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return record
+
+
+def shard_bytes(size: str | int | None) -> int:
+    """Bytes of `size` ("500MB", "2GiB", bytes; None: qtool.streaming's default). Raises SpecError."""
+    if size is None:
+        return DEFAULT_MAX_SHARD_BYTES
+    try:
+        value = parse_size(size)
+    except SpecError:
+        value = 0
+    if value < 1:
+        raise SpecError(f"--max-shard-size takes a size such as 500MB, 2GiB or 1000000 (bytes), got {size!r}")
+    return value
 
 
 def checked_source(model: str, source: ModelSource, backend: Any, spec: Any) -> tuple[Any, dict[str, nn.Linear]]:

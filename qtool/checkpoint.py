@@ -231,12 +231,12 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     """Tensor name -> shape of every *.safetensors file in the folder, from the headers alone."""
     shapes: dict[str, list[int]] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
-        header, _ = _read_header(path)
+        header, _ = safetensors_header(path)
         shapes |= {k: list(t.get("shape", [])) for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)}
     return shapes
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """(the header's JSON, its length) of a safetensors file; CheckpointError when unreadable."""
     size = path.stat().st_size
     try:
@@ -255,7 +255,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
 def verify_safetensors_file(path: Path) -> None:
     """CheckpointError naming `path` unless its header parses and its length matches the header."""
     size = path.stat().st_size
-    header, header_len = _read_header(path)
+    header, header_len = safetensors_header(path)
     try:
         data_end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):

@@ -62,7 +62,8 @@ def describe_library_error(exc: BaseException) -> str | None:
         if "No space left" in text:
             return f"no space left on the device while writing weights ({text})"
         return f"safetensors: {text}"
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc):
+        # torch's CPU allocator raises a RuntimeError, not MemoryError, when malloc fails (ulimit, cgroup)
         return "out of memory (host RAM): use a smaller model, batch or window, or a machine with more memory"
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
         first = (str(exc).strip().splitlines() or [""])[0]

@@ -153,15 +153,11 @@ def shape_mismatch(folder: Path, config: Any) -> str | None:
     Reads only the safetensors headers and a weightless skeleton; None when every shared name
     agrees (or the folder holds a quantized layout, whose tensors are not the skeleton's).
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     from qtool.checkpoint import safetensors_shapes
 
     if getattr(config, "quantization_config", None):
         return None
-    with init_empty_weights():
-        expected = {k: list(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    expected = {k: list(v.shape) for k, v in meta_model(config).state_dict().items()}
     for name, shape in safetensors_shapes(folder).items():
         if name in expected and expected[name] != shape:
             return (f"weight {name} has shape {shape} in the checkpoint but {expected[name]} by its config.json: "
@@ -183,6 +179,8 @@ def describe_load_error(exc: BaseException) -> str:
                 "unpickle arbitrary objects: convert the weights to safetensors with a tool you trust")
     if "trust_remote_code" in str(exc):
         return "it needs Python code from the model folder (trust_remote_code); qtool never runs code from a model"
+    if "Cannot allocate memory" in str(exc) or "can't allocate memory" in str(exc):  # ENOMEM from mmap or malloc
+        return f"out of memory (host RAM) while reading its weights ({text})"
     return text
 
 
@@ -269,22 +267,24 @@ def quantizable_linears(config: Any) -> dict[str, nn.Linear]:
 
     Built on the meta device from the config alone, so spec validation costs no weights.
     """
-    from accelerate import init_empty_weights
+    return linear_layers(meta_model(config))
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The model `config` describes with every tensor on the meta device: names and shapes, no memory.
+
+    torch's meta device context rather than accelerate's init_empty_weights, which allocates each
+    parameter on the CPU before moving it (a 3 GiB model then passes through the allocator)."""
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return linear_layers(skeleton)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def parameter_count(config: Any) -> tuple[int, int]:
     """(parameters, parameter tensors) of the model `config` describes, tied weights once, from a
     meta-device skeleton."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton = meta_model(config)
     skeleton.tie_weights()  # not applied on the meta device by from_config (transformers 5.24)
     params = list(skeleton.parameters())
     return sum(p.numel() for p in params), len(params)

@@ -1,5 +1,5 @@
 """Checkpoints for backends whose layers transformers cannot serialize: the model's state dict
-as safetensors plus its config, and the reverse (skeleton on the meta device, swap in the
+as safetensors plus its config (qtool.streaming writes the same tensors in shards), and the reverse (skeleton on the meta device, swap in the
 backend's layers, assign the tensors). No pickle on either side."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,9 +21,14 @@ def save_state_checkpoint(model: nn.Module, out: Path, quant_method: str) -> Non
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # restored by tie_weights() on load
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    model.config.save_pretrained(out)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
+    write_state_config(model.config, getattr(model, "generation_config", None), out, quant_method)
+
+
+def write_state_config(config: Any, generation_config: Any, out: Path, quant_method: str) -> None:
+    """config.json (tagged with `quant_method`) and generation_config.json (when not None)."""
+    config.save_pretrained(out)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
     # Tag config.json so that plain transformers refuses the folder instead of loading random weights.
     path = out / "config.json"
     config = json.loads(path.read_text())
@@ -42,7 +48,9 @@ def load_state_checkpoint(
         del config.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = load_file(str(path / WEIGHTS_NAME), device=device)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):  # one file, or the shards of a streamed run
+        state |= load_file(str(file), device=device)
     suffix = f".{marker}"
     for name in sorted(k[: -len(suffix)] for k in state if k.endswith(suffix)):
         parent, child = name.rsplit(".", 1)

@@ -103,6 +103,9 @@ class Backend(ABC):
     # the (sensitivity, perturbation) a plan uses unless told otherwise (qtool.mixed)
     mixed_defaults: ClassVar[tuple[str, str]] = ("fisher", "rtn")
     resumable: ClassVar[bool] = False  # quantize() takes a `workdir` that survives Ctrl-C (see api.resume_folder)
+    # quantize_layer() quantizes each Linear alone, without calibration: qtool.streaming can then
+    # read the source one tensor at a time instead of loading the model
+    streams: ClassVar[bool] = False
 
     # ---- availability -------------------------------------------------------------------
     def unavailable_reason(self, device: str = "cpu") -> str | None:
@@ -215,6 +218,29 @@ class Backend(ABC):
         `workdir` is given to `resumable` backends only: a folder that survives Ctrl-C, where the
         backend keeps finished work for `--resume` (see api.resume_folder).
         """
+
+    def quantize_layer(self, name: str, linear: nn.Linear, spec: QuantSpec, device: str) -> nn.Module:
+        """The quantized replacement of the Linear `name` (full module name; weight (out, in) on
+        `device` in the compute dtype), for backends that set `streams`. May change `linear`."""
+        raise NotImplementedError(f"{self.name} does not quantize one layer at a time")
+
+    def quantize_linears(self, model: nn.Module, spec: QuantSpec, device: str) -> nn.Module:
+        """Replace every Linear but the output head by `quantize_layer`'s result, in place."""
+        from tqdm.auto import tqdm
+
+        from qtool.models import linear_layers
+
+        for name, linear in tqdm(linear_layers(model).items(), desc=self.name, unit="layer", leave=False):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, self.quantize_layer(name, linear, spec, device))
+        return model
+
+    def write_config(self, config: Any, generation_config: Any, out: Path) -> None:
+        """Write config.json (and generation_config.json, when not None) as `save` would, for a
+        streamed run whose weights qtool.streaming wrote. Default: as save_pretrained writes them."""
+        config.save_pretrained(out)
+        if generation_config is not None:
+            generation_config.save_pretrained(out)
 
     def save(self, model: nn.Module, out: Path) -> None:
         """Write the model's weights and config into `out` (an existing, empty folder).

@@ -15,17 +15,19 @@ project's machines.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from qtool.backends import register
-from qtool.backends._state import load_state_checkpoint, save_state_checkpoint
+from qtool.backends._state import load_state_checkpoint, save_state_checkpoint, write_state_config
 from qtool.backends.base import Backend, Capabilities, QuantSpec
-from qtool.models import ModelSource, linear_layers
+from qtool.models import ModelSource
 from qtool.runtime import compute_dtype
+
+QUANT_METHOD = "qtool-int8-weight-only"
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -78,16 +80,19 @@ class EetqBackend(Backend):
     default_bits = 8
     default_group_size = -1
 
-    @torch.no_grad()
+    streams = True
+
     def quantize(self, source: ModelSource, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
-        model = source.load_model(device, compute_dtype(device))
-        for name, linear in tqdm(linear_layers(model).items(), desc="eetq", unit="layer", leave=False):
-            parent, child = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, Int8WeightOnlyLinear.from_linear(linear))
-        return model
+        return self.quantize_linears(source.load_model(device, compute_dtype(device)), spec, device)
+
+    def quantize_layer(self, name: str, linear: nn.Linear, spec: QuantSpec, device: str) -> nn.Module:
+        return Int8WeightOnlyLinear.from_linear(linear)
 
     def save(self, model: nn.Module, out: Path) -> None:
-        save_state_checkpoint(model, out, quant_method="qtool-int8-weight-only")
+        save_state_checkpoint(model, out, quant_method=QUANT_METHOD)
+
+    def write_config(self, config: Any, generation_config: Any, out: Path) -> None:
+        write_state_config(config, generation_config, out, quant_method=QUANT_METHOD)
 
     def load(self, path: Path, device: str) -> nn.Module:
         dtype = compute_dtype(device)

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from qtool.backends import register
-from qtool.backends._state import load_state_checkpoint, save_state_checkpoint
+from qtool.backends._state import load_state_checkpoint, save_state_checkpoint, write_state_config
 from qtool.backends.base import Backend, Capabilities, QuantSpec
 from qtool.runtime import compute_dtype
 
@@ -45,14 +45,15 @@ class HqqBackend(Backend):
     Options = HqqOptions
     mixed_bits = (2, 3, 4, 8)
     stored_tensors_per_layer = 19  # W_q, scale, zero and hqq's 16 metadata entries (shape, nbits, ...)
+    streams = True
 
     def quantize(self, source, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
         from hqq.models.hf.base import AutoHQQHFModel
 
         dtype = compute_dtype(device)
         model = source.load_model(device, dtype)
-        if spec.layer_bits:
-            return quantize_per_layer(model, spec, dtype, device)
+        if spec.layer_bits:  # hqq's quantize_model takes one config per layer *type* (q_proj, ...), not per layer
+            return self.quantize_linears(model, spec, device)
         with labelled_hqq_bars():
             AutoHQQHFModel.quantize_model(model, quant_config=hqq_config(spec, spec.bits), compute_dtype=dtype,
                                           device=device)
@@ -66,8 +67,17 @@ class HqqBackend(Backend):
         groups = out_features if spec.group_size == -1 else numel // spec.group_size
         return codes + groups * 2 * 4 + 16 * 8  # the metadata entries' own bytes
 
+    def quantize_layer(self, name: str, linear: nn.Linear, spec: QuantSpec, device: str) -> nn.Module:
+        from hqq.core.quantize import HQQLinear
+
+        return HQQLinear(linear, hqq_config(spec, spec.bits_of(name)), compute_dtype=compute_dtype(device),
+                         device=device, del_orig=True)
+
     def save(self, model: nn.Module, out: Path) -> None:
         save_state_checkpoint(model, out, quant_method="hqq")
+
+    def write_config(self, config: Any, generation_config: Any, out: Path) -> None:
+        write_state_config(config, generation_config, out, quant_method="hqq")
 
     def load(self, path: Path, device: str) -> nn.Module:
         from hqq.core.quantize import HQQLinear
@@ -95,23 +105,6 @@ def hqq_config(spec: QuantSpec, bits: int) -> dict[str, Any]:
                                 quant_zero=False, quant_scale=False)
     config["weight_quant_params"]["optimize"] = spec.options.optimize
     return config
-
-
-def quantize_per_layer(model: nn.Module, spec: QuantSpec, dtype: Any, device: str) -> nn.Module:
-    """Every Linear but the head becomes an HQQLinear at its own bit-width (spec.layer_bits): hqq's
-    quantize_model takes one config per layer *type* (q_proj, ...), not per layer."""
-    from hqq.core.quantize import HQQLinear
-    from tqdm.auto import tqdm
-
-    from qtool.models import linear_layers
-
-    for name, linear in tqdm(linear_layers(model).items(), desc="hqq: quantize linear layers", unit="module",
-                             leave=False):
-        parent, _, child = name.rpartition(".")
-        layer = HQQLinear(linear, hqq_config(spec, spec.bits_of(name)), compute_dtype=dtype, device=device,
-                          del_orig=True)
-        setattr(model.get_submodule(parent), child, layer)
-    return model
 
 
 @contextlib.contextmanager

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qtool.backends import register
 from qtool.backends.base import Backend, Capabilities, QuantSpec
-from qtool.models import ModelSource, linear_layers
+from qtool.models import ModelSource
 from qtool.runtime import compute_dtype
 
 
@@ -62,12 +61,15 @@ class RtnBackend(Backend):
     mixed_bits = (2, 3, 4, 8)
     mixed_size_target = False
 
-    @torch.no_grad()
+    streams = True
+
     def quantize(self, source: ModelSource, spec: QuantSpec, device: str, calibration=None) -> nn.Module:
-        model = source.load_model(device, compute_dtype(device))
-        for name, linear in tqdm(linear_layers(model).items(), desc="rtn", unit="layer", leave=False):
-            linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits_of(name), spec.group_size, spec.options.symmetric))
-        return model
+        return self.quantize_linears(source.load_model(device, compute_dtype(device)), spec, device)
+
+    @torch.no_grad()
+    def quantize_layer(self, name: str, linear: nn.Linear, spec: QuantSpec, device: str) -> nn.Module:
+        linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits_of(name), spec.group_size, spec.options.symmetric))
+        return linear
 
     def layer_bytes(self, spec: QuantSpec, out_features: int, in_features: int) -> int:
         """Dense: the dequantized weight in fp32 (the CPU compute dtype) whatever the bits."""
