@@ -6,6 +6,9 @@ quantized into OUT/models/CELL and evaluated; its result is appended to OUT/resu
 soon as it is known. A rerun skips cells whose last result is "ok", so an interrupted compare
 resumes; a failing cell is recorded with its one-line error and the others go on. The base model
 is always a cell of its own: it is the reference for KL, PPL ratios and recommendations.
+By default the cells run one after another in this process; `run_compare(..., cluster=...)` runs
+each as a job of qtool.cluster (local worker processes or a Slurm job array) with the same
+`cell_record`, and this process stays the one writer of results.jsonl.
 """
 
 from __future__ import annotations
