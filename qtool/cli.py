@@ -744,9 +744,9 @@ def cmd_qlora(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2))
     else:
         first, last = record["train_loss_first"], record["train_loss_last"]
-        what = "adapter" if record["finetuning_type"] == "lora" else f"{record['finetuning_type']}-tuned model"
+        what = "" if record["finetuning_type"] == "lora" else f" ({record['finetuning_type']}-tuned model)"
         ranks = f" x {me.world_size} processes ({record['distributed']['mode']})" if me.distributed else ""
-        print(f"wrote {out}/{record['output']} ({what}): {record['steps']} steps{ranks} on {record['base']['method']} "
+        print(f"wrote {out}/{record['output']}{what}: {record['steps']} steps{ranks} on {record['base']['method']} "
               f"base, train loss {first:.3f} -> {last:.3f}"
               + (f", validation {record['eval_loss_last']:.3f}" if record["eval_loss_last"] else "")
               + f", {record['timings_s']['train']:.0f} s, peak {record['peak_memory_mib']:.0f} MiB"
