@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: worker processes on this machine (default with --workers); slurm: one Slurm job "
                         "array, one array task per cell")
     g.add_argument("--threads", type=int, metavar="N",
-                   help="torch threads per worker (default: local cores / workers; slurm: --cpus-per-task)")
+                   help="torch threads per worker (default: local cores / workers; slurm: --cpus-per-task); "
+                        "without --workers: of this process. Numbers are identical across runs with equal threads")
     g.add_argument("--slurm-partition", metavar="NAME", help="Slurm partition of the array tasks")
     g.add_argument("--gpus-per-task", type=int, default=0, metavar="N", help="GPUs per Slurm array task")
     g.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per Slurm array task")
@@ -669,7 +670,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         _no_loading_bars()
         try:
-            results = run_compare(recipe, out, progress=not args.quiet, cluster=_cluster_settings(args))
+            cluster = _cluster_settings(args)
+            results = run_compare(recipe, out, progress=not args.quiet, cluster=cluster,
+                                  threads=args.threads if cluster is None else None)
         except KeyboardInterrupt:
             done = sum(r.get("status") == "ok" for r in read_results(out).values())
             sys.stderr.write(f"qtool: interrupted; {done} finished cells are kept in {out / 'results.jsonl'}, "
@@ -694,12 +697,16 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
     from qtool.cluster import ClusterSettings
 
     slurm_only = (args.slurm_partition, args.gpus_per_task, args.cpus_per_task, args.mem_gb)
-    if args.workers is None and args.executor is None and not any(slurm_only) and args.threads is None:
-        return None
+    if args.threads is not None and args.threads < 1:
+        from qtool.errors import SpecError
+
+        raise SpecError(f"--threads takes a positive number, got {args.threads}")
+    if args.workers is None and args.executor is None and not any(slurm_only):
+        return None  # in this process (--threads: its torch threads)
     if args.workers is None and args.executor != "slurm":
         from qtool.errors import SpecError
 
-        raise SpecError("--executor local, --threads and the Slurm settings need --workers N (or --executor slurm)")
+        raise SpecError("--executor local and the Slurm settings need --workers N (or --executor slurm)")
     workers = args.workers if args.workers is not None else 256  # slurm: the array runs as many as it may
     return ClusterSettings(workers=workers, executor=args.executor or "local", threads=args.threads,
                            partition=args.slurm_partition, gpus_per_task=args.gpus_per_task,

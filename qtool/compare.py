@@ -219,12 +219,13 @@ def _append(out: Path, record: dict[str, Any]) -> None:
 
 
 def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: Any = None,
-                cluster: ClusterSettings | None = None) -> dict[str, dict[str, Any]]:
+                cluster: ClusterSettings | None = None, threads: int | None = None) -> dict[str, dict[str, Any]]:
     """Run every cell not done yet; return the latest record per cell.
 
-    Without `cluster` the cells run one after another in this process, sharing one loaded base;
-    with it each cell is a job of qtool.cluster (local worker processes or a Slurm job array) and
-    this process appends the records as the jobs end.
+    Without `cluster` the cells run one after another in this process, sharing one loaded base
+    (`threads`: torch threads for them; None keeps torch's default); with it each cell is a job of
+    qtool.cluster (local worker processes or a Slurm job array) and this process appends the
+    records as the jobs end.
     """
     from qtool.runtime import resolve_device
 
@@ -260,7 +261,7 @@ def run_compare(recipe: CompareRecipe, out: Path, progress: bool = True, log: An
     from qtool import api
     from qtool.cluster import worker_info
 
-    worker = worker_info("in-process")
+    worker = worker_info("in-process", threads)
     base = api.load(recipe.model, device=device)
     for number, cell in enumerate(todo, 1):
         log(f"[{cell.id}] ({number}/{len(todo)}) quantize and evaluate")

@@ -226,7 +226,8 @@ def test_slurm_settings_become_one_job_array():
 
 
 @pytest.mark.parametrize(("flags", "needle"), [
-    (["--threads", "1"], "need --workers N"),
+    (["--executor", "local"], "need --workers N"),
+    (["--threads", "0"], "--threads takes a positive number"),
     (["--workers", "0"], "--workers takes a positive number"),
     (["--workers", "2", "--gpus-per-task", "1"], "need --executor slurm"),
     (["--executor", "slurm"], "needs Slurm's sbatch and srun on PATH"),
