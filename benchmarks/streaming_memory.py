@@ -7,7 +7,8 @@ loaded whole by `qtool generate` (transformers from_pretrained in fp32: the firs
 non-streaming backend). The 70B line is arithmetic, not a run: the peak measured at the largest
 size minus the libraries' baseline and the largest shard, per byte of the largest source tensor,
 scaled to Llama-2-70B's largest tensor (its 32000 x 8192 embedding in fp32, 1.05 GB), plus the
-baseline and one shard.
+baseline (the peak of quantizing a 12 MiB model: the libraries) and one shard. A bf16 source adds
+the bf16 copy of the tensor being cast (half its fp32 size) to that.
 
     .venv/bin/python benchmarks/streaming_memory.py               # ~10 min on 2 cores, ~9 GB of /tmp
     .venv/bin/python benchmarks/streaming_memory.py --check       # the written files are consistent
@@ -21,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +39,14 @@ LLAMA2_70B_FP32 = 68_976_648_192 * 4
 
 def run(args: list[str]) -> dict:
     """Run the qtool CLI; its exit code, seconds and peak RSS (MiB, from the kernel)."""
+    from qtool.evaluate.memory import run_with_peak
+
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, "-m", "qtool.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                                   stderr=err, env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"})
-        _, status, usage = os.wait4(process.pid, 0)
-        err.seek(0)
-        tail = err.read().strip().splitlines()[-1:] if os.waitstatus_to_exitcode(status) else []
-    return {"exit": os.waitstatus_to_exitcode(status), "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), **({"error": tail[0]} if tail else {})}
+    result, peak = run_with_peak([sys.executable, "-m", "qtool.cli", *args], cwd=REPO,
+                                 env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"})
+    tail = result.stderr.strip().splitlines()[-1:] if result.returncode else []
+    return {"exit": result.returncode, "seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mib": round(peak / 2**20, 1), **({"error": tail[0]} if tail else {})}
 
 
 def measure(workdir: Path) -> dict:
@@ -56,7 +55,9 @@ def measure(workdir: Path) -> dict:
     from qtool.synthetic import llama_config, write_random_model
 
     tokenizer = resolve_model("smollm2-135m").load_tokenizer()
-    baseline = run(["quantize", "--method", "rtn", "--help"])  # imports and argument parsing only
+    tiny = workdir / "tiny"  # 12 MiB of weights: the process with every library loaded, and nothing else
+    write_random_model(tiny, llama_config(2, 64, 128, heads=4), tokenizer)
+    baseline = run(["quantize", "--method", "rtn", str(tiny), str(workdir / "tiny-rtn")])
     rows = []
     for hidden, intermediate, layers in SIZES:
         model = workdir / f"llama-h{hidden}-l{layers}"
@@ -109,7 +110,7 @@ def table(result: dict) -> str:
         lines.append(f"| h{row['hidden']} x {row['layers']} layers ({row['weights_bytes_fp32'] / 2**30:.2f} GiB) | "
                      f"{row['in_memory_load']['peak_rss_mib']:.0f} MiB | " + " | ".join(cells) + " |")
     p = result["projection_70b"]
-    lines += ["", f"Peak RSS of the process; libraries alone: {result['baseline_peak_rss_mib']:.0f} MiB; shards of at most "
+    lines += ["", f"Peak RSS of the process; quantizing a 12 MiB model (the libraries alone): {result['baseline_peak_rss_mib']:.0f} MiB; shards of at most "
               f"{result['max_shard_bytes'] // 2**20} MiB. Projection for {p['model']} ({p['weights_gib_fp32']} GiB in fp32, "
               "which loading whole needs at least): " + ", ".join(f"{m} ~{p[m]['streamed_peak_gib']} GiB"
                                                              for m in METHODS if m in p) + "."]

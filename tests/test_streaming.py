@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -136,19 +134,12 @@ def model_over_cap(tmp_path_factory, smollm2):
 
 
 def _capped_qtool(*args: str) -> tuple[subprocess.CompletedProcess, int]:
-    """The CLI in a process limited to CAP bytes of data (RLIMIT_DATA: the kernel refuses more); also
-    the process's peak resident set in bytes, from the kernel (wait4's ru_maxrss)."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_DATA, (CAP, CAP))
+    """The CLI in a process limited to CAP bytes of data (RLIMIT_DATA: the kernel refuses more), and
+    its peak resident set in bytes, from the kernel."""
+    from qtool.evaluate.memory import run_with_peak
 
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "qtool.cli", *args], cwd=REPO, preexec_fn=limit, text=True,
-                                   stdout=stdout, stderr=stderr, env={**os.environ, "TQDM_DISABLE": "1"})
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage, not all children's
-        process.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0), stderr.seek(0)
-        result = subprocess.CompletedProcess(args, process.returncode, stdout.read(), stderr.read())
-    return result, usage.ru_maxrss * 1024
+    return run_with_peak([sys.executable, "-m", "qtool.cli", *args], data_limit=CAP, cwd=REPO, timeout=900,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
 
 
 def test_the_cap_is_real_loading_the_model_whole_fails_in_one_line(model_over_cap):
