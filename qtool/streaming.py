@@ -6,8 +6,8 @@ source's safetensors tensor by tensor, hands every quantizable Linear's weight (
 `Backend.quantize_layer`, casts every other tensor to the compute dtype (as loading the model in
 that dtype would), and writes the results into shards of at most `max_shard_bytes` in the
 Hugging Face sharded layout (`model-0000K-of-0000N.safetensors` + `model.safetensors.index.json`,
-or one `model.safetensors`). Peak memory is the process's libraries, the largest source tensor
-with the backend's temporaries, and one output shard; not the model. The written tensors are
+or one `model.safetensors`). Peak memory is the process's libraries and the largest source tensor
+with the backend's temporaries; not the model, and not a shard. The written tensors are
 those the in-memory path (`Backend.quantize` then `Backend.save`) writes, bit for bit
 (tests/test_streaming.py).
 
@@ -16,13 +16,16 @@ writable, into the process; under a data-size limit (RLIMIT_DATA) a file larger 
 cannot even be opened, and every page a read touches stays in the process's resident set until
 the file is closed. A positioned read per tensor into a fresh buffer (the format is an 8-byte
 header length, a JSON header of dtypes, shapes and offsets, then the raw bytes) keeps the
-process at one tensor. Writing uses `safetensors.torch.save_file` per shard.
+process at one tensor. Writing likewise goes tensor by tensor (see ShardWriter); the files are
+standard safetensors, read back by `safetensors.torch.load_file` in the tests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -91,41 +95,58 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
 
 
 class ShardWriter:
-    """Collect tensors and write a shard whenever the next tensor would take it past `max_bytes`.
+    """Write tensors into safetensors shards of at most `max_bytes` of data, one tensor at a time.
 
-    A tensor larger than `max_bytes` gets a shard of its own. `close()` names the shards as
-    transformers' `save_pretrained` does and writes the index (none for a single shard).
+    Each tensor's bytes go to the current shard's data file as soon as it is added; when the next
+    tensor would take the shard past `max_bytes` (a larger tensor gets a shard of its own), the
+    shard is finished: its header (names, dtypes, shapes, offsets; padded with spaces to 8 bytes,
+    as the format allows) is written, followed by the data, copied in 64 MiB pieces. `close()`
+    names the shards as transformers' `save_pretrained` does and writes the index (none for a
+    single shard). Memory: one tensor, whatever the shard size (`safetensors.torch.save_file`
+    would need the whole shard in memory, and copies it once more into bytes while writing).
     """
 
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes = Path(folder), max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.header: dict[str, dict] = {}
+        self.data_bytes = 0
+        self.data: Any = None
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         self.largest_shard_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous().cpu()
         nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+        if self.header and self.data_bytes + nbytes > self.max_bytes:
             self.flush()
-        self.pending[name] = tensor.detach().contiguous().cpu()
-        self.pending_bytes += nbytes
+        if self.data is None:
+            self.data = open(self.folder / f".shard-{len(self.shards):05d}.data", "wb")  # noqa: SIM115 - closed in flush
+        self.data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self.header[name] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
+        self.data_bytes += nbytes
         self.total_bytes += nbytes
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
+        """Finish the current shard (header, then its data) as `.shard-K.safetensors.part`."""
+        if not self.header:
             return
+        self.data.close()
+        data = Path(self.data.name)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
         path = self.folder / f".shard-{len(self.shards):05d}.safetensors.part"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.largest_shard_bytes = max(self.largest_shard_bytes, self.pending_bytes)
-        self.pending, self.pending_bytes = {}, 0
+        with open(path, "wb") as out, open(data, "rb") as source:
+            out.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(source, out, 64 * 2**20)
+        data.unlink()
+        self.shards.append((path, list(self.header)))
+        self.largest_shard_bytes = max(self.largest_shard_bytes, self.data_bytes)
+        self.header, self.data_bytes, self.data = {}, 0, None
 
     def close(self) -> list[Path]:
-        """Write what is pending, give the shards their final names; return them."""
+        """Finish the last shard, give the shards their final names; return them."""
         self.flush()
         if len(self.shards) == 1:
             path, _ = self.shards[0]

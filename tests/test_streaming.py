@@ -163,5 +163,5 @@ def test_a_model_three_times_the_cap_quantizes_within_it(method, model_over_cap,
     record = json.loads(result.stdout)
     assert record["streaming"]["mode"] == "per tensor from safetensors"
     assert peak <= CAP and record["peak_memory_mib"] * 2**20 <= CAP
-    assert set(_tensors(out)) >= {"model.layers.58.mlp.down_proj.weight"}
+    assert any(name.startswith("model.layers.58.mlp.down_proj.") for name in _tensors(out))  # the last layer too
     shutil.rmtree(out)
