@@ -199,6 +199,11 @@ def read_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is unreadable or not JSON ({exc}); the checkpoint is corrupt") from None
+    if isinstance(record, dict) and record.get("kind") == "qlora" and "method" not in record:
+        output = record.get("output", "adapter")
+        use = (f"{Path(folder) / output} (a plain model folder)" if output != "adapter"
+               else f"its base with --adapter NAME={folder} (qtool chat), or merge it first (qtool merge)")
+        raise CheckpointError(f"{folder} is a qtool qlora run folder, not a model: use {use}")
     if not isinstance(record, dict) or "method" not in record:
         raise CheckpointError(f"{path} has no 'method' field; the checkpoint is corrupt")
     if not isinstance(record["method"], str):

@@ -210,3 +210,18 @@ def test_examples_are_identical_with_the_original_and_the_quantized_tokenizer(ti
     before = build_examples(section, IDENTITY, qtool.load(tiny_llama, device="cpu").tokenizer, 0)
     after = build_examples(section, IDENTITY, qtool.load(out, device="cpu").tokenizer, 0)
     assert before == after
+
+
+@pytest.mark.parametrize("output, advice", [("adapter", "its base with --adapter NAME="), ("model", "/model (a plain model folder)")])
+def test_a_run_folder_given_as_a_model_says_what_to_use(tmp_path, output, advice):
+    from tests.conftest import qtool_in_process
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "qtool.json").write_text(json.dumps({"qtool_format": 1, "kind": "qlora", "output": output}))
+    for command in (["chat", str(run)], ["eval", str(run), "--ppl", "builtin"], ["generate", str(run), "Hi"]):
+        result = qtool_in_process(*command)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"qtool: error: {run} is a qtool qlora run folder, not a model: use ")
+        assert advice in lines[0]
