@@ -32,9 +32,9 @@ Why submitit (measured 2026-11-30 on the shared 2-core machine, Python 3.11, fre
 A cell costs seconds to minutes (a worker's start, imports and base-model load are ~8 s for
 SmolLM2-135M), so Ray's and Dask's lower per-task overhead buys nothing here, while submitit
 adds almost nothing to install and maps one-to-one onto Slurm job arrays without a head node.
-Speed on the shared 2-vCPU machine (reports/distributed-compare): 2 workers took 202 s against
-161 s sequential (1 thread), numbers identical: two processes there get one core's compute, so
-workers pay off only where each has its own cores or GPU.
+Speed on the quiet 2-core machine (reports/distributed-compare): 2 workers took 111.0 s against
+96.1 s sequential with torch's 2 threads (157.3 s with 1), numbers identical at equal threads:
+one process already uses both cores, so workers pay off where each has its own cores or GPU.
 """
 
 from __future__ import annotations
