@@ -183,17 +183,25 @@ def stream_reason(source: Any, backend: Any, config: Any) -> str | None:
 
     Streaming needs a backend that quantizes each Linear alone (Backend.streams), a local folder
     of safetensors, and tensor names that are the model's own (transformers renames or fuses some
-    architectures' tensors while loading; those are quantized in memory).
+    architectures' tensors while loading; those are quantized in memory). Raises CheckpointError
+    for weights whose shapes disagree with the config, as loading them would.
     """
-    from qtool.models import meta_model
+    from qtool.errors import CheckpointError
+    from qtool.models import meta_model, shape_mismatch
 
     if not backend.streams:
         return f"{backend.name} quantizes the model as a whole"
     folder = Path(source.location)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return "the source is not a local folder of safetensors"
+    mismatch = shape_mismatch(folder, config)
+    if mismatch:  # the in-memory path's own error: the weights do not fit the config
+        raise CheckpointError(f"{source.name} could not be loaded: {mismatch}")
     expected = set(meta_model(config).state_dict())
-    found = set(tensor_index(folder))
+    try:
+        found = set(tensor_index(folder))
+    except ValueError as exc:
+        return str(exc)
     if getattr(config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")
         found.discard("lm_head.weight")
