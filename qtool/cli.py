@@ -742,8 +742,10 @@ def cmd_qlora(args: argparse.Namespace) -> int:
                              f"--out {out}{nproc} --resume\n")
         return _interrupted()
     except QtoolError as exc:
-        if isinstance(exc, PeerError) and exc.quiet:  # rank 0 prints the error all ranks agreed on
-            return exc.exit_code
+        if isinstance(exc, PeerError) and exc.quiet:
+            # rank 0 prints the error all ranks agreed on and exits with its code; the others end
+            # with 0, so that the launcher waits for rank 0 instead of killing it mid-report
+            return 0
         raise
     if not me.main:
         return 0

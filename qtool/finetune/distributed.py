@@ -133,6 +133,11 @@ def agreed(step: Callable[[], T]) -> T:
     failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
     if not failed:
         return result
+    # Every rank is here: leave the group together, so that no rank's exit kills (gloo's threads
+    # abort a process that exits inside a live group) and the launcher does not SIGTERM rank 0
+    # before it has printed the error.
+    dist.barrier()
+    dist.destroy_process_group()
     if outcomes[0] is not None:  # rank 0 failed: it reports its own error, the others stop quietly
         if me.main:
             raise error  # type: ignore[misc]
