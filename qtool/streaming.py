@@ -23,7 +23,6 @@ standard safetensors, read back by `safetensors.torch.load_file` in the tests.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import struct
 from collections.abc import Iterator
@@ -33,8 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-log = logging.getLogger("qtool")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
