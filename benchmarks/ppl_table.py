@@ -72,6 +72,12 @@ COMPRESSED_TENSORS = [  # name, method, bits, group size, options, seed, calibra
     ("w8a8 int8, no smoothing", "w8a8", 8, -1, {"smoothquant": "false"}, 0, {}),
     ("mxfp4 (E2M1, g32 E8M0 scales)", "mxfp4", 4, 32, {}, 0, {}),
     ("nvfp4 (E2M1, g16 E4M3 scales)", "nvfp4", 4, 16, {}, 0, {}),
+] + [  # the same formats rounded with GPTQ to their own grid (gptq=true; qtool.backends._ct_gptq)
+    ("fp8 dynamic, gptq=true", "fp8", 8, -1, {"gptq": "true"}, 0, CALIB),
+    ("fp8 static, gptq=true", "fp8", 8, -1, {"gptq": "true", "activations": "static"}, 0, CALIB),
+    ("w8a8 int8, SmoothQuant α=0.5, gptq=true", "w8a8", 8, -1, {"gptq": "true"}, 0, CALIB),
+    ("mxfp4, gptq=true", "mxfp4", 4, 32, {"gptq": "true"}, 0, CALIB),
+    ("nvfp4, gptq=true", "nvfp4", 4, 16, {"gptq": "true"}, 0, CALIB),
 ]
 
 # Mixed precision (qtool.mixed): gptq with each layer group's bits (2/3/4/8) chosen under an average

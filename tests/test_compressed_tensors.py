@@ -30,6 +30,8 @@ CASES = [  # method, options, calibrated, format in config.json
     ("w8a8", {"smoothquant": "false", "observer": "mse"}, False, "int-quantized"),
     ("mxfp4", {}, False, "mxfp4-pack-quantized"),
     ("nvfp4", {"kv_cache": "fp8"}, True, "nvfp4-pack-quantized"),
+    ("mxfp4", {"gptq": "true"}, True, "mxfp4-pack-quantized"),
+    ("fp8", {"gptq": "true", "activations": "static"}, True, "float-quantized"),
 ]
 
 
@@ -95,8 +97,8 @@ def test_round_trip_gives_the_in_memory_logits(method, options, calibrated, fmt,
 
 def test_tensors_are_stored_in_the_layout_vllm_reads(tiny_llama, tmp_path):
     """Names, dtypes and scale shapes per format (hidden 64, intermediate 128, 2 KV heads of 16)."""
-    for method, options, calibrated, _ in CASES:
-        folder = tmp_path / f"{method}-{len(options)}"
+    for index, (method, options, calibrated, _) in enumerate(CASES):
+        folder = tmp_path / f"{method}-{index}"
         quantize_tiny(tiny_llama, method, options, calibrated, folder)
         t = tensors(folder)
         prefix = "model.layers.0.mlp.down_proj."  # Linear 128 -> 64
@@ -152,6 +154,54 @@ def test_quantize_through_the_api_records_the_format(tiny_llama, tmp_path):
     assert "emulation" in record["kernel"]
 
 
+@pytest.mark.parametrize("kind", ["fp8", "int8", "mxfp4", "nvfp4"])
+def test_gptq_rounding_lowers_the_layer_output_error_and_stays_on_the_grid(kind):
+    """GPTQ's objective is the output error ‖(W - Q)X‖² on the calibration inputs: on inputs with
+    correlated channels it must beat round-to-nearest with the same scales, and its weights must
+    be exactly representable in the format with the scales the checkpoint stores."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from torch import nn
+
+    from qtool.backends._compressed_tensors import attach, quantization_config, set_weight_scales, weight_args
+    from qtool.backends._ct_gptq import _solver, round_linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64, bias=False))
+    linear = attach(model, quantization_config(weight_args(kind), None, "none"))[0][1]
+    set_weight_scales([("0", linear)])
+    args = linear.quantization_scheme.weights
+    global_scale = getattr(linear, "weight_global_scale", None)
+    zero_point = getattr(linear, "weight_zero_point", None)
+
+    def on_grid(w):
+        return fake_quantize(w, linear.weight_scale.data, None if zero_point is None else zero_point.data, args,
+                             global_scale=None if global_scale is None else global_scale.data)
+
+    x = torch.randn(4096, 128) @ torch.randn(128, 128) * torch.linspace(0.1, 3, 128)  # correlated, uneven channels
+    weight = linear.weight.detach().clone()
+    nearest = on_grid(weight)
+    solver, copy = _solver(linear, 8 if kind in ("fp8", "int8") else 4, 0.01)
+    solver.add_batch(x[None], None)
+    loss = round_linear(linear, solver, copy, "minmax", 0.01)
+    rounded = linear.weight.detach()
+
+    def output_error(q):
+        return ((x @ (weight - q).T) ** 2).mean().item()
+
+    assert loss >= 0 and not torch.equal(rounded, nearest)
+    assert output_error(rounded) < 0.6 * output_error(nearest), (output_error(rounded), output_error(nearest))
+    assert torch.equal(on_grid(rounded), rounded)
+
+
+def test_gptq_rounding_is_recorded_and_calibrated(tiny_llama, tmp_path):
+    record = qtool.quantize(str(tiny_llama), tmp_path / "nvfp4", "nvfp4", options={"gptq": "true"}, device="cpu",
+                            nsamples=4, seqlen=64)
+    rounding = record["compressed_tensors"]["rounding"]
+    assert rounding["rounding"] == "gptq" and rounding["act_order"] and rounding["tokens"] == 4 * 64
+    assert len(rounding["mean_loss_per_block"]) == 2 and all(v >= 0 for v in rounding["mean_loss_per_block"])
+    assert record["calibration"]["nsamples"] == 4
+
+
 @pytest.fixture(scope="module")
 def odd_width_llama(tmp_path_factory, smollm2):
     """A Llama whose widths (72, 152) are multiples of 8 but not of 16 or 32."""
@@ -183,6 +233,9 @@ def test_fp4_groups_that_do_not_divide_the_widths_are_refused(args, needles, odd
     (["--method", "fp8", "--opt", "activations=static-ish"], ["activations takes one of dynamic, static"]),
     (["--method", "fp8", "--kv-cache", "int4"], ["kv_cache takes one of none, fp8"]),
     (["--method", "nvfp4", "--opt", "observer=percentile"], ["observer takes one of minmax, mse"]),
+    (["--method", "mxfp4", "--opt", "damp_percent=0.05"], ["damp_percent only applies with gptq=true"]),
+    (["--method", "fp8", "--opt", "gptq=true", "--opt", "damp_percent=1.5"], ["damp_percent must be in (0, 1)", "1.5"]),
+    (["--method", "mxfp4", "--nsamples", "8"], ["mxfp4 quantizes without calibration data", "gptq=true"]),
 ])
 def test_bad_options_are_one_line_errors(args, needles, tiny_llama, tmp_path):
     proc = qtool_in_process("quantize", *args, tiny_llama, tmp_path / "out")

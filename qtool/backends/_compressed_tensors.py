@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qtool.backends import _kv_cache
+from qtool.backends._ct_gptq import gptq_round
 from qtool.backends.base import Backend, Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -113,41 +114,59 @@ OBSERVERS = ("minmax", "mse")
 @torch.no_grad()
 def set_weight_scales(modules: list[tuple[str, nn.Module]], observer: str = "minmax") -> None:
     """Scales (and NVFP4's global scale) of every weight at its scheme's strategy (tensor, channel,
-    group): `minmax` takes them from each group's min and max, as llm-compressor's memoryless
-    min-max observer; `mse` also tries ranges shrunk by up to MSE_MAX_SHRINK and keeps, per group,
-    the one whose quantize-dequantize error (norm MSE_NORM) is smallest, as llm-compressor's MSE
-    observer. The format is the same either way; only the encoder's choice of scale differs."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    group), from `weight_qparams`; the global scale from the whole weight's range, as
+    llm-compressor's observers take it."""
+    from compressed_tensors.quantization.utils import generate_gparam
 
     for _name, module in tqdm(modules, desc=f"weight scales ({observer})", unit="layer", leave=False):
         args = module.quantization_scheme.weights
         w = module.weight.detach().float()
-        strategy = str(args.strategy.value if hasattr(args.strategy, "value") else args.strategy)
-        if strategy == "channel":
-            low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        elif strategy == "tensor":
-            low, high = w.min().reshape(1), w.max().reshape(1)
-        else:  # group, tensor_group: groups along the input width
-            grouped = w.unflatten(-1, (w.shape[-1] // args.group_size, args.group_size))
-            low, high = grouped.amin(-1), grouped.amax(-1)
         global_scale = None
-        if strategy == "tensor_group":
+        if strategy_name(args) == "tensor_group":
             global_scale = generate_gparam(w.min(), w.max())
             _assign(module, "weight_global_scale", global_scale)
-        scale, zero_point = calculate_qparams(low, high, args, global_scale=global_scale)
-        if observer == "mse":
-            best = _group_error(fake_quantize(w, scale, zero_point, args, global_scale=global_scale), w, scale.shape)
-            for step in range(1, MSE_GRID + 1):
-                shrink = 1 - MSE_MAX_SHRINK * step / MSE_GRID
-                s, z = calculate_qparams(low * shrink, high * shrink, args, global_scale=global_scale)
-                err = _group_error(fake_quantize(w, s, z, args, global_scale=global_scale), w, s.shape)
-                better = err < best
-                scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
-                best = torch.minimum(err, best)
+        scale, zero_point = weight_qparams(w, args, observer, global_scale)
         _assign(module, "weight_scale", scale)
         if hasattr(module, "weight_zero_point"):
             _assign(module, "weight_zero_point", zero_point)
+
+
+def strategy_name(args: Any) -> str:
+    """The QuantizationArgs' strategy as a plain string (tensor, channel, group, tensor_group, token)."""
+    return str(args.strategy.value if hasattr(args.strategy, "value") else args.strategy)
+
+
+@torch.no_grad()
+def weight_qparams(w: torch.Tensor, args: Any, observer: str = "minmax",
+                   global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of the weight `w` [out, in] at `args`' strategy: [1] per tensor, [out, 1]
+    per channel, [out, in / group size] per group. `minmax` takes them from each group's min and
+    max, as llm-compressor's memoryless min-max observer; `mse` also tries ranges shrunk by up to
+    MSE_MAX_SHRINK and keeps, per group, the one whose quantize-dequantize error (norm MSE_NORM) is
+    smallest, as llm-compressor's MSE observer. The format is the same either way; only the
+    encoder's choice of scale differs."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    strategy = strategy_name(args)
+    if strategy == "channel":
+        low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    elif strategy == "tensor":
+        low, high = w.min().reshape(1), w.max().reshape(1)
+    else:  # group, tensor_group: groups along the input width
+        grouped = w.unflatten(-1, (w.shape[-1] // args.group_size, args.group_size))
+        low, high = grouped.amin(-1), grouped.amax(-1)
+    scale, zero_point = calculate_qparams(low, high, args, global_scale=global_scale)
+    if observer == "mse":
+        best = _group_error(fake_quantize(w, scale, zero_point, args, global_scale=global_scale), w, scale.shape)
+        for step in range(1, MSE_GRID + 1):
+            shrink = 1 - MSE_MAX_SHRINK * step / MSE_GRID
+            s, z = calculate_qparams(low * shrink, high * shrink, args, global_scale=global_scale)
+            err = _group_error(fake_quantize(w, s, z, args, global_scale=global_scale), w, s.shape)
+            better = err < best
+            scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
+            best = torch.minimum(err, best)
+    return scale, zero_point
 
 
 def _group_error(dequantized: torch.Tensor, w: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -278,6 +297,22 @@ def observer_field() -> Any:
         "with the least quantization error; llm-compressor's MSE observer)")})
 
 
+def gptq_field() -> Any:
+    from dataclasses import field
+
+    return field(default=False, metadata={"help": (
+        "round with GPTQ (act-order, the inputs' Hessian) to the format's grid instead of round-to-nearest "
+        "(calibrated; llm-compressor's GPTQ for compressed-tensors); same format and scales")})
+
+
+def damp_field() -> Any:
+    from dataclasses import field
+
+    from qtool.backends._ct_gptq import DEFAULT_DAMP
+
+    return field(default=DEFAULT_DAMP, metadata={"help": "with gptq=true: GPTQ's Hessian damping, fraction of its mean diagonal"})
+
+
 def ct_capabilities(bits: int, group_size: int, fmt: str) -> Capabilities:
     """What every compressed-tensors method shares; whether it calibrates depends on its options
     (CompressedTensorsBackend.calibrates), so `needs_calibration` is False here."""
@@ -303,14 +338,22 @@ class CompressedTensorsBackend(Backend):
         return False
 
     def calibrates(self, options: Any) -> bool:
-        return self.static_activations(options) or options.kv_cache != "none"
+        return self.static_activations(options) or options.kv_cache != "none" or options.gptq
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        from qtool.backends._ct_gptq import DEFAULT_DAMP
+        from qtool.backends._gptqmodel import check_damp_percent
+
+        if spec.options.damp_percent != DEFAULT_DAMP and not spec.options.gptq:
+            raise SpecError(f"{self.name} option damp_percent only applies with gptq=true (GPTQ's damping)")
+        check_damp_percent(self.name, spec.options.damp_percent)
 
     def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
         if not linears:
             raise SpecError(f"{self.name} quantizes torch Linear layers and this model has none "
                             "(GPT-2-style models use Conv1D)")
 
-    calibrating_options = ("kv_cache=fp8",)
+    calibrating_options = ("gptq=true", "kv_cache=fp8")
 
     def prepare(self, model: nn.Module, spec: QuantSpec, calibration: CalibrationSet | None) -> dict[str, Any]:
         """Change the full-precision model before scales are taken (e.g. smoothing); return what to record."""
@@ -326,6 +369,12 @@ class CompressedTensorsBackend(Backend):
         modules = attach(model, config)
         set_weight_scales(modules, options.observer)
         record["compressed_tensors"]["observer"] = options.observer
+        if options.gptq:
+            assert calibration is not None
+            record["compressed_tensors"]["rounding"] = gptq_round(model, calibration, spec.bits, options.observer,
+                                                                  options.damp_percent)
+        else:
+            record["compressed_tensors"]["rounding"] = "round-to-nearest"
         if self.static_activations(options) or options.kv_cache != "none":
             assert calibration is not None
             record["compressed_tensors"]["static_scales"] = calibrate_static(
@@ -387,6 +436,8 @@ def nvfp4_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 @dataclass
 class Fp4Options:
     observer: str = observer_field()
+    gptq: bool = gptq_field()
+    damp_percent: float = damp_field()
     kv_cache: str = kv_cache_field()
 
 

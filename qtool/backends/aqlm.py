@@ -40,6 +40,7 @@ from qtool.backends._additive import (
     reconstruct,
     unpack_codes,
 )
+from qtool.backends._blocks import block_inputs, block_linears, decoder_blocks, run_block
 from qtool.backends.base import Backend, Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import QtoolError, SpecError
@@ -203,56 +204,6 @@ def single_thread_numba() -> None:
     import numba
 
     numba.set_num_threads(1)
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    blocks = getattr(inner, "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise SpecError(f"aqlm: cannot find the decoder blocks of {type(model).__name__} (expected model.layers)")
-    return blocks
-
-
-class _Captured(Exception):
-    pass
-
-
-def block_inputs(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The first block's input hidden states for every sample, and its keyword arguments (batch 1, broadcastable)."""
-    hidden: list[torch.Tensor] = []
-    captured: dict[str, Any] = {}
-
-    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
-        if not captured:
-            captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Captured
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for row in ids:
-            try:
-                with torch.no_grad():
-                    model(row[None, :], use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    captured["use_cache"] = False
-    captured["past_key_values"] = None
-    return torch.cat(hidden), captured
-
-
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], chunk: int = 8) -> torch.Tensor:
-    outs = []
-    for i in range(0, hidden.shape[0], chunk):
-        out = block(hidden[i : i + chunk], **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
 def input_statistics(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], damp: float) -> dict[str, torch.Tensor]:

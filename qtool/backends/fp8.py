@@ -18,6 +18,8 @@ from qtool.backends._compressed_tensors import (
     CompressedTensorsBackend,
     activation_args,
     ct_capabilities,
+    damp_field,
+    gptq_field,
     kv_cache_field,
     observer_field,
 )
@@ -28,6 +30,8 @@ class Fp8Options:
     activations: str = field(default="dynamic", metadata={"choices": ("dynamic", "static"), "help": (
         "dynamic: one scale per token at run time (no calibration); static: one calibrated scale per layer")})
     observer: str = observer_field()
+    gptq: bool = gptq_field()
+    damp_percent: float = damp_field()
     kv_cache: str = kv_cache_field()
 
 
@@ -35,14 +39,14 @@ class Fp8Options:
 class Fp8Backend(CompressedTensorsBackend):
     name = "fp8"
     summary = "FP8 E4M3 weights (per channel) and activations (per token, or static per tensor): compressed-tensors"
-    # calibrates for activations=static or kv_cache=fp8 (see calibrates)
+    # calibrates for activations=static, gptq=true or kv_cache=fp8 (see calibrates)
     capabilities = ct_capabilities(8, -1, "compressed-tensors float-quantized (FP8 E4M3); vLLM and SGLang serve it "
                                    "with FP8 GEMMs on Ada/Hopper GPUs (not run here)")
     Options = Fp8Options
     default_bits = 8
     default_group_size = -1
     weight_kind = "fp8"
-    calibrating_options = ("activations=static", "kv_cache=fp8")
+    calibrating_options = ("activations=static", "gptq=true", "kv_cache=fp8")
 
     def activations(self, options: Any) -> Any:
         return activation_args("fp8", static=self.static_activations(options))

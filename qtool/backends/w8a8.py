@@ -19,6 +19,8 @@ from qtool.backends._compressed_tensors import (
     CompressedTensorsBackend,
     activation_args,
     ct_capabilities,
+    damp_field,
+    gptq_field,
     kv_cache_field,
     observer_field,
 )
@@ -34,6 +36,8 @@ class W8a8Options:
     alpha: float = field(default=0.5, metadata={"help": (
         "SmoothQuant migration strength in [0, 1]: s = max|X|^alpha / max|W|^(1-alpha) (the paper's default 0.5)")})
     observer: str = observer_field()
+    gptq: bool = gptq_field()
+    damp_percent: float = damp_field()
     kv_cache: str = kv_cache_field()
 
 
@@ -41,16 +45,17 @@ class W8a8Options:
 class W8a8Backend(CompressedTensorsBackend):
     name = "w8a8"
     summary = "INT8 weights (per channel) and activations (per token), SmoothQuant smoothing: compressed-tensors"
-    # calibrates with smoothquant=true (the default) or kv_cache=fp8 (see calibrates)
+    # calibrates with smoothquant=true (the default), gptq=true or kv_cache=fp8 (see calibrates)
     capabilities = ct_capabilities(8, -1, "compressed-tensors int-quantized (INT8 W8A8); vLLM runs it with int8 "
                                    "GEMMs (CPU: checked here; CUDA)")
     Options = W8a8Options
     default_bits = 8
     default_group_size = -1
     weight_kind = "int8"
-    calibrating_options = ("smoothquant=true", "kv_cache=fp8")
+    calibrating_options = ("smoothquant=true", "gptq=true", "kv_cache=fp8")
 
     def check_spec(self, spec: QuantSpec) -> None:
+        super().check_spec(spec)
         if not spec.options.smoothquant and spec.options.alpha != W8a8Options.alpha:
             raise SpecError("w8a8 option alpha is SmoothQuant's migration strength; it has no effect with smoothquant=false")
         if not 0.0 <= spec.options.alpha <= 1.0:
