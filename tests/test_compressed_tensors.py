@@ -162,8 +162,13 @@ def test_gptq_rounding_lowers_the_layer_output_error_and_stays_on_the_grid(kind)
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from torch import nn
 
-    from qtool.backends._compressed_tensors import attach, quantization_config, set_weight_scales, weight_args
-    from qtool.backends._ct_gptq import _solver, round_linear
+    from qtool.backends._compressed_tensors import (
+        attach,
+        quantization_config,
+        set_weight_scales,
+        weight_args,
+    )
+    from qtool.backends._ct_gptq import gptq_solver, round_linear
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64, bias=False))
@@ -180,7 +185,7 @@ def test_gptq_rounding_lowers_the_layer_output_error_and_stays_on_the_grid(kind)
     x = torch.randn(4096, 128) @ torch.randn(128, 128) * torch.linspace(0.1, 3, 128)  # correlated, uneven channels
     weight = linear.weight.detach().clone()
     nearest = on_grid(weight)
-    solver, copy = _solver(linear, 8 if kind in ("fp8", "int8") else 4, 0.01)
+    solver, copy = gptq_solver(linear, 8 if kind in ("fp8", "int8") else 4, 0.01)
     solver.add_batch(x[None], None)
     loss = round_linear(linear, solver, copy, "minmax", 0.01)
     rounded = linear.weight.detach()

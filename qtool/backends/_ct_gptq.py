@@ -74,8 +74,10 @@ def group_size_of(args: Any) -> int:
     return int(args.group_size) if strategy_name(args) in ("group", "tensor_group") else -1
 
 
-def _solver(linear: nn.Linear, bits: int, damp_percent: float) -> tuple[Any, nn.Linear]:
-    """GPTQModel's solver on a private fp32 copy of the weight (GPTQ writes its result into it)."""
+def gptq_solver(linear: nn.Linear, bits: int, damp_percent: float) -> tuple[Any, nn.Linear]:
+    """(GPTQModel's GPTQ solver, the fp32 copy of `linear`'s weight it works on): feed it with
+    `solver.add_batch(inputs [batch, tokens, in], None)`, then `round_linear`. `bits` (8 or 4) only
+    sizes GPTQModel's config; the grid is set by `round_linear`."""
     from gptqmodel.quantization.config import QuantizeConfig
     from gptqmodel.quantization.gptq import GPTQ
 
@@ -132,7 +134,7 @@ def gptq_round(model: nn.Module, calibration: CalibrationSet, bits: int, observe
         for block in tqdm(blocks, desc="gptq rounding", unit="block", leave=False):
             linears = {name: m for name, m in block_linears(block).items()
                        if getattr(m, "quantization_scheme", None) is not None}
-            solvers = {name: _solver(m, bits, damp_percent) for name, m in linears.items()}
+            solvers = {name: gptq_solver(m, bits, damp_percent) for name, m in linears.items()}
             handles = [m.register_forward_hook(
                 lambda _m, args, _out, s=solvers[name][0]: s.add_batch(args[0].detach().float(), None))
                 for name, m in linears.items()]
