@@ -98,6 +98,8 @@ def test_round_trip_gives_the_in_memory_logits(method, options, calibrated, fmt,
 def test_tensors_are_stored_in_the_layout_vllm_reads(tiny_llama, tmp_path):
     """Names, dtypes and scale shapes per format (hidden 64, intermediate 128, 2 KV heads of 16)."""
     for index, (method, options, calibrated, _) in enumerate(CASES):
+        if "gptq" in options:  # the same layout as round-to-nearest (the round trip covers those cases)
+            continue
         folder = tmp_path / f"{method}-{index}"
         quantize_tiny(tiny_llama, method, options, calibrated, folder)
         t = tensors(folder)
