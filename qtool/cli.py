@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, help="weights per scale group along the input dim; -1 = per channel (default: the method's, "
                    "64 for most; -1 for eetq, aqlm and bnb 8-bit; see docs/methods.md)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="backend option, repeatable")
-    p.add_argument("--calib", metavar="SOURCE", help="calibration text for gptq/awq/autoround/aqlm, w8a8's SmoothQuant, fp8 static scales and --kv-cache fp8: "
+    p.add_argument("--calib", metavar="SOURCE", help="calibration text for gptq/awq/autoround/aqlm, w8a8's SmoothQuant, fp8 static scales, --gptq true on fp8/w8a8/mxfp4/nvfp4 and --kv-cache fp8: "
                    ".txt/.jsonl/.json file, 'builtin', "
                    "or wikitext2/c4/pile (online) (default: builtin)")
     p.add_argument("--nsamples", type=int, help="calibration samples (default 128, as in the GPTQ and AWQ papers)")
@@ -292,12 +293,25 @@ def _watch_ctrl_c() -> Any:
         raise KeyboardInterrupt
 
     _ctrl_c["seen"] = False
+    _ctrl_c.pop("status", None)
     try:
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             return None
         return signal.signal(signal.SIGINT, on_ctrl_c)
     except ValueError:  # not the main thread
         return None
+
+
+def _stop_on_sigterm() -> None:
+    """`kill`, `timeout` and schedulers stop a quantize run with SIGTERM: treat it as Ctrl-C, so the
+    temporary sibling of OUT is removed and the exit status is 143 (128 + SIGTERM)."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _ctrl_c["seen"] = True
+        _ctrl_c["status"] = 128 + signum
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _main(argv: list[str]) -> int:
@@ -325,6 +339,8 @@ def _main(argv: list[str]) -> int:
     if empty:
         shown = {"targets": "MODEL/OUT"}.get(empty[0], empty[0].removeprefix(OPTION_DEST).replace("_", "-"))
         parser.error(f"an empty value for {shown}: give a path, name or text")
+    if args.command == "quantize":
+        _stop_on_sigterm()
     quiet = getattr(args, "quiet", False)
     _quiet_libraries(progress_bars=not quiet and args.command not in ("generate", "chat"))
     _log_to_stderr(quiet)
@@ -907,7 +923,7 @@ def _interrupted() -> int:
     with SIGABRT; a Ctrl-C that a library caught while importing resurfaced at exit as -2)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(_ctrl_c.get("status", 130))
 
 
 def _save_traceback(exc: BaseException) -> str:

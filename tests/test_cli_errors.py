@@ -135,7 +135,9 @@ def test_usage_errors_are_one_line_too():
     assert proc.returncode == 2
 
 
-def test_ctrl_c_during_quantize_leaves_nothing(tmp_path):
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_quantize_leaves_nothing(signum, status, tmp_path):
+    """Ctrl-C, and SIGTERM (kill, timeout, a scheduler), remove OUT's temporary sibling."""
     out = tmp_path / "o"
     proc = subprocess.Popen(
         [sys.executable, "-m", "qtool.cli", "quantize", "--method", "hqq", "--quiet", "smollm2-135m", str(out)],
@@ -149,9 +151,9 @@ def test_ctrl_c_during_quantize_leaves_nothing(tmp_path):
         time.sleep(0.05)
     assert list(tmp_path.glob(".o.qtool-tmp-*")), "quantize never started writing"
     time.sleep(1.0)  # inside the quantizer now
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == status, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -18,7 +18,7 @@ import qtool
 from qtool import backends
 from qtool.calibration import CalibrationSpec, build_calibration
 from qtool.models import resolve_model
-from tests.conftest import assert_one_line_error, qtool_in_process
+from tests.conftest import assert_one_line_error, qtool_in_process, run_qtool
 
 X = torch.arange(1, 60).unsqueeze(0)
 CALIB = CalibrationSpec(nsamples=4, seqlen=64)
@@ -201,8 +201,12 @@ def test_gptq_rounding_lowers_the_layer_output_error_and_stays_on_the_grid(kind)
 
 
 def test_gptq_rounding_is_recorded_and_calibrated(tiny_llama, tmp_path):
-    record = qtool.quantize(str(tiny_llama), tmp_path / "nvfp4", "nvfp4", options={"gptq": "true"}, device="cpu",
-                            nsamples=4, seqlen=64)
+    """Through the CLI in a fresh process: --json prints the record and nothing else (GPTQModel's
+    import banner once landed on stdout)."""
+    proc = run_qtool("quantize", "--method", "nvfp4", "--gptq", "true", "--nsamples", "4", "--seqlen", "64", "--json",
+                     tiny_llama, tmp_path / "nvfp4")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
     rounding = record["compressed_tensors"]["rounding"]
     assert rounding["rounding"] == "gptq" and rounding["act_order"] and rounding["tokens"] == 4 * 64
     assert len(rounding["mean_loss_per_block"]) == 2 and all(v >= 0 for v in rounding["mean_loss_per_block"])

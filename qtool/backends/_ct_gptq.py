@@ -78,6 +78,9 @@ def gptq_solver(linear: nn.Linear, bits: int, damp_percent: float) -> tuple[Any,
     """(GPTQModel's GPTQ solver, the fp32 copy of `linear`'s weight it works on): feed it with
     `solver.add_batch(inputs [batch, tokens, in], None)`, then `round_linear`. `bits` (8 or 4) only
     sizes GPTQModel's config; the grid is set by `round_linear`."""
+    from qtool.backends._gptqmodel import import_quietly
+
+    import_quietly()  # its banner and notices would land on stdout (and in --json output)
     from gptqmodel.quantization.config import QuantizeConfig
     from gptqmodel.quantization.gptq import GPTQ
 

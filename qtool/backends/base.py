@@ -156,9 +156,9 @@ class Backend(ABC):
             calibration = calibration or CalibrationSpec()
             calibration.check()
         elif calibration is not None:
-            hint = f" with these options (calibrating options: {', '.join(self.calibrating_options)})" \
-                if self.calibrating_options else ""
-            raise SpecError(f"{self.name} quantizes without calibration data{hint}; "
+            hint = (f" with these options; to calibrate, set one of {', '.join(self.calibrating_options)}, or"
+                    if self.calibrating_options else ";")
+            raise SpecError(f"{self.name} quantizes without calibration data{hint} "
                             "drop --calib, --nsamples, --seqlen and --bos")
         from qtool.schema import MAX_SEED
 
