@@ -97,7 +97,7 @@ MIXED = [  # name, method, bits, group size, options, seed, calibration and budg
 ] + [  # ... on the rotated model with the best GPTQ options (costs measured on the rotated model)
     (f"gptq mixed {target} bits g64{'' if costs == 'fisher' else ' ' + costs} rotate mse=2.4 gptaq (seed {seed})",
      "gptq", None, 64, {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target, **MIXED_COSTS[costs]})
-    for costs in MIXED_COSTS for target in (4.5,) for seed in (0,)
+    for costs in MIXED_COSTS for target in (4.5,) for seed in ((0, 1) if costs == "output method" else (0,))
 ]
 ROWS = [  # name, method, bits, group size, options
     ("base fp32", None, None, None, {}),

@@ -194,7 +194,7 @@ What the numbers say (40k-token table; uniform gptq g64: 3-bit 45.00/44.36 at 3.
 - **At 3.5 bits/weight the default plan closes 59 / 56 % of the gap** between uniform 3- and 4-bit
   (36.06 / 36.41, seeds 0 / 1), for 0.2 bits/weight more than uniform 3-bit.
 - **At 4.5 bits it is +7.8 / +9.1 %** against +11.4 / +13.1 % for uniform 4-bit; with gptq's best
-  options (rotate, mse=2.4, gptaq) +4.7 % (seed 0; uniform 4-bit with them +5.4 %). The +4 % the
+  options (rotate, mse=2.4, gptaq) +4.7 / +5.4 % (seeds 0 / 1; uniform 4-bit with them +5.4 / +6.7 %). The +4 % the
   issue asked for was not reached (only ~4.6 % of the weights fit at 8 bits within 4.5 bits/weight).
 - **The cost measure matters**: the output Fisher with gptq's own errors (the default for gptq and
   awq) beat the weight-space Fisher with round-to-nearest errors on both seeds at both budgets;
