@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from qtool.backends import _kv_cache
 from qtool.backends._ct_gptq import gptq_round
+from qtool.backends._gptqmodel import check_rounding_damp, rounding_damp_field
 from qtool.backends.base import Backend, Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
@@ -305,14 +306,6 @@ def gptq_field() -> Any:
         "(calibrated; llm-compressor's GPTQ for compressed-tensors); same format and scales")})
 
 
-def damp_field() -> Any:
-    from dataclasses import field
-
-    from qtool.backends._ct_gptq import DEFAULT_DAMP
-
-    return field(default=DEFAULT_DAMP, metadata={"help": "with gptq=true: GPTQ's Hessian damping, fraction of its mean diagonal"})
-
-
 def ct_capabilities(bits: int, group_size: int, fmt: str) -> Capabilities:
     """What every compressed-tensors method shares; whether it calibrates depends on its options
     (CompressedTensorsBackend.calibrates), so `needs_calibration` is False here."""
@@ -341,12 +334,7 @@ class CompressedTensorsBackend(Backend):
         return self.static_activations(options) or options.kv_cache != "none" or options.gptq
 
     def check_spec(self, spec: QuantSpec) -> None:
-        from qtool.backends._ct_gptq import DEFAULT_DAMP
-        from qtool.backends._gptqmodel import check_damp_percent
-
-        if spec.options.damp_percent != DEFAULT_DAMP and not spec.options.gptq:
-            raise SpecError(f"{self.name} option damp_percent only applies with gptq=true (GPTQ's damping)")
-        check_damp_percent(self.name, spec.options.damp_percent)
+        check_rounding_damp(self.name, spec.options.damp_percent, spec.options.gptq)
 
     def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
         if not linears:
@@ -437,7 +425,7 @@ def nvfp4_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 class Fp4Options:
     observer: str = observer_field()
     gptq: bool = gptq_field()
-    damp_percent: float = damp_field()
+    damp_percent: float = rounding_damp_field()
     kv_cache: str = kv_cache_field()
 
 

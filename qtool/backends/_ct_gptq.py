@@ -33,8 +33,6 @@ from tqdm.auto import tqdm
 from qtool.backends._blocks import block_inputs, block_linears, decoder_blocks, run_block
 from qtool.calibration import CalibrationSet
 
-DEFAULT_DAMP = 0.01  # the GPTQ paper's Hessian damping, a fraction of the mean diagonal
-
 
 class FormatQuantizer:
     """GPTQModel's quantizer interface (`find_params`, `quantize`, `scale`, `zero`) over a

@@ -155,11 +155,31 @@ def reload_and_name_kernels(backend: Any, out: Path, device: str) -> dict[str, A
 
 
 def check_damp_percent(method: str, damp_percent: float) -> None:
-    """GPTQ's Hessian damping is a fraction of the mean diagonal (gptq, and awq's gptq=true)."""
+    """GPTQ's Hessian damping is a fraction of the mean diagonal (gptq, and the gptq=true options)."""
     from qtool.errors import SpecError
 
     if not 0 < damp_percent < 1:
         raise SpecError(f"{method} option damp_percent must be in (0, 1), got {damp_percent}")
+
+
+PAPER_DAMP = 0.01  # the GPTQ paper's Hessian damping
+
+
+def rounding_damp_field() -> Any:
+    """The `damp_percent` option of a method whose GPTQ rounding is itself an option (`gptq=true`:
+    awq and the compressed-tensors formats), defaulting to the GPTQ paper's damping."""
+    from dataclasses import field
+
+    return field(default=PAPER_DAMP, metadata={"help": "with gptq=true: GPTQ's Hessian damping, fraction of its mean diagonal"})
+
+
+def check_rounding_damp(method: str, damp_percent: float, gptq: bool) -> None:
+    """`damp_percent` next to an optional `gptq`: refused without gptq=true, and range-checked. Raises SpecError."""
+    from qtool.errors import SpecError
+
+    if damp_percent != PAPER_DAMP and not gptq:
+        raise SpecError(f"{method} option damp_percent only applies with gptq=true (GPTQ's damping)")
+    check_damp_percent(method, damp_percent)
 
 
 def packed_bits_per_weight(bits: int, group_size: int) -> float:

@@ -32,16 +32,14 @@ from qtool.backends._awq_gptq import gptq_rounding
 from qtool.backends._gptqmodel import (
     GptqModelBackend,
     accepting_fp32,
-    check_damp_percent,
+    check_rounding_damp,
     dynamic_overrides,
     quantize_with_gptqmodel,
+    rounding_damp_field,
 )
 from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
-from qtool.errors import SpecError
 from qtool.models import ModelSource, quantizable_linears
-
-DEFAULT_DAMP = 0.01  # the GPTQ paper's
 
 
 @dataclass
@@ -49,7 +47,7 @@ class AwqOptions:
     sym: bool = field(default=False, metadata={"help": "symmetric grid; AWQ's default is a zero point per group (false)"})
     offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
     gptq: bool = field(default=False, metadata={"help": "keep AWQ's scales, then round with GPTQ (act-order, range search) instead of AWQ's clip search and round-to-nearest (AWQ paper, section 5); same AWQ checkpoint"})
-    damp_percent: float = field(default=DEFAULT_DAMP, metadata={"help": "with gptq=true: GPTQ's Hessian damping, fraction of its mean diagonal"})
+    damp_percent: float = rounding_damp_field()
 
 
 @register
@@ -72,9 +70,7 @@ class AwqBackend(GptqModelBackend):
     mixed_kernel = "awq_torch"
 
     def check_spec(self, spec: QuantSpec) -> None:
-        if spec.options.damp_percent != DEFAULT_DAMP and not spec.options.gptq:
-            raise SpecError("awq option damp_percent only applies with gptq=true (GPTQ's damping)")
-        check_damp_percent(self.name, spec.options.damp_percent)
+        check_rounding_damp(self.name, spec.options.damp_percent, spec.options.gptq)
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None

@@ -18,11 +18,11 @@ from qtool.backends._compressed_tensors import (
     CompressedTensorsBackend,
     activation_args,
     ct_capabilities,
-    damp_field,
     gptq_field,
     kv_cache_field,
     observer_field,
 )
+from qtool.backends._gptqmodel import rounding_damp_field
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Fp8Options:
         "dynamic: one scale per token at run time (no calibration); static: one calibrated scale per layer")})
     observer: str = observer_field()
     gptq: bool = gptq_field()
-    damp_percent: float = damp_field()
+    damp_percent: float = rounding_damp_field()
     kv_cache: str = kv_cache_field()
 
 

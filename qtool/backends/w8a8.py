@@ -19,11 +19,11 @@ from qtool.backends._compressed_tensors import (
     CompressedTensorsBackend,
     activation_args,
     ct_capabilities,
-    damp_field,
     gptq_field,
     kv_cache_field,
     observer_field,
 )
+from qtool.backends._gptqmodel import rounding_damp_field
 from qtool.backends._smoothquant import SMOOTHABLE_MODEL_TYPES, smooth
 from qtool.backends.base import QuantSpec
 from qtool.calibration import CalibrationSet
@@ -37,7 +37,7 @@ class W8a8Options:
         "SmoothQuant migration strength in [0, 1]: s = max|X|^alpha / max|W|^(1-alpha) (the paper's default 0.5)")})
     observer: str = observer_field()
     gptq: bool = gptq_field()
-    damp_percent: float = damp_field()
+    damp_percent: float = rounding_damp_field()
     kv_cache: str = kv_cache_field()
 
 
