@@ -98,6 +98,11 @@ MIXED = [  # name, method, bits, group size, options, seed, calibration and budg
     (f"gptq mixed {target} bits g64{'' if costs == 'fisher' else ' ' + costs} rotate mse=2.4 gptaq (seed {seed})",
      "gptq", None, 64, {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target, **MIXED_COSTS[costs]})
     for costs in MIXED_COSTS for target in (4.5,) for seed in ((0, 1) if costs == "output method" else (0,))
+] + [  # ... with 5- and 6-bit layers too (GPTQModel's torch kernel; vLLM's GPTQ kernels take 2/3/4/8)
+    (f"gptq mixed 4.5 bits g64 output method rotate mse=2.4 gptaq, widths 3-8 (seed {seed})", "gptq", None, 64,
+     {**GPTQ_BEST, "rotate": "true"}, seed,
+     {**CALIB, "target_bits": 4.5, **MIXED_COSTS["output method"], "mixed_bits": [3, 4, 5, 6, 8]})
+    for seed in (0, 1)
 ]
 ROWS = [  # name, method, bits, group size, options
     ("base fp32", None, None, None, {}),

@@ -402,6 +402,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 }
                 item["calibrates_with"] = list(get(r.name).calibrating_options)
                 item["mixed_precision_bits"] = list(get(r.name).mixed_bits)
+                item["mixed_precision_default_bits"] = list(get(r.name).mixed_default_bits or get(r.name).mixed_bits)
                 item["options"] = option_help(get(r.name).Options)
                 item["kernel"] = get(r.name).kernel(args.device)
             out.append(item)
@@ -414,12 +415,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if r.capabilities and r.ready:
             caps = r.capabilities
             opts = ", ".join(f"{o['name']}={o['default']}" for o in option_help(get(r.name).Options))
-            mixed = get(r.name).mixed_bits
-            print(f"{'':<{width}}  {'':<9}  bits {','.join(map(str, caps.bits))}"
-                  f"{'; mixed precision ' + '/'.join(map(str, mixed)) + ' per layer' if mixed else ''}; "
+            print(f"{'':<{width}}  {'':<9}  bits {','.join(map(str, caps.bits))}{_mixed_words(get(r.name))}; "
                   f"calibration {_calibration_word(get(r.name))}; options: {opts or 'none'}")
             print(f"{'':<{width}}  {'':<9}  kernel on {args.device}: {get(r.name).kernel(args.device)}")
     return 0
+
+
+def _mixed_words(backend: Any) -> str:
+    """'; mixed precision 2/3/4/8 per layer (5/6 with --mixed-bits)' for `qtool methods`."""
+    if not backend.mixed_bits:
+        return ""
+    default = backend.mixed_default_bits or backend.mixed_bits
+    extra = [b for b in backend.mixed_bits if b not in default]
+    more = f" ({'/'.join(map(str, extra))} with --mixed-bits)" if extra else ""
+    return f"; mixed precision {'/'.join(map(str, default))} per layer{more}"
 
 
 def _calibration_word(backend: Any) -> str:
@@ -495,8 +504,9 @@ def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
                    "error (default for gptq, awq); kl = measured KL with only that layer perturbed, one forward pass "
                    "per layer and width")
     p.add_argument("--mixed-bits", metavar="B,B,...",
-                   help="the widths a plan may give a layer group (default: all the method offers, 2,3,4,8); e.g. "
-                   "4,8 for a gptq checkpoint vLLM runs (its GPTQ kernels take symmetric 4- and 8-bit)")
+                   help="the widths a plan may give a layer group (default 2,3,4,8; gptq also takes 5 and 6: "
+                   "3,4,5,6,8 gave its best 4.5-bit plans); e.g. 4,8 for a gptq checkpoint vLLM runs (its GPTQ "
+                   "kernels take symmetric 4- and 8-bit)")
     p.add_argument("--perturbation", choices=("rtn", "method"),
                    help="the error a layer's cost is measured with: rtn = round-to-nearest at each width (seconds; "
                    "default for hqq, rtn); method = the method's own, from one uniform quantization per width "

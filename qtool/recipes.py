@@ -108,7 +108,7 @@ def quantize_arguments(recipe: QuantizeRecipe | None, paths: list[str], **flags:
         raise RecipeError("no method given: pass --method (see `qtool methods`) or a --recipe")
     merged = {k: v for k, v in r.items() if v is not None} | {k: v for k, v in flags.items() if v is not None}
     merged["options"] = (r.get("options") or {}) | (flags.get("options") or {})
-    return model, out, parse_section(QuantizeRequest, merged, "qtool quantize", names=QUANTIZE_FLAGS, error=SpecError)
+    return model, out, parse_section(QuantizeRequest, merged, "", names=QUANTIZE_FLAGS, error=SpecError)
 
 
 def _first(*values: Any) -> Any:

@@ -66,7 +66,8 @@ def parse_section(cls: type[S], data: Any, where: str, names: dict[str, str] | N
 
 
 def describe_error(exc: ValidationError, cls: type[BaseModel], where: str, names: dict[str, str] | None = None) -> str:
-    """The first validation error as one line: `where: key.path: what is wrong (got VALUE)`."""
+    """The first validation error as one line: `where: key.path: what is wrong (got VALUE)` (an empty
+    `where` is left out: the CLI's own errors need no prefix after "qtool: error:")."""
     error = exc.errors(include_url=False)[0]
     loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith(("function-", "union[")))]
     path = ".".join(str(part) for part in loc)
@@ -74,13 +75,17 @@ def describe_error(exc: ValidationError, cls: type[BaseModel], where: str, names
     kind = error["type"]
     if kind == "extra_forbidden":
         allowed = ", ".join(_fields_at(cls, loc[:-1]))
-        return f"{where}: unknown key {path!r}; allowed here: {allowed}"
+        return _joined(where, f"unknown key {path!r}; allowed here: {allowed}")
     if kind == "missing":
-        return f"{where}: missing {path!r}"
+        return _joined(where, f"missing {path!r}")
     message = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
     shown = f" (got {given!r})" if not isinstance(given, (dict, list)) else ""
-    return f"{where}: {path}: {message}{shown}" if path else f"{where}: {message}"
+    return _joined(where, path, f"{message}{shown}" if path else message)
+
+
+def _joined(*parts: str) -> str:
+    return ": ".join(part for part in parts if part)
 
 
 def _numeric_only(annotation: Any) -> bool:

@@ -81,7 +81,7 @@ def test_calibration_seed_changes_the_result(tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--method", "gptq", "--bits", "5"], "gptq cannot quantize to 5 bits; supported: 2, 3, 4, 8"),
+        (["--method", "gptq", "--bits", "7"], "gptq cannot quantize to 7 bits; supported: 2, 3, 4, 5, 6, 8"),
         (["--method", "awq", "--bits", "5"], "awq cannot quantize to 5 bits; supported: 2, 3, 4, 8"),
         (["--method", "gptq", "--group-size", "128"], "does not divide the layer width 576"),
         (["--method", "gptq", "--seqlen", "9000"], "longer than the model's context of 8192"),
@@ -172,6 +172,27 @@ def test_gptq_range_search_and_gptaq_change_the_weights_and_reload(tiny_llama, t
     a, _ = plain_transformers_logits(plain, ids)
     b, _ = plain_transformers_logits(tuned, ids)
     assert torch.isfinite(b).all() and not torch.equal(a, b)
+
+
+def test_gptq_5_and_6_bit_reload_through_gptqmodel_on_their_own_grid(tiny_llama, tmp_path):
+    """transformers' GPTQConfig refuses 5/6 bits; qtool loads them with GPTQModel's loader. Each group
+    holds at most 2**bits levels, and the weight error shrinks with every added bit."""
+    from qtool.export.gguf import projection_weights
+
+    base = {name: w for name, (w, _) in projection_weights(qtool.load(str(tiny_llama), device="cpu").model).items()}
+    errors = {}
+    for bits in (4, 5, 6):
+        out = tmp_path / f"b{bits}"
+        record = qtool.quantize(str(tiny_llama), out, "gptq", bits, 32, {"sym": False}, device="cpu", calib="builtin",
+                                nsamples=4, seqlen=64)
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == bits
+        assert record["reload_check"]["loader"].startswith("gptqmodel") == (bits != 4)
+        weights = projection_weights(qtool.load(out, device="cpu").model)
+        for name, (weight, _) in weights.items():
+            levels = max(group.unique().numel() for group in weight.reshape(-1, 32))
+            assert levels <= 2**bits, (name, levels)
+        errors[bits] = sum(float((weights[n][0] - w).pow(2).sum()) for n, w in base.items())
+    assert errors[4] > 2 * errors[5] > 4 * errors[6], errors
 
 
 def library_awq_processor(sym, *methods):

@@ -63,6 +63,19 @@ def test_bad_sizes_are_refused(text):
         parse_size(text)
 
 
+def test_gptq_plans_take_5_and_6_bits_only_when_asked():
+    from qtool import backends
+    from qtool.mixed.target import MixedTarget
+
+    gptq = backends.get("gptq")
+    assert MixedTarget(bits=4.5).widths(gptq.mixed_bits, "gptq", gptq.mixed_default_bits) == (2, 3, 4, 8)
+    assert MixedTarget(bits=4.5, candidates=(6, 3, 5)).widths(gptq.mixed_bits, "gptq", gptq.mixed_default_bits) == (3, 5, 6)
+    with pytest.raises(SpecError, match="gptq gives a layer one of 2,3,4,5,6,8 bits"):
+        MixedTarget(bits=4.5, candidates=(4, 7)).widths(gptq.mixed_bits, "gptq", gptq.mixed_default_bits)
+    with pytest.raises(SpecError, match="awq gives a layer one of 2,3,4,8 bits"):
+        backends.get("awq").check_mixed(MixedTarget(bits=4.5, candidates=(4, 5)), None)
+
+
 def test_fused_projections_share_a_width(tiny_llama):
     from qtool.api import model_config
     from qtool.mixed.units import decision_units
@@ -250,12 +263,17 @@ def test_method_perturbation_measures_the_methods_own_error(tiny_llama, tmp_path
     assert runs["method"]["average_bits"] <= 3.6
 
 
-def test_a_plan_keeps_to_the_widths_asked_for(tiny_llama, tmp_path):
-    record = qtool.quantize(str(tiny_llama), tmp_path / "out", "gptq", group_size=32, device="cpu", target_bits=5.6,
-                            mixed_bits=[4, 8], **CALIB)
+@pytest.mark.parametrize("widths, target", [([4, 8], 5.6), ([4, 6], 5.0)])
+def test_a_plan_keeps_to_the_widths_asked_for(widths, target, tiny_llama, tmp_path):
+    record = qtool.quantize(str(tiny_llama), tmp_path / "out", "gptq", group_size=32, device="cpu", target_bits=target,
+                            mixed_bits=widths, **CALIB)
     mixed = record["mixed_precision"]
-    assert mixed["candidates"] == [4, 8] and set(mixed["layers_per_bits"]) == {"4", "8"}
-    assert record["spec"]["target"]["candidates"] == [4, 8]
+    assert mixed["candidates"] == widths and set(mixed["layers_per_bits"]) == set(map(str, widths))
+    assert record["spec"]["target"]["candidates"] == widths
+    assert abs(mixed["size_error"]) < 0.01
+    loaded = qtool.load(tmp_path / "out", device="cpu")
+    assert {g["bits"] for g in mixed["groups"]} == {loaded.model.get_submodule(m).bits
+                                                     for g in mixed["groups"] for m in g["modules"]}
 
 
 def test_a_quantized_model_is_refused_by_plan_too(tiny_llama, tmp_path):

@@ -208,13 +208,21 @@ def dynamic_overrides(spec: Any) -> dict[str, dict[str, int]] | None:
     return rules or None
 
 
-def has_per_module_bits(folder: Path) -> bool:
-    """Whether a GPTQModel checkpoint's `dynamic` overrides change some module's bits or group size.
+#: the widths transformers' GPTQConfig accepts; GPTQModel's torch kernel (TorchLinear) runs 2-8
+TRANSFORMERS_GPTQ_BITS = (2, 3, 4, 8)
 
-    transformers (through optimum 2.3) builds every layer with the global bits and fails on such a
-    checkpoint (size mismatch); GPTQModel's own loader reads the overrides.
+
+def needs_gptqmodel_loader(folder: Path) -> bool:
+    """Whether a GPTQModel checkpoint must be loaded by GPTQModel's own loader, not transformers'.
+
+    True when its default width is one transformers' GPTQConfig refuses (5 or 6 bits: "Only
+    support quantization to [2,3,4,8] bits"), or its `dynamic` overrides change some module's bits
+    or group size: transformers (through optimum 2.3) builds every layer with the default width
+    and fails on those (size mismatch). GPTQModel's loader reads both.
     """
     config = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    if config.get("bits") not in TRANSFORMERS_GPTQ_BITS:
+        return True
     dynamic = config.get("dynamic") or {}
     return any(isinstance(rule, dict) and ("bits" in rule or "group_size" in rule) for rule in dynamic.values())
 
@@ -264,8 +272,8 @@ class GptqModelBackend(Backend):
         """
         import transformers
 
-        if has_per_module_bits(Path(path)):
-            return quiet_load(lambda: self.load_per_module_bits(Path(path), device, kernel))
+        if needs_gptqmodel_loader(Path(path)):
+            return quiet_load(lambda: self.load_with_gptqmodel(Path(path), device, kernel))
         kwargs: dict[str, Any] = {}
         if kernel != "auto":
             bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
@@ -276,8 +284,8 @@ class GptqModelBackend(Backend):
             warnings.simplefilter("ignore")
             return quiet_load(lambda: source.load_model(device, compute_dtype(device), **kwargs))
 
-    def load_per_module_bits(self, path: Path, device: str, kernel: str) -> Any:
-        """A mixed-precision checkpoint through GPTQModel's loader (transformers ignores `dynamic`).
+    def load_with_gptqmodel(self, path: Path, device: str, kernel: str) -> Any:
+        """A mixed-precision or 5/6-bit checkpoint through GPTQModel's loader (needs_gptqmodel_loader).
 
         On CPU GPTQModel's `auto` choice follows the checkpoint's default bits and picks a 4-bit-only
         kernel (TorchFusedLinear in fp32) that then fails on the 2/3/8-bit layers, so "auto" and
@@ -297,8 +305,9 @@ class GptqModelBackend(Backend):
 
     def reload_check(self, out: Path, device: str) -> dict[str, Any]:
         check = reload_and_name_kernels(self, out, device)
-        if has_per_module_bits(out):
-            check["loader"] = "gptqmodel.GPTQModel.load (per-module bits: transformers 5 + optimum ignore `dynamic`)"
+        if needs_gptqmodel_loader(out):
+            check["loader"] = ("gptqmodel.GPTQModel.load (per-module bits or 5/6 bits: transformers 5 + optimum"
+                               " ignore `dynamic` and take 2/3/4/8 bits)")
         return check
 
     def layer_bytes(self, spec: Any, out_features: int, in_features: int) -> int:

@@ -96,6 +96,8 @@ class Backend(ABC):
     calibrating_options: ClassVar[tuple[str, ...]] = ()
     # mixed precision (qtool.mixed): the bit-widths a plan may give a layer; () = no per-layer bits
     mixed_bits: ClassVar[tuple[int, ...]] = ()
+    # the widths a plan uses when --mixed-bits names none (None: all of mixed_bits)
+    mixed_default_bits: ClassVar[tuple[int, ...] | None] = None
     # False where the written size does not depend on the bits (rtn stores dense weights)
     mixed_size_target: ClassVar[bool] = True
     # tensors one quantized layer writes (for the safetensors header a size budget counts)
@@ -178,7 +180,7 @@ class Backend(ABC):
         if bits is not None:
             raise SpecError("--bits and a mixed-precision budget (--target-bits/--target-size) exclude each other: "
                             f"the plan picks each layer's bits from {_join(self.mixed_bits)}")
-        target.widths(self.mixed_bits, self.name)
+        target.widths(self.mixed_bits, self.name, self.mixed_default_bits)
         if target.size_bytes is not None and not self.mixed_size_target:
             raise SpecError(f"{self.name} writes dense weights whatever the bits: its size does not follow a plan; "
                             "use --target-bits")

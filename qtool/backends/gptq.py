@@ -50,9 +50,9 @@ class GptqOptions:
 @register
 class GptqBackend(GptqModelBackend):
     name = "gptq"
-    summary = "GPTQ via GPTQModel: calibrated 2/3/4/8-bit, standard GPTQ checkpoint (transformers, vLLM, SGLang)"
+    summary = "GPTQ via GPTQModel: calibrated 2/3/4/5/6/8-bit, standard GPTQ checkpoint (transformers, vLLM, SGLang)"
     capabilities = Capabilities(
-        bits=(2, 3, 4, 8),
+        bits=(2, 3, 4, 5, 6, 8),
         needs_calibration=True,
         devices=("cpu", "cuda"),
         serializable=True,
@@ -61,6 +61,11 @@ class GptqBackend(GptqModelBackend):
         format="GPTQ (int32-packed; quantization_config in config.json): transformers + optimum + gptqmodel, vLLM, SGLang, TGI",
     )
     Options = GptqOptions
+    # 5 and 6 bits: GPTQModel packs and runs them (TorchLinear) and loads them with its own loader
+    # (transformers' GPTQConfig takes 2/3/4/8); vLLM's GPTQ kernels do not run them, and each width
+    # costs a plan one more uniform gptq run, so a plan takes them only when --mixed-bits names them
+    mixed_bits = (2, 3, 4, 5, 6, 8)
+    mixed_default_bits = (2, 3, 4, 8)
 
     def check_spec(self, spec: QuantSpec) -> None:
         if spec.options.mse < 0:

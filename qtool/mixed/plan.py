@@ -73,7 +73,7 @@ def budget_table(backend: Any, spec: Any, linears: dict[str, nn.Linear], params:
     """
     total_params, total_tensors = params
     units = decision_units(linears)
-    candidates = spec.target.widths(tuple(backend.mixed_bits), backend.name)
+    candidates = spec.target.widths(tuple(backend.mixed_bits), backend.name, backend.mixed_default_bits)
     specs = [dataclasses.replace(spec, bits=b) for b in candidates]
     bits = np.array([[u.numel * backend.effective_bits(s) for s in specs] for u in units])
     per_layer_header = backend.stored_tensors_per_layer * HEADER_BYTES_PER_TENSOR

@@ -47,10 +47,12 @@ class MixedTarget:
         """This target with the backend's (sensitivity, perturbation) where it names none."""
         return replace(self, sensitivity=self.sensitivity or defaults[0], perturbation=self.perturbation or defaults[1])
 
-    def widths(self, offered: tuple[int, ...], method: str) -> tuple[int, ...]:
-        """The candidate widths: `candidates` checked against what the backend offers."""
+    def widths(self, offered: tuple[int, ...], method: str, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """The candidate widths: `candidates` checked against what the backend offers, or without
+        candidates the backend's `default` (None: all it offers). Raises SpecError for a width it
+        does not offer."""
         if self.candidates is None:
-            return offered
+            return default or offered
         bad = sorted(set(self.candidates) - set(offered))
         if bad or not self.candidates:
             raise SpecError(f"--mixed-bits {','.join(map(str, self.candidates))}: {method} gives a layer one of "
