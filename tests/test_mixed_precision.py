@@ -179,7 +179,8 @@ def test_kl_shortcut_equals_a_full_forward(tiny_llama):
     (["--method", "hqq", "--target-bits", "3", "--target-size", "12MiB"], ["not both"]),
     (["--method", "hqq", "--sensitivity", "kl"], ["--sensitivity, --perturbation and --mixed-bits only apply"]),
     (["--method", "hqq", "--target-bits", "-3"], ["target-bits"]),
-    (["--method", "gptq", "--target-bits", "5", "--mixed-bits", "4,5"], ["--mixed-bits 4,5", "2,3,4,8"]),
+    (["--method", "gptq", "--target-bits", "5", "--mixed-bits", "4,7"], ["--mixed-bits 4,7", "2,3,4,5,6,8"]),
+    (["--method", "awq", "--target-bits", "5", "--mixed-bits", "4,5"], ["--mixed-bits 4,5", "awq", "2,3,4,8"]),
     (["--method", "gptq", "--target-bits", "4", "--mixed-bits", "4,8"], ["cannot meet 4 bits/weight", "4 to 8 bits"]),
     (["--method", "gptq", "--mixed-bits", "4,8"], ["and --mixed-bits only apply"]),
 ])
