@@ -338,7 +338,8 @@ def _main(argv: list[str]) -> int:
              if value == "" or (isinstance(value, list) and "" in value)]
     if empty:
         shown = {"targets": "MODEL/OUT"}.get(empty[0], empty[0].removeprefix(OPTION_DEST).replace("_", "-"))
-        parser.error(f"an empty value for {shown}: give a path, name or text")
+        wanted = EMPTY_HINTS.get(empty[0], "a path, name or text")
+        parser.error(f"an empty value for {shown}: give {wanted}")
     if args.command == "quantize":
         _stop_on_sigterm()
     quiet = getattr(args, "quiet", False)
@@ -402,7 +403,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 }
                 item["calibrates_with"] = list(get(r.name).calibrating_options)
                 item["mixed_precision_bits"] = list(get(r.name).mixed_bits)
-                item["mixed_precision_default_bits"] = list(get(r.name).mixed_default_bits or get(r.name).mixed_bits)
+                item["mixed_precision_default_bits"] = list(get(r.name).default_mixed_widths())
                 item["options"] = option_help(get(r.name).Options)
                 item["kernel"] = get(r.name).kernel(args.device)
             out.append(item)
@@ -425,7 +426,7 @@ def _mixed_words(backend: Any) -> str:
     """'; mixed precision 2/3/4/8 per layer (5/6 with --mixed-bits)' for `qtool methods`."""
     if not backend.mixed_bits:
         return ""
-    default = backend.mixed_default_bits or backend.mixed_bits
+    default = backend.default_mixed_widths()
     extra = [b for b in backend.mixed_bits if b not in default]
     more = f" ({'/'.join(map(str, extra))} with --mixed-bits)" if extra else ""
     return f"; mixed precision {'/'.join(map(str, default))} per layer{more}"
@@ -529,7 +530,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               "target_size": args.target_size, "sensitivity": args.sensitivity,
               "perturbation": args.perturbation,
               "mixed_bits": list(_int_list(args.mixed_bits, "--mixed-bits")) if args.mixed_bits else None}
-    request = parse_section(QuantizeRequest, {k: v for k, v in fields.items() if v is not None}, "qtool plan",
+    request = parse_section(QuantizeRequest, {k: v for k, v in fields.items() if v is not None}, "",
                             names=QUANTIZE_FLAGS, error=SpecError)
     _no_loading_bars()
     plan = api.plan_precision(args.model, request)
@@ -551,6 +552,9 @@ def _option_flags(args: argparse.Namespace) -> dict[str, str]:
 
 
 OPTION_DEST = "option:"
+#: what an empty value should have been, for the flags that take something other than a path, name or text
+EMPTY_HINTS = {"mixed_bits": "bit-widths such as 3,4,8", "batch": "batch sizes such as 1,8",
+               "target_size": "a size such as 120MiB"}
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:

@@ -47,6 +47,7 @@ class Cell:
     target_bits: float | None = None  # mixed precision: average bits per weight (qtool.mixed)
     sensitivity: str | None = None  # mixed precision: the cost measure and perturbation (None: defaults)
     perturbation: str | None = None
+    mixed_bits: tuple[int, ...] | None = None  # mixed precision: the widths a layer may take (None: the backend's)
 
     @property
     def id(self) -> str:
@@ -56,6 +57,7 @@ class Cell:
                  f"g{self.group_size}" if self.group_size else ""]
         parts += [f"{k}={v}" for k, v in sorted(self.options.items())]
         parts += [p for p in (self.sensitivity, self.perturbation) if p]
+        parts += [f"widths{'_'.join(map(str, self.mixed_bits))}"] if self.mixed_bits else []
         return "-".join(p for p in parts if p).replace("/", "_")
 
 
@@ -70,6 +72,7 @@ class CellEntry(Section):
     target_bits: PositiveFloat | list[PositiveFloat] | None = None
     sensitivity: Literal["fisher", "output", "kl"] | None = None
     perturbation: Literal["rtn", "method"] | None = None
+    mixed_bits: list[PositiveInt] | None = None  # the widths a plan may give a layer (qtool quantize --mixed-bits)
 
 
 class CompareSection(CalibrationFields):
@@ -109,7 +112,8 @@ def expand_cells(entries: list[CellEntry]) -> list[Cell]:
         axes = [_as_list(entry.bits), _as_list(entry.target_bits), _as_list(entry.group_size),
                 *[[(k, v) for v in _as_list(vals)] for k, vals in entry.options.items()]]
         for bits, target, group, *opts in itertools.product(*axes):
-            cell = Cell(entry.method, bits, group, dict(opts), target, entry.sensitivity, entry.perturbation)
+            widths = tuple(entry.mixed_bits) if entry.mixed_bits else None
+            cell = Cell(entry.method, bits, group, dict(opts), target, entry.sensitivity, entry.perturbation, widths)
             if cell.id not in {c.id for c in cells}:
                 cells.append(cell)
     return cells
@@ -133,7 +137,9 @@ def cell_request(recipe: CompareRecipe, cell: Cell, device: str) -> QuantizeRequ
     return parse_section(QuantizeRequest, {"method": cell.method, "bits": cell.bits, "group_size": cell.group_size,
                                            "options": cell.options, "seed": recipe.seed, "device": device,
                                            "target_bits": cell.target_bits, "sensitivity": cell.sensitivity,
-                                           "perturbation": cell.perturbation, **calibration}, "cell", error=SpecError)
+                                           "perturbation": cell.perturbation,
+                                           "mixed_bits": list(cell.mixed_bits) if cell.mixed_bits else None,
+                                           **calibration}, "cell", error=SpecError)
 
 
 def check_recipe(recipe: CompareRecipe, device: str, here: bool = True) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, PrivateAttr, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, model_validator
 
 from qtool.calibration import CalibrationFields, CalibrationSpec
 from qtool.errors import SpecError
@@ -41,7 +41,7 @@ class QuantizeFields(CalibrationFields):
     seed: Seed | None = None
     device: Device | None = None
     # mixed precision (qtool.mixed): one budget, the plan picks each layer's bits
-    target_bits: PositiveFloat | None = None  # average bits per quantized weight, scales included
+    target_bits: float | None = Field(None, gt=0, allow_inf_nan=False)  # average bits per quantized weight, scales included
     target_size: str | PositiveInt | None = None  # bytes of the written weights: 120MiB, 0.5GB, 125829120
     sensitivity: Literal["fisher", "output", "kl"] | None = None  # the per-layer cost measure (default: the backend's)
     perturbation: Literal["rtn", "method"] | None = None  # the error it perturbs weights by (default: the backend's)

@@ -68,10 +68,10 @@ def test_gptq_plans_take_5_and_6_bits_only_when_asked():
     from qtool.mixed.target import MixedTarget
 
     gptq = backends.get("gptq")
-    assert MixedTarget(bits=4.5).widths(gptq.mixed_bits, "gptq", gptq.mixed_default_bits) == (2, 3, 4, 8)
-    assert MixedTarget(bits=4.5, candidates=(6, 3, 5)).widths(gptq.mixed_bits, "gptq", gptq.mixed_default_bits) == (3, 5, 6)
+    assert gptq.mixed_widths(MixedTarget(bits=4.5)) == (2, 3, 4, 8)
+    assert gptq.mixed_widths(MixedTarget(bits=4.5, candidates=(6, 3, 5))) == (3, 5, 6)
     with pytest.raises(SpecError, match="gptq gives a layer one of 2,3,4,5,6,8 bits"):
-        MixedTarget(bits=4.5, candidates=(4, 7)).widths(gptq.mixed_bits, "gptq", gptq.mixed_default_bits)
+        gptq.mixed_widths(MixedTarget(bits=4.5, candidates=(4, 7)))
     with pytest.raises(SpecError, match="awq gives a layer one of 2,3,4,8 bits"):
         backends.get("awq").check_mixed(MixedTarget(bits=4.5, candidates=(4, 5)), None)
 
@@ -183,6 +183,10 @@ def test_kl_shortcut_equals_a_full_forward(tiny_llama):
     (["--method", "awq", "--target-bits", "5", "--mixed-bits", "4,5"], ["--mixed-bits 4,5", "awq", "2,3,4,8"]),
     (["--method", "gptq", "--target-bits", "4", "--mixed-bits", "4,8"], ["cannot meet 4 bits/weight", "4 to 8 bits"]),
     (["--method", "gptq", "--mixed-bits", "4,8"], ["and --mixed-bits only apply"]),
+    (["--method", "gptq", "--target-bits", "4.5", "--mixed-bits", "5"], ["its only plan is", "(every layer at 5 bits)"]),
+    (["--method", "gptq", "--target-bits", "4.5", "--mixed-bits="], ["empty value for mixed-bits", "3,4,8"]),
+    (["--method", "hqq", "--target-size", "1000"], ["cannot meet 1,000 bytes"]),
+    (["--method", "hqq", "--target-bits", "nan"], ["--target-bits", "finite number"]),
 ])
 def test_bad_budgets_are_one_line_errors_before_loading(args, needles, tiny_llama, tmp_path):
     out = tmp_path / "out"
@@ -208,9 +212,11 @@ compare:
   cells:
     - {{method: rtn, bits: [3, 4], group_size: 32}}
     - {{method: rtn, target_bits: [3.6, 4.4], group_size: 32}}
+    - {{method: rtn, target_bits: 5.5, group_size: 32, mixed_bits: [4, 8]}}
 """)
     recipe = load_compare_recipe(str(recipe_path))
-    assert [c.id for c in recipe.cells] == ["base", "rtn-b3-g32", "rtn-b4-g32", "rtn-t3.6-g32", "rtn-t4.4-g32"]
+    assert [c.id for c in recipe.cells] == ["base", "rtn-b3-g32", "rtn-b4-g32", "rtn-t3.6-g32", "rtn-t4.4-g32",
+                                            "rtn-t5.5-g32-widths4_8"]
     out = tmp_path / "report"
     run_compare(recipe, out, progress=False, log=lambda _m: None)
     results = read_results(out)
@@ -218,6 +224,8 @@ compare:
     mixed = results["rtn-t3.6-g32"]["quantization"]
     assert mixed["mixed_precision"]["average_bits"] <= 3.6 and "groups" not in mixed["mixed_precision"]
     assert results["rtn-t3.6-g32"]["quantization"]["effective_bits_per_weight"] <= 3.6
+    assert results["rtn-t5.5-g32-widths4_8"]["quantization"]["mixed_precision"]["candidates"] == [4, 8]
+    assert results["rtn-t4.4-g32"]["quantization"]["mixed_precision"]["candidates"] != [4, 8]
     write_report(results, out)
     assert (out / "quality_vs_size.png").stat().st_size > 0
 
@@ -246,6 +254,9 @@ compare:
     - {{method: rtn, target_bits: [4.0, 1.0], group_size: 32}}
 """)
     with pytest.raises(SpecError, match="cell rtn-t1-g32: rtn cannot meet 1 bits/weight"):
+        check_recipe(load_compare_recipe(str(recipe_path)), "cpu")
+    recipe_path.write_text(recipe_path.read_text().replace("[4.0, 1.0], group_size: 32", "4.0, mixed_bits: [4, 7]"))
+    with pytest.raises(SpecError, match="cell rtn-t4-widths4_7: --mixed-bits 4,7: rtn gives a layer one of"):
         check_recipe(load_compare_recipe(str(recipe_path)), "cpu")
 
 
@@ -284,3 +295,21 @@ def test_a_quantized_model_is_refused_by_plan_too(tiny_llama, tmp_path):
     assert_one_line_error(proc, "already quantized (rtn)")
     assert_one_line_error(qtool_in_process("plan", "--method", "hqq", "--calib", "builtin", tiny_llama),
                           "a plan needs a budget")
+
+
+def test_gptq_refuses_5_and_6_bits_for_widths_its_planar_packing_cannot_hold():
+    """GPTQModel packs 5/6-bit layers in blocks of 32 codes: a layer width of 48 is refused before
+    any work, for --bits 5 and for a plan that may use 6 bits; 4 bits and a 2/3/4/8 plan are not."""
+    from torch import nn
+
+    from qtool import backends
+    from qtool.mixed.target import MixedTarget
+
+    gptq = backends.get("gptq")
+    linears = {"model.layers.0.mlp.up_proj": nn.Linear(64, 48)}
+    for bits, target in ((5, None), (None, MixedTarget(bits=4.5, candidates=(4, 6)))):
+        spec = gptq.make_spec(bits, 16, {}, 0, None, target)
+        with pytest.raises(SpecError, match=r"gptq (5|6)-bit layers .* divisible by 32; this model has 48"):
+            gptq.check_layers(spec, linears)
+    for bits, target in ((4, None), (None, MixedTarget(bits=4.5))):
+        gptq.check_layers(gptq.make_spec(bits, 16, {}, 0, None, target), linears)

@@ -58,7 +58,7 @@ def _wait(server, job_id: str, timeout: float = 300) -> dict:
 
 def _quantize(server, model, out, method="rtn", bits=4, group=32, options=None, target="", force=False):
     options = options if options is not None else server.client.predict(method, api_name="/options")
-    result = server.client.predict(model, out, method, bits, group, target, options, "", "", "", force,
+    result = server.client.predict(model, out, method, bits, group, target, "", options, "", "", "", force,
                                    api_name="/quantize")
     assert result[-1] == "", result[-1]  # no error before the job started
     return result[0]
@@ -73,6 +73,8 @@ def test_quantize_form_passes_only_what_was_set_and_keeps_what_the_cli_must_refu
     argv = forms.quantize_argv("m", "o", "gptq", 4.0, 64.0, rows, "builtin", "16", "", "3.5", False)
     assert argv == ["quantize", "--method=gptq", "--bits=4", "--group-size=64", "--target-bits=3.5",
                     "--opt=sym=false", "--calib=builtin", "--nsamples=16", "--", "m", "o"]
+    assert forms.quantize_argv("m", "o", "gptq", None, 64, None, "", "", "", "4.5", False, "3,4,5")[2:5] == [
+        "--group-size=64", "--target-bits=4.5", "--mixed-bits=3,4,5"]
     assert forms.quantize_argv("m", "o", "rtn", 4.5)[2] == "--bits=4.5"  # not rounded: the CLI refuses it
     assert forms.quantize_argv("--force", "-o", "rtn")[-3:] == ["--", "--force", "-o"]  # values, never flags
     assert forms.option_rows("no-such-method") == []
@@ -80,13 +82,16 @@ def test_quantize_form_passes_only_what_was_set_and_keeps_what_the_cli_must_refu
 
 def test_compare_form_runs_the_recipe_or_an_edited_copy(tmp_path):
     rows = forms.recipe_cells("compare-smollm2")
-    assert rows[0] == ["eetq", "8", "", ""] and ["gptq", "4", "64", "sym=false"] in rows
+    assert rows[0] == ["eetq", "8", "", "", "", "", "", ""] and ["gptq", "4", "64", "sym=false", "", "", "", ""] in rows
     assert forms.compare_argv("compare-smollm2", "r", rows) == (["compare", "--out=r", "--", "compare-smollm2"], {})
     argv, files = forms.compare_argv("compare-smollm2", "r", [["rtn", "4", "32", "symmetric=true"]])
     assert argv == ["compare", "--out=r", "--", "recipe.yaml"] and isinstance(argv[-1], forms.JobFile)
     edited = yaml.safe_load(files["recipe.yaml"])["compare"]
     assert edited["cells"] == [{"method": "rtn", "bits": 4, "group_size": 32, "options": {"symmetric": True}}]
     assert edited["model"] == "smollm2-135m" and edited["name"] == "smollm2-cpu"
+    _, files = forms.compare_argv("compare-smollm2", "r", [["gptq", "", "64", "", "4.5", "3, 4,5", "output", ""]])
+    assert yaml.safe_load(files["recipe.yaml"])["compare"]["cells"] == [
+        {"method": "gptq", "group_size": 64, "target_bits": 4.5, "mixed_bits": [3, 4, 5], "sensitivity": "output"}]
     _, files = forms.compare_argv("compare-smollm2", "r", rows, eval_text="builtin")  # another evaluation text
     edited = yaml.safe_load(files["recipe.yaml"])["compare"]
     assert edited["eval"]["text"] == "builtin" and edited["eval"]["ctx"] == 512 and len(edited["cells"]) == len(rows)
@@ -215,9 +220,9 @@ def test_compare_with_edited_cells_then_its_report_in_the_page(server, wikitext_
                       f"    text: {wikitext_test}\n    ctx: 64\n    max_tokens: 256\n"
                       "  cells:\n    - {method: rtn, bits: [4, 3], group_size: 32}\n")
     cells, out, error = server.client.predict(str(recipe), api_name="/compare_cells")
-    assert error == "" and cells["data"] == [["rtn", "4", "32", ""], ["rtn", "3", "32", ""]]
+    assert error == "" and cells["data"] == [["rtn", "4", "32", *[""] * 5], ["rtn", "3", "32", *[""] * 5]]
     result = server.client.predict(str(recipe), "reports/tiny",
-                                   {"headers": forms.CELL_HEADERS, "data": [["rtn", "2", "32", ""]]},
+                                   {"headers": forms.CELL_HEADERS, "data": [["rtn", "2", "32", *[""] * 5]]},
                                    api_name="/compare")
     st = _wait(server, result[0])
     assert st["state"] == "done", st["log_tail"]

@@ -170,6 +170,14 @@ class Backend(ABC):
         self.check_spec(spec)
         return spec
 
+    def default_mixed_widths(self) -> tuple[int, ...]:
+        """The widths a plan uses when --mixed-bits names none."""
+        return self.mixed_default_bits or self.mixed_bits
+
+    def mixed_widths(self, target: MixedTarget) -> tuple[int, ...]:
+        """The widths `target`'s plan may use; raises SpecError for a width this backend does not offer."""
+        return target.widths(self.mixed_bits, self.name, self.default_mixed_widths())
+
     def check_mixed(self, target: MixedTarget, bits: int | None) -> None:
         """Refuse a mixed-precision budget this backend cannot honour; raise SpecError."""
         from qtool import backends
@@ -179,8 +187,8 @@ class Backend(ABC):
             raise SpecError(f"{self.name} has no per-layer bit-widths; --target-bits/--target-size work with {able}")
         if bits is not None:
             raise SpecError("--bits and a mixed-precision budget (--target-bits/--target-size) exclude each other: "
-                            f"the plan picks each layer's bits from {_join(self.mixed_bits)}")
-        target.widths(self.mixed_bits, self.name, self.mixed_default_bits)
+                            f"the plan picks each layer's bits from {_join(self.mixed_widths(target))}")
+        self.mixed_widths(target)
         if target.size_bytes is not None and not self.mixed_size_target:
             raise SpecError(f"{self.name} writes dense weights whatever the bits: its size does not follow a plan; "
                             "use --target-bits")

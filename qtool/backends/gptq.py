@@ -33,6 +33,9 @@ from qtool.errors import SpecError
 from qtool.models import ModelSource, quantizable_linears
 from qtool.rotation import rotate_with_seed
 
+#: codes per block of GPTQModel's planar (gptq_p) packing, which holds its 5- and 6-bit layers
+PLANAR_BLOCK = 32
+
 
 @dataclass
 class GptqOptions:
@@ -50,7 +53,8 @@ class GptqOptions:
 @register
 class GptqBackend(GptqModelBackend):
     name = "gptq"
-    summary = "GPTQ via GPTQModel: calibrated 2/3/4/5/6/8-bit, standard GPTQ checkpoint (transformers, vLLM, SGLang)"
+    summary = ("GPTQ via GPTQModel: calibrated 2/3/4/8-bit, standard GPTQ checkpoint (transformers, vLLM, SGLang);"
+               " 5/6-bit load in GPTQModel only")
     capabilities = Capabilities(
         bits=(2, 3, 4, 5, 6, 8),
         needs_calibration=True,
@@ -58,7 +62,8 @@ class GptqBackend(GptqModelBackend):
         serializable=True,
         peft_trainable=True,
         packages={"gptqmodel": "gptq", "optimum": "gptq"},
-        format="GPTQ (int32-packed; quantization_config in config.json): transformers + optimum + gptqmodel, vLLM, SGLang, TGI",
+        format=("GPTQ (int32-packed; quantization_config in config.json): transformers + optimum + gptqmodel, vLLM, SGLang,"
+                " TGI; 5/6-bit and per-module bits: GPTQModel's loader (qtool.load) only"),
     )
     Options = GptqOptions
     # 5 and 6 bits: GPTQModel packs and runs them (TorchLinear) and loads them with its own loader
@@ -71,6 +76,18 @@ class GptqBackend(GptqModelBackend):
         if spec.options.mse < 0:
             raise SpecError(f"gptq option mse must be >= 0 (0 turns the range search off), got {spec.options.mse}")
         check_damp_percent(self.name, spec.options.damp_percent)
+
+    def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
+        """Also: 5- and 6-bit layers are packed in GPTQModel's planar layout (format gptq_p), whole
+        blocks of 32 codes, so both widths of every layer must be multiples of 32 (GPTQModel 7.7's
+        qlinear refuses others when it builds the layer, after the calibration pass)."""
+        super().check_layers(spec, linears)
+        wide = sorted({5, 6} & set(self.mixed_widths(spec.target) if spec.target else {spec.bits}))
+        bad = sorted({w for m in linears.values() for w in (m.in_features, m.out_features) if w % PLANAR_BLOCK})
+        if wide and bad:
+            widths, found = "/".join(map(str, wide)), ", ".join(map(str, bad))
+            raise SpecError(f"gptq {widths}-bit layers (GPTQModel's planar packing) need layer widths divisible by "
+                            f"{PLANAR_BLOCK}; this model has {found}: use 2/3/4/8 bits")
 
     def quantize(
         self, source: ModelSource, spec: QuantSpec, device: str, calibration: CalibrationSet | None = None

@@ -25,7 +25,7 @@ from qtool.errors import SpecError
 from qtool.mixed.allocate import allocate
 from qtool.mixed.perturbation import perturbation_errors
 from qtool.mixed.sensitivity import TOKEN_BUDGET, budget_samples, measure
-from qtool.mixed.target import MixedTarget
+from qtool.mixed.target import MixedTarget, size_words
 from qtool.mixed.units import Unit, decision_units
 
 SENSITIVITY_VERSION = 1  # bump when the measures change: cached costs are keyed by it
@@ -52,11 +52,14 @@ class Budget:
         return self.bytes, float(target.size_bytes - self.fixed_bytes)
 
     def describe_range(self, target: MixedTarget) -> str:
+        """'4.312 to 8.250 bits/weight' (or sizes): the smallest and the largest plan (one value when they agree)."""
         if target.bits is not None:
             low, high = self.bits.min(1).sum() / self.numel, self.bits.max(1).sum() / self.numel
-            return f"{low:.3f} to {high:.3f} bits/weight"
-        low, high = self.fixed_bytes + self.bytes.min(1).sum(), self.fixed_bytes + self.bytes.max(1).sum()
-        return f"{low / 2**20:.2f} to {high / 2**20:.2f} MiB"
+            words = [f"{low:.3f}", f"{high:.3f} bits/weight"]
+        else:
+            low, high = self.fixed_bytes + self.bytes.min(1).sum(), self.fixed_bytes + self.bytes.max(1).sum()
+            words = [size_words(low), size_words(high)]
+        return words[1] if low == high else " to ".join(words)
 
 
 #: bytes a tensor adds to a safetensors header (its name, dtype, shape and offsets as JSON);
@@ -73,7 +76,7 @@ def budget_table(backend: Any, spec: Any, linears: dict[str, nn.Linear], params:
     """
     total_params, total_tensors = params
     units = decision_units(linears)
-    candidates = spec.target.widths(tuple(backend.mixed_bits), backend.name, backend.mixed_default_bits)
+    candidates = backend.mixed_widths(spec.target)
     specs = [dataclasses.replace(spec, bits=b) for b in candidates]
     bits = np.array([[u.numel * backend.effective_bits(s) for s in specs] for u in units])
     per_layer_header = backend.stored_tensors_per_layer * HEADER_BYTES_PER_TENSOR
@@ -91,8 +94,10 @@ def check_budget(budget: Budget, target: MixedTarget, method: str) -> None:
     """
     sizes, limit = budget.limit(target)
     if sizes.min(1).sum() > limit * (1 + 1e-9):
-        raise SpecError(f"{method} cannot meet {target.describe()}: its plans span {budget.describe_range(target)} "
-                        f"(every layer at {min(budget.candidates)} to {max(budget.candidates)} bits); ask for more")
+        low, high = min(budget.candidates), max(budget.candidates)
+        plans = (f"its only plan is {budget.describe_range(target)} (every layer at {low} bits)" if low == high else
+                 f"its plans span {budget.describe_range(target)} (every layer at {low} to {high} bits)")
+        raise SpecError(f"{method} cannot meet {target.describe()}: {plans}; ask for more")
 
 
 @dataclass

@@ -47,12 +47,11 @@ class MixedTarget:
         """This target with the backend's (sensitivity, perturbation) where it names none."""
         return replace(self, sensitivity=self.sensitivity or defaults[0], perturbation=self.perturbation or defaults[1])
 
-    def widths(self, offered: tuple[int, ...], method: str, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    def widths(self, offered: tuple[int, ...], method: str, default: tuple[int, ...]) -> tuple[int, ...]:
         """The candidate widths: `candidates` checked against what the backend offers, or without
-        candidates the backend's `default` (None: all it offers). Raises SpecError for a width it
-        does not offer."""
+        candidates the backend's `default`. Raises SpecError for a width it does not offer."""
         if self.candidates is None:
-            return default or offered
+            return default
         bad = sorted(set(self.candidates) - set(offered))
         if bad or not self.candidates:
             raise SpecError(f"--mixed-bits {','.join(map(str, self.candidates))}: {method} gives a layer one of "
@@ -60,10 +59,15 @@ class MixedTarget:
         return tuple(sorted(set(self.candidates)))
 
     def describe(self) -> str:
-        return f"{self.bits:g} bits/weight" if self.bits is not None else f"{self.size_bytes / 2**20:.2f} MiB"
+        return f"{self.bits:g} bits/weight" if self.bits is not None else size_words(self.size_bytes)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v is not None}
+
+
+def size_words(size: float) -> str:
+    """'123.45 MiB', or plain bytes below 0.01 MiB (where two decimals of MiB would read 0.00)."""
+    return f"{size / 2**20:.2f} MiB" if size >= 2**20 / 100 else f"{size:,.0f} bytes"
 
 
 def parse_size(text: str | int) -> int:

@@ -136,6 +136,8 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
                 q_bits = gr.Number(label="bits", value=4, precision=None, elem_id="q-bits")
                 q_group = gr.Number(label="group size (-1: per channel)", value=64, precision=None)
                 q_target = gr.Textbox(label="target bits (mixed precision)", placeholder="empty: uniform bits")
+                q_widths = gr.Textbox(label="widths a layer may take", placeholder="empty: the method's (gptq 2,3,4,8)",
+                                      info="with target bits: e.g. 3,4,5,6,8")
             q_options = gr.Dataframe(headers=forms.OPTION_HEADERS, value=forms.option_rows("rtn"), type="array",
                                      label="options of this method (edit 'value')", interactive=True, wrap=True,
                                      static_columns=[0, 2, 3, 4])
@@ -153,12 +155,12 @@ def build(root: Path, allowed: list[Path] | None = None, device: str = "cpu") ->
             q_method.change(forms.option_rows, q_method, q_options, api_name="options")
 
             @guarded(len(panel_outputs(q_panel)) + 1)
-            def quantize(model, out, method, bits, group, target, options, calib, nsamples, seqlen, force):
+            def quantize(model, out, method, bits, group, target, widths, options, calib, nsamples, seqlen, force):
                 argv = forms.quantize_argv(model, out, method, bits, group, options, calib, nsamples, seqlen,
-                                           target, force)
+                                           target, force, widths)
                 return start_job("quantize", argv, f"quantize {model} with {method} into {out}", str(out).strip())
 
-            q_start.click(quantize, [q_model, q_out, q_method, q_bits, q_group, q_target, q_options, q_calib,
+            q_start.click(quantize, [q_model, q_out, q_method, q_bits, q_group, q_target, q_widths, q_options, q_calib,
                                      q_nsamples, q_seqlen, q_force],
                           [q_panel["job"], *panel_outputs(q_panel), q_error], api_name="quantize")
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 OPTION_HEADERS = ["option", "value", "default", "choices", "help"]
-CELL_HEADERS = ["method", "bits", "group_size", "options"]
+CELL_HEADERS = ["method", "bits", "group_size", "options", "target_bits", "mixed_bits", "sensitivity", "perturbation"]
 RESULT_HEADERS = ["cell", "status", "weights MiB", "bits/weight", "token PPL", "ΔPPL", "error"]
 PREVIEW_ROWS = 5
 
@@ -66,11 +66,12 @@ def option_rows(method: str) -> list[list[str]]:
 
 def quantize_argv(model: str, out: str, method: str, bits: Any = None, group_size: Any = None,
                   options: list[list[Any]] | None = None, calib: str = "", nsamples: Any = None,
-                  seqlen: Any = None, target_bits: Any = None, force: bool = False) -> list[str]:
+                  seqlen: Any = None, target_bits: Any = None, force: bool = False, mixed_bits: Any = None) -> list[str]:
     """`qtool quantize` arguments: only what the user set; an option row is passed as --opt KEY=VALUE
     when its value differs from its default."""
     argv = ["quantize", f"--method={_str(method)}"]
     argv += flag("--bits", bits) + flag("--group-size", group_size) + flag("--target-bits", target_bits)
+    argv += flag("--mixed-bits", mixed_bits)
     for row in options or []:
         name, value, default = (list(row) + ["", "", ""])[:3]
         if str(name).strip() and _text(value) != _text(default):
@@ -121,7 +122,9 @@ def recipe_cells(recipe: str) -> list[list[str]]:
     from qtool.compare import BASE, load_compare_recipe
 
     cells = load_compare_recipe(recipe).cells
-    return [[c.method, _text(c.bits), _text(c.group_size), _options_text(c.options)] for c in cells if c.method != BASE]
+    return [[c.method, _text(c.bits), _text(c.group_size), _options_text(c.options), _text(c.target_bits),
+             ",".join(map(str, c.mixed_bits or ())), _text(c.sensitivity), _text(c.perturbation)]
+            for c in cells if c.method != BASE]
 
 
 def compare_argv(recipe: str, out: str, rows: list[list[Any]] | None, eval_text: str = "") -> tuple[list[Any], dict[str, str]]:
@@ -335,12 +338,14 @@ def _options_text(options: dict[str, Any]) -> str:
 
 
 def _cell_entry(row: list[Any]) -> dict[str, Any]:
-    method, bits, group, options = (list(row) + ["", "", "", ""])[:4]
+    method, bits, group, options, target, widths, sensitivity, perturbation = (list(row) + [""] * 8)[:8]
     entry: dict[str, Any] = {"method": _str(method)}
-    if _text(bits):
-        entry["bits"] = _value(_text(bits))
-    if _text(group):
-        entry["group_size"] = _value(_text(group))
+    for key, value in (("bits", bits), ("group_size", group), ("target_bits", target), ("sensitivity", sensitivity),
+                       ("perturbation", perturbation)):
+        if _text(value):
+            entry[key] = _value(_text(value))
+    if _text(widths):
+        entry["mixed_bits"] = [_value(w.strip()) for w in _text(widths).split(",") if w.strip()]
     opts = {}
     for item in _str(options).split(","):
         key, sep, val = item.partition("=")
