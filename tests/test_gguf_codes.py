@@ -7,6 +7,7 @@ blocks, and qtool's rtn backend makes the dense grids.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,6 +107,8 @@ def test_rtn_grids_are_recovered_from_dense_weights(symmetric):
 @pytest.mark.parametrize(("grid", "why"), [
     (None, "not quantized"), (Grid("gptq", 3, 64, True, "gptq"), "3-bit"),
     (Grid("gptq", 4, 48, True, "gptq"), "multiple of GGUF's 32"), (Grid("hqq", 4, 64, False, "hqq"), "no integer codes"),
+    (Grid("gptq", 5, 64, False, "gptq_p"), "llama.cpp's Q5_1 re-quantizes"),
+    (Grid("gptq", 4, 64, False, "mixed"), "per-module bit-widths (mixed precision)"),
 ])
 def test_no_exact_type_says_why(grid, why):
     kind, reason = exact_type(grid)
@@ -187,3 +190,41 @@ def test_compressed_tensors_export_never_overwrites_the_source_or_a_users_folder
     assert (tmp_path / "ct" / "export.json").is_file()
     again = qtool_in_process("export", source, "--format", "compressed-tensors", "-o", tmp_path / "ct", "--force")
     assert again.returncode == 0, again.stderr  # an export qtool wrote is replaced
+
+
+# 3-bit codes straddle int32 words, 5-bit ones are GPTQModel's planar packing (format gptq_p), and a
+# mixed plan's layers differ in width (GPTQModel `dynamic`): none is read as codes.
+@pytest.mark.parametrize(("flags", "layout", "refusal"), [
+    (["--bits", "3"], "gptq", "--type (e.g. Q3_K_M)"),
+    (["--bits", "5"], "gptq_p", "--type (e.g. Q5_1)"),
+    (["--target-bits", "5.5", "--mixed-bits", "4,8"], "mixed", "mixed precision"),
+], ids=["3-bit", "5-bit", "mixed-4-8"])
+def test_exports_take_the_weights_the_kernels_compute_where_codes_are_not_read(flags, layout, refusal, tiny_llama,
+                                                                                tmp_path):
+    """The dense folder every GGUF export starts from holds each projection's weight as the loaded
+    checkpoint computes it (before, 3- and 5-bit codes were unpacked as if 32/bits of them filled a
+    word, and the export stopped with a wrong "act-order g_idx" error), and the lossless type is
+    refused in one line naming what to ask for instead."""
+    pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
+    from safetensors.numpy import load_file
+
+    from qtool.export.gguf import dense_folder
+
+    folder = tmp_path / "ckpt"
+    proc = run_qtool("quantize", "--method", "gptq", "--group-size", "32", *FAST_CALIB, *flags, "--device", "cpu",
+                     tiny_llama, folder)
+    assert proc.returncode == 0, proc.stderr
+    grid = grid_of(folder)
+    assert grid.layout == layout and not grid.readable
+    with pytest.raises(SpecError, match=re.escape(refusal)):
+        default_type(folder)
+    dense_folder(folder, tmp_path / "dense", grid)
+    dense = load_file(tmp_path / "dense" / "model.safetensors")
+    model = qtool.load(folder, device="cpu").model
+    projections = [(n, m) for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    assert len(projections) == 4
+    for name, module in projections:
+        eye = torch.eye(dense[f"{name}.weight"].shape[1])
+        with torch.no_grad():
+            weight = (module(eye) - module(torch.zeros_like(eye[:1]))).float().T.numpy()
+        np.testing.assert_allclose(dense[f"{name}.weight"], weight, rtol=0, atol=1e-5 * np.abs(weight).max())

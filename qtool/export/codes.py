@@ -55,7 +55,13 @@ class Grid:
     bits: int
     group_size: int
     sym: bool
-    layout: str  # "gptq", "gptq_v2", "awq" or "dense"
+    layout: str  # "gptq", "gptq_v2", "awq" or "dense"; "gptq_p" (GPTQModel's planar 5/6-bit packing) and
+    # "mixed" (GPTQModel `dynamic` per-module bits) have no codes qtool reads: their weights come from the kernels
+
+    @property
+    def readable(self) -> bool:
+        """Whether layer_codes reads this grid's codes: a known layout whose codes fill int32 words evenly."""
+        return self.layout == "dense" or self.layout in ("gptq", "gptq_v2", "awq") and 32 % self.bits == 0
 
 
 def grid_of(folder: Path) -> Grid | None:
@@ -73,11 +79,14 @@ def grid_of(folder: Path) -> Grid | None:
     if qc:
         method = str(qc.get("quant_method", "?")).lower()
         bits, group = int(qc.get("bits", 0) or qc.get("w_bit", 0)), int(qc.get("group_size", 0) or qc.get("q_group_size", 0))
+        dynamic = qc.get("dynamic") or {}
+        mixed = any(isinstance(rule, dict) and ("bits" in rule or "group_size" in rule) for rule in dynamic.values())
         if method == "gptq":
-            fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-            return Grid("gptq", bits, group, bool(qc.get("sym", True)), "gptq_v2" if fmt == "gptq_v2" else "gptq")
+            fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+            layout = "mixed" if mixed else fmt if fmt in ("gptq_v2", "gptq_p") else "gptq"
+            return Grid("gptq", bits, group, bool(qc.get("sym", True)), layout)
         if method == "awq":
-            return Grid("awq", bits, group, not bool(qc.get("zero_point", True)), "awq")
+            return Grid("awq", bits, group, not bool(qc.get("zero_point", True)), "mixed" if mixed else "awq")
         return Grid(method, bits, group, True, method)
     if record.get("method") == "rtn":
         spec = record.get("spec") or record

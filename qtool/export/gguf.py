@@ -43,6 +43,9 @@ log = logging.getLogger("qtool")
 EXACT_TYPES = ("Q4_0", "Q4_1")
 CONVERTER_TYPES = ("F16", "BF16", "F32")
 # llama.cpp's quantizer types (llama_ftype names without the LLAMA_FTYPE_MOSTLY_ prefix)
+#: the llama.cpp type of about the same bits per weight as a checkpoint of each width (the suggestion
+#: when no type holds its codes unchanged)
+NEAREST_TYPE = {2: "Q2_K", 3: "Q3_K_M", 5: "Q5_1", 6: "Q6_K", 8: "Q8_0"}
 QUANTIZER_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_L",
                    "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4_MOE")
 GGUF_TYPES = EXACT_TYPES + CONVERTER_TYPES + QUANTIZER_TYPES
@@ -91,10 +94,14 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
     """(Q4_0 / Q4_1 / None, why): the GGUF type the checkpoint's codes map onto without re-quantizing."""
     if grid is None:
         return None, "the checkpoint is not quantized (F16 keeps it as it is)"
+    if grid.layout == "mixed":
+        return None, (f"{grid.method} with per-module bit-widths (mixed precision): qtool writes Q4_0/Q4_1 blocks from "
+                      "codes only when every layer is 4-bit")
+    if grid.bits != 4 and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
+        return None, (f"{grid.method} {grid.bits}-bit: qtool writes blocks from codes only for 4-bit (Q4_0/Q4_1); "
+                      f"llama.cpp's {NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
     if grid.layout not in ("gptq", "gptq_v2", "awq", "dense"):
         return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
-    if grid.bits != 4:
-        return None, f"{grid.method} {grid.bits}-bit has no GGUF block type with the same grid (Q4_0/Q4_1 are 4-bit)"
     if grid.group_size <= 0 or grid.group_size % 32:
         return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
     return ("Q4_0" if grid.sym else "Q4_1"), "the checkpoint's codes map exactly"
@@ -110,7 +117,8 @@ def default_type(folder: Path) -> str:
         return kind
     if grid is None:
         return "F16"
-    raise SpecError(f"{folder}: no GGUF type holds its weights unchanged ({why}); give --type (e.g. Q8_0), "
+    suggested = NEAREST_TYPE.get(grid.bits, "Q8_0") if grid.layout != "mixed" else "Q8_0"
+    raise SpecError(f"{folder}: no GGUF type holds its weights unchanged ({why}); give --type (e.g. {suggested}), "
                     "knowing that llama.cpp then quantizes already-quantized weights again")
 
 
@@ -237,7 +245,7 @@ def dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Code
     config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config", None)
     (dense / "config.json").write_text(json.dumps(config, indent=2))
-    if grid is not None and grid.layout not in ("gptq", "gptq_v2", "awq", "dense"):
+    if grid is not None and not grid.readable:
         save_file(kernel_weights(folder), str(dense / "model.safetensors"), metadata={"format": "pt"})
         return {}
     tensors: dict[str, np.ndarray] = {}
