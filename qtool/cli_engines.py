@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 ENGINE_NAMES = ("hf", "vllm", "llamacpp")  # qtool.engines.ENGINE_NAMES (not imported here: --help stays fast)
-GGUF_HELP = ("Q4_0 / Q4_1: blocks written from a 4-bit checkpoint's own codes (gptq, awq, autoround, rtn with groups "
-             "a multiple of 32); F16, BF16, F32: dense; Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...: llama.cpp's quantizer "
+GGUF_HELP = ("Q4_0 / Q4_1 / Q5_0 / Q5_1: blocks written from a 4- or 5-bit checkpoint's own codes (gptq, awq, "
+             "autoround, rtn with groups a multiple of 32); F16, BF16, F32: dense; Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...: llama.cpp's quantizer "
              "(default: the checkpoint's lossless type)")
 
 
@@ -47,6 +47,7 @@ def add_parsers(sub: Any) -> None:
                     "native layout (gptq/awq/autoround/rtn codes carried over unchanged and checked). Either is "
                     "written to a temporary sibling and renamed at the end.",
         epilog="examples:\n  qtool export out/gptq4 --format gguf                 # Q4_0/Q4_1 from the codes\n"
+               "  qtool export out/gptq5 --format gguf                 # Q5_0/Q5_1 from a 5-bit gptq's codes\n"
                "  qtool export out/gptq4 --format gguf --type Q8_0 -o out/gptq4-q8.gguf\n"
                "  qtool export out/gptq4 --format compressed-tensors     # out/gptq4-ct, W4A16 pack-quantized",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -59,7 +60,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("-o", "--output", metavar="PATH", help="the .gguf (or compressed-tensors folder) to write "
                    "(default: OUT-TYPE.gguf / OUT-ct beside OUT)")
     p.add_argument("--embedding-type", default="F16", choices=["F16", "Q8_0"],
-                   help="Q4_0/Q4_1 from codes: the token embedding / output head, which the checkpoint keeps "
+                   help="Q4_x/Q5_x from codes: the token embedding / output head, which the checkpoint keeps "
                         "unquantized: F16 (lossless, default) or Q8_0 (smaller, faster decode on small models)")
     p.add_argument("--force", action="store_true", help="replace the .gguf, or a compressed-tensors folder qtool wrote, "
                    "if it exists")

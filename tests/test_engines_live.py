@@ -79,6 +79,31 @@ def test_llamacpp_perplexity_of_the_export_matches_qtools(checkpoint, tmp_path):
     assert abs(theirs["ppl"] / ours["ppl"] - 1) < 0.005, (ours["ppl"], theirs["ppl"])
 
 
+def test_a_mixed_4_and_5_bit_plan_becomes_q4_and_q5_blocks_that_llamacpp_runs_as_qtool_does(tmp_path):
+    """A gptq plan over 4 and 5 bits (5-bit layers in GPTQModel's planar gptq_p packing) is written
+    block for block from its codes, each projection in its own width's type, and llama.cpp's
+    perplexity on it is qtool's."""
+    needs("llamacpp")
+    pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
+    out = tmp_path / "mixed45"
+    proc = run_qtool("quantize", "--method", "gptq", "--group-size", "64", "--target-bits", "4.6", "--mixed-bits", "4,5",
+                     *CALIB, "--device", "cpu", "smollm2-135m", out, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_qtool("export", out, "--json", timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    exported = json.loads(proc.stdout)
+    assert exported["mapped_tensors"] == 210 and not exported["requantized"], exported
+    assert "Q4_0" in exported["tensor_types"] and "Q5_0" in exported["tensor_types"], exported
+    text = WIKITEXT / "test.txt"
+    report = tmp_path / "eval.json"
+    proc = run_qtool("eval", out, "--ppl", str(text) if text.exists() else "builtin", "--ctx", "512", "--max-tokens",
+                     "4096", "--engine", "hf", "--engine", "llamacpp", "--json", report, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    ours, theirs = result["perplexity"], result["engines"]["llamacpp"]["perplexity"]
+    assert abs(theirs["ppl"] / ours["ppl"] - 1) < 0.005, (ours["ppl"], theirs["ppl"])
+
+
 def test_rtn_dense_grid_becomes_exact_q4_1(tmp_path):
     needs("llamacpp")
     out = tmp_path / "rtn4"

@@ -63,52 +63,58 @@ def test_the_grid_names_its_lossless_gguf_type(quantized_tiny):
     assert exact_type(grid)[0] == expected == default_type(quantized_tiny)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_blocks_dequantize_in_gguf_to_the_codes_weights(kind):
     rng = np.random.default_rng(0)
-    out, cols, group = 48, 256, 64
-    zeros = np.full((out, cols // group), 8.0) if kind == "Q4_0" else rng.integers(0, 16, (out, cols // group)) * 1.0
-    codes = Codes(rng.integers(0, 16, (out, cols)).astype(np.uint8),
+    out, cols, group, levels = 48, 256, 64, 2 ** int(kind[1])
+    zeros = (np.full((out, cols // group), levels / 2) if kind.endswith("_0")
+             else rng.integers(0, levels, (out, cols // group)) * 1.0)
+    codes = Codes(rng.integers(0, levels, (out, cols)).astype(np.uint8),
                   rng.uniform(1e-3, 5e-2, (out, cols // group)).astype(np.float16).astype(np.float32),
                   zeros.astype(np.float32), group)
     blocks = _blocks(codes, kind)
     assert blocks.shape == (out, cols // 32 * gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, kind)][1])
     restored = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)).reshape(out, cols)
     expected = codes.dequantize()
-    # Q4_0's d is the fp16 scale itself (exact); Q4_1 also rounds m = -scale * zero to fp16
-    atol = 0 if kind == "Q4_0" else 2**-11 * np.abs(codes.scales * codes.zeros).max()
+    # Q4_0/Q5_0's d is the fp16 scale itself (exact); Q4_1/Q5_1 also round m = -scale * zero to fp16
+    atol = 0 if kind.endswith("_0") else 2**-11 * np.abs(codes.scales * codes.zeros).max()
     np.testing.assert_allclose(restored, expected, rtol=1e-6, atol=atol)
 
 
-def test_q4_0_refuses_a_grid_with_other_zero_points():
+def test_q4_0_and_q5_0_refuse_a_grid_with_other_zero_points():
     codes = Codes(np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), np.full((2, 1), 7.0, np.float32), 32)
     with pytest.raises(SpecError, match="Q4_1"):
         _blocks(codes, "Q4_0")
+    with pytest.raises(SpecError, match="zero point at 16 .* use Q5_1"):
+        _blocks(codes, "Q5_0")
 
 
+@pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_rtn_grids_are_recovered_from_dense_weights(symmetric):
+def test_rtn_grids_are_recovered_from_dense_weights(symmetric, bits):
     from qtool.backends.rtn import rtn_dequantized
 
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     # a group whose ends fall on .5 ties (as in weights that were on a grid already, like the built-in
     # model's Q4_1): rounding leaves one code of the min-max grid unused
     weight[0, :64] = torch.linspace(-6.5, 8.5, 64)
-    dense = rtn_dequantized(weight, 4, 64, symmetric).numpy()
-    codes = grid_codes(dense, Grid("rtn", 4, 64, symmetric, "dense"))
+    dense = rtn_dequantized(weight, bits, 64, symmetric).numpy()
+    codes = grid_codes(dense, Grid("rtn", bits, 64, symmetric, "dense"))
     # the recovered grid is rtn's own: its step per group, as rtn computed it from the original weight
     groups = weight.reshape(64, 4, 64)
-    step = (groups.abs().amax(-1) / 7 if symmetric else (groups.amax(-1) - groups.amin(-1)) / 15).numpy()
+    qmax, levels = 2 ** (bits - 1) - 1, 2**bits - 1
+    step = (groups.abs().amax(-1) / qmax if symmetric else (groups.amax(-1) - groups.amin(-1)) / levels).numpy()
     np.testing.assert_allclose(codes.scales, step, rtol=1e-5)
     np.testing.assert_allclose(codes.dequantize(), dense, rtol=0, atol=1e-6)
-    assert grid_codes(weight.numpy(), Grid("rtn", 4, 64, symmetric, "dense")) is None  # not on a grid
+    assert codes.bits == bits and codes.codes.max() < 2**bits
+    assert grid_codes(weight.numpy(), Grid("rtn", bits, 64, symmetric, "dense")) is None  # not on a grid
 
 
 @pytest.mark.parametrize(("grid", "why"), [
     (None, "not quantized"), (Grid("gptq", 3, 64, True, "gptq"), "3-bit"),
     (Grid("gptq", 4, 48, True, "gptq"), "multiple of GGUF's 32"), (Grid("hqq", 4, 64, False, "hqq"), "no integer codes"),
-    (Grid("gptq", 5, 64, False, "gptq_p"), "llama.cpp's Q5_1 re-quantizes"),
-    (Grid("gptq", 4, 64, False, "mixed"), "per-module bit-widths (mixed precision)"),
+    (Grid("gptq", 6, 64, False, "gptq_p"), "llama.cpp's Q6_K re-quantizes"),
+    (Grid("gptq", 4, 64, False, "gptq", (("model.layers.0.mlp.down_proj$", 8),)), "bit-widths 4/8 (mixed precision)"),
 ])
 def test_no_exact_type_says_why(grid, why):
     kind, reason = exact_type(grid)
@@ -192,19 +198,22 @@ def test_compressed_tensors_export_never_overwrites_the_source_or_a_users_folder
     assert again.returncode == 0, again.stderr  # an export qtool wrote is replaced
 
 
-# 3-bit codes straddle int32 words, 5-bit ones are GPTQModel's planar packing (format gptq_p), and a
-# mixed plan's layers differ in width (GPTQModel `dynamic`): none is read as codes.
-@pytest.mark.parametrize(("flags", "layout", "refusal"), [
-    (["--bits", "3"], "gptq", "--type (e.g. Q3_K_M)"),
-    (["--bits", "5"], "gptq_p", "--type (e.g. Q5_1)"),
-    (["--target-bits", "5.5", "--mixed-bits", "4,8"], "mixed", "mixed precision"),
-], ids=["3-bit", "5-bit", "mixed-4-8"])
-def test_exports_take_the_weights_the_kernels_compute_where_codes_are_not_read(flags, layout, refusal, tiny_llama,
-                                                                                tmp_path):
+# 3-bit codes straddle int32 words: they are not read. 5- and 6-bit codes are read from GPTQModel's
+# planar packing (gptq_p): 5-bit maps onto Q5_0 exactly, 6-bit has no block type of its own. A mixed
+# plan's layers each have their own width (GPTQModel `dynamic`): 4/5-bit ones map onto Q4_0 / Q5_0,
+# a 4/8-bit one has its codes read but needs --type (no 8-bit block type with a zero point exists).
+@pytest.mark.parametrize(("flags", "layout", "readable", "lossless"), [
+    (["--bits", "3"], "gptq", False, "--type (e.g. Q3_K_M)"),
+    (["--bits", "5"], "gptq_p", True, "Q5_0"),
+    (["--bits", "6"], "gptq_p", True, "--type (e.g. Q6_K)"),
+    (["--target-bits", "5.5", "--mixed-bits", "4,8"], "gptq", True, "bit-widths 4/8 (mixed precision)"),
+    (["--target-bits", "4.8", "--mixed-bits", "4,5"], "gptq_p", True, "Q4_0"),
+], ids=["3-bit", "5-bit", "6-bit", "mixed-4-8", "mixed-4-5"])
+def test_exports_start_from_the_weights_the_kernels_compute(flags, layout, readable, lossless, tiny_llama, tmp_path):
     """The dense folder every GGUF export starts from holds each projection's weight as the loaded
     checkpoint computes it (before, 3- and 5-bit codes were unpacked as if 32/bits of them filled a
-    word, and the export stopped with a wrong "act-order g_idx" error), and the lossless type is
-    refused in one line naming what to ask for instead."""
+    word, and the export stopped with a wrong "act-order g_idx" error); the lossless type is the
+    codes' own block type, or refused in one line naming what to ask for instead."""
     pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
     from safetensors.numpy import load_file
 
@@ -215,10 +224,15 @@ def test_exports_take_the_weights_the_kernels_compute_where_codes_are_not_read(f
                      tiny_llama, folder)
     assert proc.returncode == 0, proc.stderr
     grid = grid_of(folder)
-    assert grid.layout == layout and not grid.readable
-    with pytest.raises(SpecError, match=re.escape(refusal)):
-        default_type(folder)
-    dense_folder(folder, tmp_path / "dense", grid)
+    assert grid.layout == layout and grid.readable == readable
+    if lossless.startswith("Q"):
+        assert default_type(folder) == lossless
+    else:
+        with pytest.raises(SpecError, match=re.escape(lossless)):
+            default_type(folder)
+    codes = dense_folder(folder, tmp_path / "dense", grid)
+    assert bool(codes) == lossless.startswith("Q")  # the layers' codes, kept for the blocks
+    assert not codes or {layer.bits for layer in codes.values()} == set(grid.widths)
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     model = qtool.load(folder, device="cpu").model
     projections = [(n, m) for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]

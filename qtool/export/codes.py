@@ -1,4 +1,4 @@
-"""Integer codes, scales and zero points of a 4-bit checkpoint's linear layers, read from its files.
+"""Integer codes, scales and zero points of a quantized checkpoint's linear layers, read from its files.
 
 Why qtool's own code: GGUF export maps these codes straight onto llama.cpp blocks, and no library
 exposes unpacked codes of GPTQ/AWQ checkpoints without loading a kernel. The layouts are the
@@ -7,6 +7,8 @@ published ones:
   codes per int32 along the input dimension, low bits first; qzeros int32 [groups, out/8] along the
   output dimension, stored as zero - 1; scales fp16 [groups, out]; g_idx int32 [in] (group of
   each input column). "gptq_v2" stores zeros without the - 1.
+- GPTQModel "gptq_p" (its 5/6-bit checkpoints): codes in bit planes of 32-code blocks, unpacked
+  with GPTQModel's own planar_unpack_rows / planar_unpack_cols; zero points stored raw.
 - AWQ GEMM (llm-awq / AutoAWQ): qweight int32 [in, out/8] and qzeros int32 [groups, out/8], eight
   codes per int32 along the output dimension in the order 0, 2, 4, 6, 1, 3, 5, 7; scales fp16
   [groups, out]; no g_idx (groups are contiguous).
@@ -18,8 +20,10 @@ Every layer: weight[o, i] = scales[o, g(i)] * (codes[o, i] - zeros[o, g(i)]).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +37,14 @@ class Codes:
     """One linear layer as integer codes on per-group grids.
 
     codes: uint8 [out, in] in [0, 2**bits); scales: float32 [out, groups]; zeros: float32 [out, groups]
-    (integers); group_size: input columns per group (contiguous).
+    (integers); group_size: input columns per group (contiguous); bits: the codes' width.
     """
 
     codes: np.ndarray
     scales: np.ndarray
     zeros: np.ndarray
     group_size: int
+    bits: int = 4
 
     def dequantize(self) -> np.ndarray:
         """float32 [out, in]."""
@@ -55,13 +60,27 @@ class Grid:
     bits: int
     group_size: int
     sym: bool
-    layout: str  # "gptq", "gptq_v2", "awq" or "dense"; "gptq_p" (GPTQModel's planar 5/6-bit packing) and
-    # "mixed" (GPTQModel `dynamic` per-module bits) have no codes qtool reads: their weights come from the kernels
+    layout: str  # "gptq", "gptq_v2", "gptq_p" (GPTQModel's planar packing), "awq" or "dense"
+    # mixed precision: GPTQModel's `dynamic` rules that give modules other bits, as (regex, bits)
+    rules: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Every bit-width a layer of this checkpoint has."""
+        return tuple(sorted({self.bits, *(bits for _, bits in self.rules)}))
 
     @property
     def readable(self) -> bool:
-        """Whether layer_codes reads this grid's codes: a known layout whose codes fill int32 words evenly."""
-        return self.layout == "dense" or self.layout in ("gptq", "gptq_v2", "awq") and 32 % self.bits == 0
+        """Whether layer_codes reads this grid's codes: a known layout whose codes fill int32 words
+        evenly at every width (or GPTQModel's planar packing, which holds any width)."""
+        return (self.layout in ("dense", "gptq_p") or self.layout in ("gptq", "gptq_v2", "awq")
+                and all(32 % bits == 0 for bits in self.widths))
+
+    def layer(self, module: str) -> Grid:
+        """The grid of one module: its own bits where a `dynamic` rule names it (GPTQModel's first
+        matching rule wins), the checkpoint's default otherwise."""
+        bits = next((bits for pattern, bits in self.rules if re.match(pattern, module)), self.bits)
+        return replace(self, bits=bits, rules=())
 
 
 def grid_of(folder: Path) -> Grid | None:
@@ -79,14 +98,14 @@ def grid_of(folder: Path) -> Grid | None:
     if qc:
         method = str(qc.get("quant_method", "?")).lower()
         bits, group = int(qc.get("bits", 0) or qc.get("w_bit", 0)), int(qc.get("group_size", 0) or qc.get("q_group_size", 0))
-        dynamic = qc.get("dynamic") or {}
-        mixed = any(isinstance(rule, dict) and ("bits" in rule or "group_size" in rule) for rule in dynamic.values())
+        rules, other_groups = _dynamic_bits(qc.get("dynamic") or {})
         if method == "gptq":
             fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
-            layout = "mixed" if mixed else fmt if fmt in ("gptq_v2", "gptq_p") else "gptq"
-            return Grid("gptq", bits, group, bool(qc.get("sym", True)), layout)
+            layout = "per-module groups" if other_groups else fmt if fmt in ("gptq_v2", "gptq_p") else "gptq"
+            return Grid("gptq", bits, group, bool(qc.get("sym", True)), layout, rules)
         if method == "awq":
-            return Grid("awq", bits, group, not bool(qc.get("zero_point", True)), "mixed" if mixed else "awq")
+            return Grid("awq", bits, group, not bool(qc.get("zero_point", True)),
+                        "per-module groups" if other_groups else "awq", rules)
         return Grid(method, bits, group, True, method)
     if record.get("method") == "rtn":
         spec = record.get("spec") or record
@@ -127,15 +146,47 @@ def layer_codes(grid: Grid, tensors: dict[str, np.ndarray], prefix: str) -> Code
         zeros = _unpack_cols(tensors[f"{prefix}.qzeros"], grid.bits).astype(np.float32).T
         if grid.layout == "gptq":
             zeros = zeros + 1
-        g_idx = tensors.get(f"{prefix}.g_idx")
-        if g_idx is not None and not np.array_equal(g_idx, np.arange(codes.shape[1]) // grid.group_size):
-            raise CheckpointError(f"{prefix}: its groups are not contiguous input columns (act-order g_idx)")
+        _check_contiguous(tensors.get(f"{prefix}.g_idx"), codes.shape[1], grid.group_size, prefix)
+    elif grid.layout == "gptq_p":
+        codes, zeros = _planar_codes(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], grid.bits)
+        codes, zeros = codes.T, zeros.T
+        _check_contiguous(tensors.get(f"{prefix}.g_idx"), codes.shape[1], grid.group_size, prefix)
     elif grid.layout == "awq":
         codes = _unpack_cols(tensors[f"{prefix}.qweight"], grid.bits, AWQ_ORDER).T
         zeros = _unpack_cols(tensors[f"{prefix}.qzeros"], grid.bits, AWQ_ORDER).astype(np.float32).T
     else:
         raise CheckpointError(f"{prefix}: layout {grid.layout} has no integer codes qtool can read")
-    return Codes(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros), grid.group_size)
+    return Codes(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros), grid.group_size,
+                 grid.bits)
+
+
+def _dynamic_bits(dynamic: dict[str, Any]) -> tuple[tuple[tuple[str, int], ...], bool]:
+    """(the (regex, bits) of GPTQModel `dynamic` rules that set bits, whether any rule sets a group
+    size). Rule keys are "+:regex" or a bare regex for modules it changes; "-:regex" skips modules."""
+    rules = tuple((key.removeprefix("+:"), int(rule["bits"])) for key, rule in dynamic.items()
+                  if not key.startswith("-:") and isinstance(rule, dict) and "bits" in rule)
+    groups = any(isinstance(rule, dict) and "group_size" in rule for rule in dynamic.values())
+    return rules, groups
+
+
+def _check_contiguous(g_idx: np.ndarray | None, columns: int, group_size: int, prefix: str) -> None:
+    if g_idx is not None and not np.array_equal(g_idx, np.arange(columns) // group_size):
+        raise CheckpointError(f"{prefix}: its groups are not contiguous input columns (act-order g_idx)")
+
+
+def _planar_codes(qweight: np.ndarray, qzeros: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint8 [in, out], zero points float32 [groups, out]) of a gptq_p layer, unpacked by
+    GPTQModel's own planar unpackers (the format is GPTQModel's; it stores zero points raw)."""
+    import torch
+
+    from qtool.backends._gptqmodel import import_quietly
+
+    import_quietly()  # its banner and log lines would land on stdout (and in `qtool export --json -`)
+    from gptqmodel.utils.planar_packing import planar_unpack_cols, planar_unpack_rows
+
+    codes = planar_unpack_rows(torch.from_numpy(qweight), bits).numpy().astype(np.uint8)
+    zeros = planar_unpack_cols(torch.from_numpy(qzeros), bits).numpy().astype(np.float32)
+    return codes, zeros
 
 
 def grid_codes(weight: np.ndarray, grid: Grid, tolerance: float = 1e-4) -> Codes | None:
@@ -172,4 +223,4 @@ def grid_codes(weight: np.ndarray, grid: Grid, tolerance: float = 1e-4) -> Codes
         return None
     codes = np.clip(np.round(w / best_scale + best_zero), 0, top)
     return Codes(codes.reshape(out, cols).astype(np.uint8), best_scale[..., 0].astype(np.float32),
-                 best_zero[..., 0].astype(np.float32), g)
+                 best_zero[..., 0].astype(np.float32), g, grid.bits)

@@ -43,11 +43,11 @@ def export_compressed_tensors(folder: str | Path, out: str | Path | None = None,
     grid = grid_of(folder)
     if grid is not None and grid.method == "compressed-tensors":
         raise SpecError(f"{folder} is compressed-tensors already (vLLM loads it as it is)")
-    if grid is None or grid.layout not in (*LAYOUTS, "gptq_p", "mixed"):
+    if grid is None or grid.layout not in (*LAYOUTS, "gptq_p"):
         what = "unquantized" if grid is None else f"{grid.method} (no integer codes on a per-group grid)"
         raise SpecError(f"{folder} is {what}: only gptq, awq, autoround and rtn checkpoints are re-written in "
                         "compressed-tensors; quantize with --method fp8, w8a8, mxfp4 or nvfp4 for its other formats")
-    if grid.layout == "mixed":
+    if grid.rules:
         raise SpecError(f"{folder}: {grid.method} with per-module bit-widths (mixed precision): this export re-writes "
                         "checkpoints of one width")
     if grid.bits not in (4, 8) or grid.group_size <= 0:

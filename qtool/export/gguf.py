@@ -4,11 +4,11 @@ The path every type takes: the checkpoint's weights, dense (4-bit layers dequant
 codes, qtool.export.codes), go through llama.cpp's own converter (convert_hf_to_gguf.py from the
 llamacpp engine's environment) into an F16 GGUF that carries the architecture, tokenizer and chat
 template. Then:
-- Q4_0 / Q4_1 from a 4-bit checkpoint whose groups are contiguous and a multiple of 32 input
-  columns (gptq, awq, autoround, rtn): each GGUF block is written from the checkpoint's own integer
-  codes, scale and zero point, not re-quantized. A symmetric grid with zero point 8 is Q4_0
-  (d = scale); any other is Q4_1 (d = scale, m = -scale * zero), exact up to fp16 rounding of d
-  and m. Each mapped tensor is dequantized again (gguf.quants) and compared with the converter's
+- Q4_0 / Q4_1 (Q5_0 / Q5_1) from a 4-bit (5-bit) checkpoint whose groups are contiguous and a
+  multiple of 32 input columns (gptq, awq, autoround, rtn; 5-bit: gptq's planar gptq_p, rtn): each
+  GGUF block is written from the checkpoint's own integer codes, scale and zero point, not
+  re-quantized. A symmetric grid with zero point 8 (16) is Q4_0 (Q5_0; d = scale); any other is
+  Q4_1 (Q5_1; d = scale, m = -scale * zero), exact up to fp16 rounding of d and m. Each mapped tensor is dequantized again (gguf.quants) and compared with the converter's
   F16 tensor before the file is kept; the rows the converter permutes (llama's q/k) are found the
   same way.
 - F16, BF16, F32: the converter's output as it is.
@@ -40,12 +40,12 @@ from qtool.models import PROJECTIONS, projection_modules
 
 log = logging.getLogger("qtool")
 
-EXACT_TYPES = ("Q4_0", "Q4_1")
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 CONVERTER_TYPES = ("F16", "BF16", "F32")
 # llama.cpp's quantizer types (llama_ftype names without the LLAMA_FTYPE_MOSTLY_ prefix)
 #: the llama.cpp type of about the same bits per weight as a checkpoint of each width (the suggestion
 #: when no type holds its codes unchanged)
-NEAREST_TYPE = {2: "Q2_K", 3: "Q3_K_M", 5: "Q5_1", 6: "Q6_K", 8: "Q8_0"}
+NEAREST_TYPE = {2: "Q2_K", 3: "Q3_K_M", 6: "Q6_K", 8: "Q8_0"}
 QUANTIZER_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_L",
                    "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4_MOE")
 GGUF_TYPES = EXACT_TYPES + CONVERTER_TYPES + QUANTIZER_TYPES
@@ -57,7 +57,8 @@ class ExportResult:
 
     mapped_tensors: tensors written from the checkpoint's codes; max_mapping_error: the largest
     |dequantized block - converter's F16 weight| over them; requantized: True when llama.cpp's
-    quantizer re-quantized already-quantized weights.
+    quantizer re-quantized already-quantized weights; tensor_types: the file's tensor types with
+    counts (e.g. "Q4_1 ×180, Q5_1 ×30, F32 ×61, F16 ×1").
     """
 
     path: str
@@ -70,6 +71,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     size_bytes: int = 0
+    tensor_types: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,20 +93,23 @@ def model_folder(name: str) -> Path:
 
 
 def exact_type(grid: Grid | None) -> tuple[str | None, str]:
-    """(Q4_0 / Q4_1 / None, why): the GGUF type the checkpoint's codes map onto without re-quantizing."""
+    """(Q4_0 / Q4_1 / Q5_0 / Q5_1 / None, why): the GGUF type the checkpoint's codes map onto without
+    re-quantizing."""
     if grid is None:
         return None, "the checkpoint is not quantized (F16 keeps it as it is)"
-    if grid.layout == "mixed":
-        return None, (f"{grid.method} with per-module bit-widths (mixed precision): qtool writes Q4_0/Q4_1 blocks from "
-                      "codes only when every layer is 4-bit")
-    if grid.bits != 4 and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
-        return None, (f"{grid.method} {grid.bits}-bit: qtool writes blocks from codes only for 4-bit (Q4_0/Q4_1); "
-                      f"llama.cpp's {NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
-    if grid.layout not in ("gptq", "gptq_v2", "awq", "dense"):
+    if grid.rules and not set(grid.widths) <= {4, 5}:
+        return None, (f"{grid.method} with per-module bit-widths {'/'.join(map(str, grid.widths))} (mixed precision): "
+                      "qtool writes blocks from codes for 4- and 5-bit layers only (Q4_x, Q5_x; --mixed-bits 4,5)")
+    if grid.bits not in (4, 5) and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
+        return None, (f"{grid.method} {grid.bits}-bit: qtool writes blocks from codes only for 4- and 5-bit "
+                      f"(Q4_0/Q4_1, Q5_0/Q5_1); llama.cpp's {NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
+    if grid.layout not in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
         return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
     if grid.group_size <= 0 or grid.group_size % 32:
         return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
-    return ("Q4_0" if grid.sym else "Q4_1"), "the checkpoint's codes map exactly"
+    if not grid.readable:
+        return None, f"{grid.method} {grid.bits}-bit in layout {grid.layout}: qtool does not read its codes"
+    return f"Q{grid.bits}_{0 if grid.sym else 1}", "the checkpoint's codes map exactly"
 
 
 def default_type(folder: Path) -> str:
@@ -117,7 +122,7 @@ def default_type(folder: Path) -> str:
         return kind
     if grid is None:
         return "F16"
-    suggested = NEAREST_TYPE.get(grid.bits, "Q8_0") if grid.layout != "mixed" else "Q8_0"
+    suggested = "Q8_0" if grid.rules else NEAREST_TYPE.get(grid.bits, "Q8_0")
     raise SpecError(f"{folder}: no GGUF type holds its weights unchanged ({why}); give --type (e.g. {suggested}), "
                     "knowing that llama.cpp then quantizes already-quantized weights again")
 
@@ -188,6 +193,10 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
                 if embedding_type != "F16":
                     result.notes.append(f"token embedding / output head quantized to {embedding_type} "
                                         "(the checkpoint kept them unquantized)")
+                if grid is not None and grid.rules:
+                    result.notes.append("mixed precision: each projection in its own width's block type "
+                                        f"({', '.join(f'Q{b}_{gguf_type[-1]}' for b in grid.widths)}); {gguf_type} "
+                                        "names the default width")
             elif gguf_type in EXACT_TYPES or gguf_type in QUANTIZER_TYPES:
                 result.requantized = grid is not None
                 if grid is not None:
@@ -203,6 +212,7 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
             partial.unlink(missing_ok=True)
     result.seconds = round(time.perf_counter() - start, 1)
     result.size_bytes = out.stat().st_size
+    result.tensor_types = tensor_types(out)
     return result
 
 
@@ -225,8 +235,8 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Codes]:
-    """Write `folder` as an unquantized HF folder for the converter; return the 4-bit layers' codes
-    (empty when the checkpoint has none that map)."""
+    """Write `folder` as an unquantized HF folder for the converter; return the layers' codes when
+    they map onto GGUF blocks (exact_type; empty otherwise)."""
     from safetensors.numpy import load_file, save_file
 
     dense.mkdir(parents=True)
@@ -257,7 +267,7 @@ def dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Code
     for name, value in tensors.items():
         prefix, _, leaf = name.rpartition(".")
         if grid is not None and grid.layout != "dense" and leaf == "qweight":
-            layer = layer_codes(grid, tensors, prefix)
+            layer = layer_codes(grid.layer(prefix), tensors, prefix)
             out[f"{prefix}.weight"] = layer.dequantize()
             if f"{prefix}.bias" in tensors:
                 out[f"{prefix}.bias"] = tensors[f"{prefix}.bias"].astype(np.float32)
@@ -317,24 +327,33 @@ def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
-    """uint8 [out, in/32 * block bytes]: Q4_0 (d, 16 bytes of codes) or Q4_1 (d, m, codes) blocks."""
+    """uint8 [out, in/32 * block bytes] in ggml's block layouts (ggml-common.h): Q4_0 (d, 16 bytes of
+    codes), Q4_1 (d, m, codes), Q5_0 (d, qh, codes) or Q5_1 (d, m, qh, codes). The low 4 bits of codes
+    j and j + 16 share byte j; Q5's fifth bits sit in the 32-bit qh, bit j for code j."""
     out, cols = codes.codes.shape
+    bits, symmetric = int(gguf_type[1]), gguf_type.endswith("_0")
     q = codes.codes.reshape(out, cols // 32, 32)
-    packed = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    packed = ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).astype(np.uint8)
     group = (np.arange(cols // 32) * 32) // codes.group_size
     d = np.ascontiguousarray(codes.scales[:, group], dtype=np.float16)
     parts = [d.view(np.uint8).reshape(out, -1, 2)]
-    if gguf_type == "Q4_1":
+    if not symmetric:
         m = np.ascontiguousarray(-d.astype(np.float32) * codes.zeros[:, group], dtype=np.float16)
         parts.append(m.view(np.uint8).reshape(out, -1, 2))
-    elif not np.all(codes.zeros == 8):
-        raise SpecError("Q4_0 needs every zero point at 8 (a symmetric grid); use Q4_1")
+    elif not np.all(codes.zeros == 2 ** (bits - 1)):
+        raise SpecError(f"{gguf_type} needs every zero point at {2 ** (bits - 1)} (a symmetric grid); "
+                        f"use {gguf_type[:2]}_1")
+    if bits == 5:
+        high = (q.astype(np.uint32) >> 4) << np.arange(32, dtype=np.uint32)
+        parts.append(np.ascontiguousarray(high.sum(-1, dtype=np.uint32), dtype="<u4").view(np.uint8)
+                     .reshape(out, -1, 4))
     return np.concatenate([*parts, packed], axis=-1).reshape(out, -1)
 
 
 def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, source: Path,
                  embedding_type: str = "F16") -> tuple[int, float]:
-    """Copy the converter's F16 GGUF to `out` with each projection written as blocks of its own codes.
+    """Copy the converter's F16 GGUF to `out` with each projection written as blocks of its own codes,
+    in `gguf_type`'s family at the layer's own width (a mixed 4/5-bit checkpoint: Q4_1 and Q5_1 blocks).
 
     Returns (mapped tensors, the largest |dequantized block - F16 weight|). Raises CheckpointError
     when a mapped tensor does not reproduce the converter's weight (a layout qtool misread).
@@ -350,9 +369,8 @@ def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, 
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, n_blocks)
     by_gguf = {names.get_name(hf, try_suffixes=(".weight",)): hf for hf in codes}
-    qtype = getattr(gguf.GGMLQuantizationType, gguf_type)
     writer = gguf.GGUFWriter(out, arch=arch, endianess=reader.endianess)
-    file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[gguf_type]
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{gguf_type}")
     for f in reader.fields.values():
         if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
             continue
@@ -372,10 +390,12 @@ def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, 
             tensors.append((t.name, t.data, t.tensor_type))
             continue
         target = np.asarray(t.data, dtype=np.float32).reshape(codes[hf].codes.shape)
+        kind = f"Q{codes[hf].bits}_{gguf_type[-1]}"
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
         blocks, error = None, None
         for heads in (None, n_head if "q_proj" in hf else n_kv if "k_proj" in hf else None):
             layer = codes[hf] if heads is None else _permuted(codes[hf], heads)
-            candidate = _blocks(layer, gguf_type)
+            candidate = _blocks(layer, kind)
             restored = gguf.quants.dequantize(candidate, qtype).reshape(target.shape)
             error = float(np.abs(restored - target).max())
             if error <= 2e-3 * float(np.abs(target).max()) + 1e-6:
@@ -399,7 +419,7 @@ def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, 
 
 def _permuted(codes: Codes, n_head: int) -> Codes:
     return Codes(_llama_permute(codes.codes, n_head), _llama_permute(codes.scales, n_head),
-                 _llama_permute(codes.zeros, n_head), codes.group_size)
+                 _llama_permute(codes.zeros, n_head), codes.group_size, codes.bits)
 
 
 def tensor_types(path: Path) -> str:
