@@ -91,15 +91,21 @@ COMPRESSED_TENSORS = [  # name, method, bits, group size, options, seed, calibra
 # output Fisher x gptq's own error (one uniform gptq run per width first, ~9 min; gptq's default).
 # Uniform 3-bit g64 is 3.30 bits/weight, 4-bit g64 4.31.
 MIXED_COSTS = {"fisher": {"sensitivity": "fisher", "perturbation": "rtn"},
-               "output method": {"sensitivity": "output", "perturbation": "method"}}
+               "output method": {"sensitivity": "output", "perturbation": "method"},
+               # measured KL of the next-token distribution, one partial forward pass per group and width
+               # (~30 min here): run for one budget and seed, to compare with the two cheaper measures
+               "kl method": {"sensitivity": "kl", "perturbation": "method"}}
 MIXED = [  # name, method, bits, group size, options, seed, calibration and budget
     (f"gptq mixed {target} bits g64{'' if costs == 'fisher' else ' ' + costs} (seed {seed})", "gptq", None, 64,
      METHOD_OPTIONS["gptq"], seed, {**CALIB, "target_bits": target, **MIXED_COSTS[costs]})
-    for costs in MIXED_COSTS for seed in (0, 1) for target in (3.5, 4.5)
+    for costs in ("fisher", "output method") for seed in (0, 1) for target in (3.5, 4.5)
+] + [
+    ("gptq mixed 3.5 bits g64 kl method (seed 0)", "gptq", None, 64, METHOD_OPTIONS["gptq"], 0,
+     {**CALIB, "target_bits": 3.5, **MIXED_COSTS["kl method"]})
 ] + [  # ... on the rotated model with the best GPTQ options (costs measured on the rotated model)
     (f"gptq mixed {target} bits g64{'' if costs == 'fisher' else ' ' + costs} rotate mse=2.4 gptaq (seed {seed})",
      "gptq", None, 64, {**GPTQ_BEST, "rotate": "true"}, seed, {**CALIB, "target_bits": target, **MIXED_COSTS[costs]})
-    for costs in MIXED_COSTS for target in (4.5,) for seed in ((0, 1) if costs == "output method" else (0,))
+    for costs in ("fisher", "output method") for target in (4.5,) for seed in ((0, 1) if costs == "output method" else (0,))
 ] + [  # ... with 5- and 6-bit layers too (GPTQModel's torch kernel; vLLM's GPTQ kernels take 2/3/4/8)
     (f"gptq mixed 4.5 bits g64 output method rotate mse=2.4 gptaq, widths 3-8 (seed {seed})", "gptq", None, 64,
      {**GPTQ_BEST, "rotate": "true"}, seed,
