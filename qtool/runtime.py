@@ -117,21 +117,32 @@ def library_output_to(log_path: Path) -> Iterator[Any]:
     """Send everything written to fds 1 and 2 into `log_path`; yield a stream to the real stderr.
 
     Some libraries (GPTQModel's UI, lm-eval's git probe) write to the file descriptors directly,
-    so swapping sys.stdout would not catch them.
+    so swapping sys.stdout would not catch them. After Ctrl-C fd 1 is not given back but sent to
+    /dev/null: a library's worker threads can still be finishing (GPTQModel's print a row of its
+    per-module table), and stdout may be a pipe a script reads as JSON; qtool writes nothing there
+    once interrupted.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+    interrupted = False
     with open(log_path, "ab") as log:
         for fd in (1, 2):
             os.dup2(log.fileno(), fd)
         try:
             yield terminal
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             for fd, copy in saved.items():
-                os.dup2(copy, fd)
+                if fd == 1 and interrupted:
+                    with open(os.devnull, "wb") as null:
+                        os.dup2(null.fileno(), fd)
+                else:
+                    os.dup2(copy, fd)
                 os.close(copy)
             terminal.close()

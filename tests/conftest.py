@@ -98,8 +98,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
-def interrupt_qtool_when(args: list[str], ready: Callable[[], bool], timeout: float = 300) -> tuple[int, str]:
-    """Start the CLI, press Ctrl-C once `ready()` holds; return (exit code, stderr).
+def interrupt_qtool_when(args: list[str], ready: Callable[[], bool], timeout: float = 300,
+                         stdout: list[str] | None = None) -> tuple[int, str]:
+    """Start the CLI, press Ctrl-C once `ready()` holds; return (exit code, stderr). What the run
+    wrote to stdout is appended to `stdout` when given.
 
     SIGINT's default is restored in the child: a shell's background job starts with it ignored.
     """
@@ -110,5 +112,7 @@ def interrupt_qtool_when(args: list[str], ready: Callable[[], bool], timeout: fl
     while time.monotonic() < deadline and not ready() and proc.poll() is None:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    out, stderr = proc.communicate(timeout=120)
+    if stdout is not None:
+        stdout.append(out)
     return proc.returncode, stderr

@@ -152,9 +152,10 @@ def test_ctrl_c_during_quantize_leaves_nothing(signum, status, tmp_path):
     assert list(tmp_path.glob(".o.qtool-tmp-*")), "quantize never started writing"
     time.sleep(1.0)  # inside the quantizer now
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == status, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
+    assert stdout == ""  # nothing of the quantizer's reaches a script reading stdout
     assert list(tmp_path.iterdir()) == []
 
 
