@@ -242,3 +242,15 @@ def test_exports_start_from_the_weights_the_kernels_compute(flags, layout, reada
         with torch.no_grad():
             weight = (module(eye) - module(torch.zeros_like(eye[:1]))).float().T.numpy()
         np.testing.assert_allclose(dense[f"{name}.weight"], weight, rtol=0, atol=1e-5 * np.abs(weight).max())
+
+
+def test_a_folder_at_the_gguf_path_is_refused_before_any_work(tiny_llama, tmp_path):
+    """Not "exists; pass --force" (which then failed after the whole export on the temporary file)."""
+    from qtool.export.gguf import export_gguf
+
+    target = tmp_path / "model.gguf"
+    target.mkdir()
+    for force in (False, True):
+        with pytest.raises(SpecError, match="is a folder; give -o the path of the .gguf file"):
+            export_gguf(tiny_llama, target, force=force)
+    assert target.is_dir() and list(tmp_path.iterdir()) == [target]

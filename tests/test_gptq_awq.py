@@ -174,6 +174,19 @@ def test_gptq_range_search_and_gptaq_change_the_weights_and_reload(tiny_llama, t
     assert torch.isfinite(b).all() and not torch.equal(a, b)
 
 
+def test_gptq_per_channel_quantizes_and_reloads(tiny_llama, tmp_path):
+    """Group size -1 (one scale per output channel), the divisor qtool suggests when a group size
+    does not divide the widths: GPTQModel's group-aware act-order (on by default) refuses it, so
+    qtool turns that off for per-channel runs (it was an internal error)."""
+    out = tmp_path / "pc"
+    proc = run_qtool("quantize", "--method", "gptq", "--bits", "4", "--group-size", "-1", *FAST_CALIB, "--device", "cpu",
+                     tiny_llama, out)
+    assert proc.returncode == 0, proc.stderr
+    logits, _ = plain_transformers_logits(out, torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(logits).all()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == -1
+
+
 def test_gptq_5_and_6_bit_reload_through_gptqmodel_on_their_own_grid(tiny_llama, tmp_path):
     """transformers' GPTQConfig refuses 5/6 bits; qtool loads them with GPTQModel's loader. Each group
     holds at most 2**bits levels, and the weight error shrinks with every added bit."""

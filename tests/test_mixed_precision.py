@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def test_kl_shortcut_equals_a_full_forward(tiny_llama):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--method", "gptq", "--target-bits", "1.5"], ["cannot meet 1.5 bits/weight", "2.", "ask for more"]),
+    (["--method", "gptq", "--target-bits", "1.5"], ["cannot meet 1.5 bits/weight", "2.", "ask for at least 2."]),
     (["--method", "gptq", "--target-bits", "3.5", "--bits", "4"], ["--bits and a mixed-precision budget"]),
     (["--method", "rtn", "--target-size", "10MiB"], ["rtn writes dense weights", "--target-bits"]),
     (["--method", "bnb", "--target-bits", "4"], ["bnb has no per-layer bit-widths", "gptq"]),
@@ -313,3 +314,15 @@ def test_gptq_refuses_5_and_6_bits_for_widths_its_planar_packing_cannot_hold():
             gptq.check_layers(spec, linears)
     for bits, target in ((4, None), (None, MixedTarget(bits=4.5))):
         gptq.check_layers(gptq.make_spec(bits, 16, {}, 0, None, target), linears)
+
+
+@pytest.mark.parametrize(("flag", "low"), [("--target-bits", "1.5"), ("--target-size", "1000")])
+def test_the_least_budget_a_refusal_names_is_met(flag, low, tiny_llama):
+    """A budget below every plan is refused with the least one that works, rounded up: asking for
+    that is then accepted."""
+    common = ["plan", "--method", "hqq", "--group-size", "32", "--device", "cpu", "--quiet", tiny_llama]
+    least = re.search(r"ask for at least ([0-9.]+) (bits/weight|MiB)", qtool_in_process(*common, flag, low).stderr)
+    assert least, "the refusal names no least budget"
+    value = least.group(1) if flag == "--target-bits" else f"{least.group(1)}MiB"
+    proc = qtool_in_process(*common, flag, value)
+    assert proc.returncode == 0, proc.stderr

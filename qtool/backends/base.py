@@ -213,7 +213,8 @@ class Backend(ABC):
             widths = sorted({m.in_features for m in linears.values()})
             raise SpecError(
                 f"group size {spec.group_size} does not divide the layer width {_join(bad)} of this model"
-                f" (input widths: {_join(widths)}); pick a divisor such as {_suggest(widths)} or -1 (per channel)"
+                + (f" (input widths: {_join(widths)})" if bad != widths else "")
+                + f"; pick a divisor such as {_suggest(widths)} or -1 (per channel)"
             )
 
     # ---- work -----------------------------------------------------------------------------

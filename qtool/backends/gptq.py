@@ -103,7 +103,8 @@ class GptqBackend(GptqModelBackend):
                 group_size=spec.group_size,
                 sym=o.sym,
                 desc_act=o.desc_act,
-                act_group_aware=o.act_group_aware and not o.desc_act,
+                # group-aware act-order reorders within groups: per-channel (group size -1) has none
+                act_group_aware=o.act_group_aware and not o.desc_act and spec.group_size > 0,
                 true_sequential=o.true_sequential,
                 damp_percent=o.damp_percent,
                 offload_to_disk=o.offload_to_disk,

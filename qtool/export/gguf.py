@@ -58,7 +58,7 @@ class ExportResult:
     mapped_tensors: tensors written from the checkpoint's codes; max_mapping_error: the largest
     |dequantized block - converter's F16 weight| over them; requantized: True when llama.cpp's
     quantizer re-quantized already-quantized weights; tensor_types: the file's tensor types with
-    counts (e.g. "Q4_1 ×180, Q5_1 ×30, F32 ×61, F16 ×1").
+    their counts ({"Q4_1": 128, "Q5_1": 82, "F32": 61, "F16": 1}).
     """
 
     path: str
@@ -71,7 +71,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     size_bytes: int = 0
-    tensor_types: str = ""
+    tensor_types: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,7 +105,9 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
                       f"(Q4_0/Q4_1, Q5_0/Q5_1); llama.cpp's {NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
     if grid.layout not in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
         return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
-    if grid.group_size <= 0 or grid.group_size % 32:
+    if grid.group_size <= 0:
+        return None, "per-channel scales (group size -1): qtool maps groups of a multiple of 32 weights onto GGUF blocks"
+    if grid.group_size % 32:
         return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
     if not grid.readable:
         return None, f"{grid.method} {grid.bits}-bit in layout {grid.layout}: qtool does not read its codes"
@@ -168,20 +170,26 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
     out = Path(out).expanduser() if out else default_out.with_name(f"{default_out.name}-{gguf_type}.gguf")
     if out.suffix != ".gguf":
         raise SpecError(f"{out}: a GGUF export's name ends in .gguf")
+    if out.is_dir():
+        raise SpecError(f"{out} is a folder; give -o the path of the .gguf file to write")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     grid = grid_of(folder)
     method = grid.method if grid else "unquantized"
     kind, why = exact_type(grid)
+    if kind is not None and grid is not None and grid.rules and gguf_type in EXACT_TYPES and gguf_type[-1] == kind[-1]:
+        gguf_type = kind  # a mixed 4/5-bit plan: each tensor takes its own width; the file is named by the default
     if gguf_type in EXACT_TYPES and grid is not None and kind != gguf_type:
+        grids = (f"its grid is {kind}" if kind is None or not grid.rules else
+                 f"its grids are {' and '.join(f'Q{b}_{kind[-1]}' for b in grid.widths)}")
         raise SpecError(f"{folder} ({method}) cannot be written as {gguf_type} without re-quantizing: "
-                        f"{why if kind is None else f'its grid is {kind}'}; use --type {kind or 'Q8_0'}")
+                        f"{why if kind is None else grids}; use --type {kind or 'Q8_0'}")
     python, script = converter_paths()
     result = ExportResult(str(out), gguf_type, str(folder), method)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    with tempfile.TemporaryDirectory(prefix="qtool-gguf-", dir=out.parent) as tmp:
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="qtool-gguf-", dir=out.parent) as tmp:
             codes = dense_folder(folder, Path(tmp) / "dense", grid)
             f16 = Path(tmp) / "model-F16.gguf"
             outtype = gguf_type.lower() if gguf_type in CONVERTER_TYPES else "f16"
@@ -207,12 +215,16 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
                 shutil.move(str(f16), partial)
                 if grid is not None:
                     result.notes.append(f"{method} weights stored dequantized in {gguf_type}")
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
+        result.size_bytes = partial.stat().st_size
+        result.tensor_types = tensor_counts(partial)
+        if "_K" in gguf_type and not any(t.endswith("_K") for t in result.tensor_types):
+            result.notes.append(f"no K-quant tensors although {gguf_type} was asked for: llama.cpp's K-quants need rows of a "
+                                "multiple of 256 weights, "
+                                f"so it fell back to {tensor_types(partial)}")
+        os.replace(partial, out)  # the last step: an interruption before it leaves nothing
+    finally:
+        partial.unlink(missing_ok=True)
     result.seconds = round(time.perf_counter() - start, 1)
-    result.size_bytes = out.stat().st_size
-    result.tensor_types = tensor_types(out)
     return result
 
 
@@ -422,14 +434,18 @@ def _permuted(codes: Codes, n_head: int) -> Codes:
                  _llama_permute(codes.zeros, n_head), codes.group_size, codes.bits)
 
 
-def tensor_types(path: Path) -> str:
-    """The GGUF's tensor types with counts, e.g. "Q4_0 ×210, F32 ×61, F16 ×1"."""
+def tensor_counts(path: Path) -> dict[str, int]:
+    """The GGUF's tensor types with their counts, most common first: {"Q4_0": 210, "F32": 61, "F16": 1}."""
     from collections import Counter
 
     import gguf
 
-    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors)
-    return ", ".join(f"{k} ×{v}" for k, v in counts.most_common())
+    return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors).most_common())
+
+
+def tensor_types(path: Path) -> str:
+    """The GGUF's tensor types with counts as text, e.g. "Q4_0 ×210, F32 ×61, F16 ×1"."""
+    return ", ".join(f"{k} ×{v}" for k, v in tensor_counts(path).items())
 
 
 def cached_export(folder: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -61,6 +62,13 @@ class Budget:
             words = [size_words(low), size_words(high)]
         return words[1] if low == high else " to ".join(words)
 
+    def least(self, target: MixedTarget) -> str:
+        """The smallest budget of the target's kind that a plan meets, rounded up so that asking
+        for it succeeds: '4.625 bits/weight' or '150.24 MiB'."""
+        if target.bits is not None:
+            return f"{math.ceil(self.bits.min(1).sum() / self.numel * 1000) / 1000:.3f} bits/weight"
+        return f"{math.ceil((self.fixed_bytes + self.bytes.min(1).sum()) / 2**20 * 100) / 100:.2f} MiB"
+
 
 #: bytes a tensor adds to a safetensors header (its name, dtype, shape and offsets as JSON);
 #: measured 105 per tensor on qtool's gptq and hqq checkpoints, rounded up
@@ -97,7 +105,7 @@ def check_budget(budget: Budget, target: MixedTarget, method: str) -> None:
         low, high = min(budget.candidates), max(budget.candidates)
         plans = (f"its only plan is {budget.describe_range(target)} (every layer at {low} bits)" if low == high else
                  f"its plans span {budget.describe_range(target)} (every layer at {low} to {high} bits)")
-        raise SpecError(f"{method} cannot meet {target.describe()}: {plans}; ask for more")
+        raise SpecError(f"{method} cannot meet {target.describe()}: {plans}; ask for at least {budget.least(target)}")
 
 
 @dataclass
