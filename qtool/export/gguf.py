@@ -8,7 +8,8 @@ template. Then:
   multiple of 32 input columns (gptq, awq, autoround, rtn; 5-bit: gptq's planar gptq_p, rtn): each
   GGUF block is written from the checkpoint's own integer codes, scale and zero point, not
   re-quantized. A symmetric grid with zero point 8 (16) is Q4_0 (Q5_0; d = scale); any other is
-  Q4_1 (Q5_1; d = scale, m = -scale * zero), exact up to fp16 rounding of d and m. Each mapped tensor is dequantized again (gguf.quants) and compared with the converter's
+  Q4_1 (Q5_1; d = scale, m = -scale * zero), exact up to fp16 rounding of d and m. Each mapped
+  tensor is dequantized again (gguf.quants) and compared with the converter's
   F16 tensor before the file is kept; the rows the converter permutes (llama's q/k) are found the
   same way.
 - F16, BF16, F32: the converter's output as it is.
@@ -92,6 +93,12 @@ def model_folder(name: str) -> Path:
     return Path(resolve_model(name).location)
 
 
+def block_type(bits: int, family: str) -> str:
+    """The GGUF block type of `bits`-bit codes in a family ("0": symmetric, "1": with a minimum):
+    block_type(5, "1") == "Q5_1". A type name's family is its last character."""
+    return f"Q{bits}_{family}"
+
+
 def exact_type(grid: Grid | None) -> tuple[str | None, str]:
     """(Q4_0 / Q4_1 / Q5_0 / Q5_1 / None, why): the GGUF type the checkpoint's codes map onto without
     re-quantizing."""
@@ -111,7 +118,7 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
         return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
     if not grid.readable:
         return None, f"{grid.method} {grid.bits}-bit in layout {grid.layout}: qtool does not read its codes"
-    return f"Q{grid.bits}_{0 if grid.sym else 1}", "the checkpoint's codes map exactly"
+    return block_type(grid.bits, "0" if grid.sym else "1"), "the checkpoint's codes map exactly"
 
 
 def default_type(folder: Path) -> str:
@@ -181,7 +188,7 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
         gguf_type = kind  # a mixed 4/5-bit plan: each tensor takes its own width; the file is named by the default
     if gguf_type in EXACT_TYPES and grid is not None and kind != gguf_type:
         grids = (f"its grid is {kind}" if kind is None or not grid.rules else
-                 f"its grids are {' and '.join(f'Q{b}_{kind[-1]}' for b in grid.widths)}")
+                 f"its grids are {' and '.join(block_type(b, kind[-1]) for b in grid.widths)}")
         raise SpecError(f"{folder} ({method}) cannot be written as {gguf_type} without re-quantizing: "
                         f"{why if kind is None else grids}; use --type {kind or 'Q8_0'}")
     python, script = converter_paths()
@@ -203,7 +210,7 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
                                         "(the checkpoint kept them unquantized)")
                 if grid is not None and grid.rules:
                     result.notes.append("mixed precision: each projection in its own width's block type "
-                                        f"({', '.join(f'Q{b}_{gguf_type[-1]}' for b in grid.widths)}); {gguf_type} "
+                                        f"({', '.join(block_type(b, gguf_type[-1]) for b in grid.widths)}); {gguf_type} "
                                         "names the default width")
             elif gguf_type in EXACT_TYPES or gguf_type in QUANTIZER_TYPES:
                 result.requantized = grid is not None
@@ -220,7 +227,7 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
         if "_K" in gguf_type and not any(t.endswith("_K") for t in result.tensor_types):
             result.notes.append(f"no K-quant tensors although {gguf_type} was asked for: llama.cpp's K-quants need rows of a "
                                 "multiple of 256 weights, "
-                                f"so it fell back to {tensor_types(partial)}")
+                                f"so it fell back to {describe_counts(result.tensor_types)}")
         os.replace(partial, out)  # the last step: an interruption before it leaves nothing
     finally:
         partial.unlink(missing_ok=True)
@@ -402,7 +409,7 @@ def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, 
             tensors.append((t.name, t.data, t.tensor_type))
             continue
         target = np.asarray(t.data, dtype=np.float32).reshape(codes[hf].codes.shape)
-        kind = f"Q{codes[hf].bits}_{gguf_type[-1]}"
+        kind = block_type(codes[hf].bits, gguf_type[-1])
         qtype = getattr(gguf.GGMLQuantizationType, kind)
         blocks, error = None, None
         for heads in (None, n_head if "q_proj" in hf else n_kv if "k_proj" in hf else None):
@@ -443,9 +450,14 @@ def tensor_counts(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors).most_common())
 
 
+def describe_counts(counts: dict[str, int]) -> str:
+    """Tensor type counts as text, e.g. "Q4_0 ×210, F32 ×61, F16 ×1"."""
+    return ", ".join(f"{k} ×{v}" for k, v in counts.items())
+
+
 def tensor_types(path: Path) -> str:
-    """The GGUF's tensor types with counts as text, e.g. "Q4_0 ×210, F32 ×61, F16 ×1"."""
-    return ", ".join(f"{k} ×{v}" for k, v in tensor_counts(path).items())
+    """The GGUF's tensor types with counts as text (describe_counts of tensor_counts)."""
+    return describe_counts(tensor_counts(path))
 
 
 def cached_export(folder: Path) -> Path:
