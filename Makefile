@@ -5,6 +5,8 @@ DEMO_OUT ?= out/smollm2-hqq4
 WIKITEXT ?= ../shared/data/wikitext-2/test.txt
 
 WEBUI_PORT ?= 7860
+# pytest-xdist workers for make test (one per core of a CI machine; each computes on one thread)
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo webui test test-all test-engines engine-vllm engine-llamacpp lint clean
 
@@ -25,7 +27,7 @@ webui: venv
 
 ## test: the default suite (what CI runs).
 test: venv
-	$(VENV)/bin/python -m pytest -m "not slow and not engines" -q --durations=10
+	$(VENV)/bin/python -m pytest -m "not slow and not engines" -q --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 ## test-all: include the slow full-model runs (and the engine tests where the engines are set up).
 test-all: venv

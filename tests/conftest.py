@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# make test runs the suite in two pytest-xdist workers. Each computes on one thread, and so do the CLI
+# processes it starts (OMP_NUM_THREADS is inherited): two workers with two threads each on two cores
+# wait on each other's spinning OpenMP threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 

@@ -8,7 +8,6 @@ on a real SmolLM2 layer with its real input statistics. The whole-model run is a
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from qtool.backends._additive import (
     quantize_layer,
     unpack_codes,
 )
+from qtool.backends.aqlm import single_thread_numba
 from qtool.errors import SpecError
 from tests.conftest import assert_one_line_error, interrupt_qtool_when, run_qtool
 
@@ -73,7 +73,9 @@ def test_aqlm_checkpoint_loads_in_plain_transformers_and_its_kernel_matches_the_
     assert state["model.layers.0.mlp.down_proj.codes"].dtype == (torch.int8 if nbits == 8 else torch.int16)
     assert state["model.layers.0.mlp.down_proj.codebooks"].shape == (codebooks, 2**nbits, 1, 8)
 
-    os.environ["NUMBA_NUM_THREADS"] = "1"  # aqlm's Numba kernel races with more threads
+    # aqlm's Numba kernel races with more threads; an env variable is too late once another test
+    # (another file in this pytest-xdist worker) has imported Numba
+    single_thread_numba()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(model.model.layers[1].self_attn.q_proj).__name__ == "QuantizedLinear"
     ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
