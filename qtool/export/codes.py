@@ -138,6 +138,7 @@ def _unpack_cols(packed: np.ndarray, bits: int, order: list[int] | None = None) 
 def layer_codes(grid: Grid, tensors: dict[str, np.ndarray], prefix: str) -> Codes:
     """Codes of the layer `prefix` (e.g. "model.layers.0.self_attn.q_proj") from its tensors.
 
+    A per-channel layer (group size -1) comes back as one group the width of the row.
     Raises CheckpointError when its groups are not contiguous (act-order with a permuting g_idx).
     """
     scales = tensors[f"{prefix}.scales"].astype(np.float32).T  # [out, groups]
@@ -146,18 +147,23 @@ def layer_codes(grid: Grid, tensors: dict[str, np.ndarray], prefix: str) -> Code
         zeros = _unpack_cols(tensors[f"{prefix}.qzeros"], grid.bits).astype(np.float32).T
         if grid.layout == "gptq":
             zeros = zeros + 1
-        _check_contiguous(tensors.get(f"{prefix}.g_idx"), codes.shape[1], grid.group_size, prefix)
     elif grid.layout == "gptq_p":
         codes, zeros = _planar_codes(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], grid.bits)
         codes, zeros = codes.T, zeros.T
-        _check_contiguous(tensors.get(f"{prefix}.g_idx"), codes.shape[1], grid.group_size, prefix)
     elif grid.layout == "awq":
         codes = _unpack_cols(tensors[f"{prefix}.qweight"], grid.bits, AWQ_ORDER).T
         zeros = _unpack_cols(tensors[f"{prefix}.qzeros"], grid.bits, AWQ_ORDER).astype(np.float32).T
     else:
         raise CheckpointError(f"{prefix}: layout {grid.layout} has no integer codes qtool can read")
-    return Codes(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros), grid.group_size,
+    group = _group_size(grid, codes.shape[1])
+    _check_contiguous(tensors.get(f"{prefix}.g_idx"), codes.shape[1], group, prefix)  # awq has no g_idx
+    return Codes(np.ascontiguousarray(codes), np.ascontiguousarray(scales), np.ascontiguousarray(zeros), group,
                  grid.bits)
+
+
+def _group_size(grid: Grid, columns: int) -> int:
+    """Input columns per group: the grid's group size, or the whole row for per-channel scales (-1)."""
+    return grid.group_size if grid.group_size > 0 else columns
 
 
 def _dynamic_bits(dynamic: dict[str, Any]) -> tuple[tuple[tuple[str, int], ...], bool]:
@@ -198,7 +204,7 @@ def grid_codes(weight: np.ndarray, grid: Grid, tolerance: float = 1e-4) -> Codes
     steps of its group's grid.
     """
     out, cols = weight.shape
-    g = grid.group_size if grid.group_size > 0 else cols
+    g = _group_size(grid, cols)
     w = weight.astype(np.float32).reshape(out, cols // g, g)
     top = 2**grid.bits - 1
     if grid.sym:

@@ -112,12 +112,11 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
                       f"(Q4_0/Q4_1, Q5_0/Q5_1); llama.cpp's {NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
     if grid.layout not in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
         return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
-    if grid.group_size <= 0:
-        return None, "per-channel scales (group size -1): qtool maps groups of a multiple of 32 weights onto GGUF blocks"
-    if grid.group_size % 32:
+    if grid.group_size > 0 and grid.group_size % 32:
         return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
     if not grid.readable:
         return None, f"{grid.method} {grid.bits}-bit in layout {grid.layout}: qtool does not read its codes"
+    # per-channel scales (group size -1): every 32-weight block of a row repeats the row's scale
     return block_type(grid.bits, "0" if grid.sym else "1"), "the checkpoint's codes map exactly"
 
 
@@ -291,7 +290,7 @@ def dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Code
             if f"{prefix}.bias" in tensors:
                 out[f"{prefix}.bias"] = tensors[f"{prefix}.bias"].astype(np.float32)
             if mapped:
-                codes[f"{prefix}.weight"] = layer
+                codes[f"{prefix}.weight"] = _fills_blocks(layer, prefix)
         elif grid is not None and grid.layout != "dense" and leaf in ("qzeros", "scales", "g_idx", "bias") and \
                 f"{prefix}.qweight" in tensors:
             continue
@@ -301,7 +300,7 @@ def dense_folder(folder: Path, dense: Path, grid: Grid | None) -> dict[str, Code
                     prefix.rsplit(".", 1)[-1] in PROJECTIONS:
                 layer = grid_codes(value.astype(np.float32), grid)
                 if layer is not None:
-                    codes[name] = layer
+                    codes[name] = _fills_blocks(layer, prefix)
     save_file(out, str(dense / "model.safetensors"), metadata={"format": "pt"})
     return codes
 
@@ -367,6 +366,15 @@ def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
         parts.append(np.ascontiguousarray(high.sum(-1, dtype=np.uint32), dtype="<u4").view(np.uint8)
                      .reshape(out, -1, 4))
     return np.concatenate([*parts, packed], axis=-1).reshape(out, -1)
+
+
+def _fills_blocks(layer: Codes, prefix: str) -> Codes:
+    """`layer`, whose groups must fill GGUF's 32-weight blocks (only per-channel rows can fail to).
+    Raises SpecError."""
+    if layer.group_size % 32:
+        raise SpecError(f"{prefix}: rows of {layer.group_size} weights with one scale each do not fill GGUF's "
+                        "32-weight blocks; give --type, knowing that llama.cpp then quantizes the weights again")
+    return layer
 
 
 def write_mapped(f16: Path, codes: dict[str, Codes], out: Path, gguf_type: str, source: Path,
