@@ -65,18 +65,22 @@ def test_gguf_export_maps_the_codes_and_llamacpp_agrees(checkpoint, tmp_path):
     assert result["reference"]["model"].endswith("ckpt")  # compared with the checkpoint it came from
 
 
-def test_llamacpp_perplexity_of_the_export_matches_qtools(checkpoint, tmp_path):
-    needs("llamacpp")
+def assert_llamacpp_perplexity_is_qtools(checkpoint, tmp_path):
+    """`qtool eval --engine hf --engine llamacpp` on 4,096 WikiText-2 test tokens: within 0.5 %."""
     text = WIKITEXT / "test.txt"
-    source = str(text) if text.exists() else "builtin"
     report = tmp_path / "eval.json"
-    proc = run_qtool("eval", checkpoint, "--ppl", source, "--ctx", "512", "--max-tokens", "4096", "--engine", "hf",
-                     "--engine", "llamacpp", "--json", report, timeout=1200)
+    proc = run_qtool("eval", checkpoint, "--ppl", str(text) if text.exists() else "builtin", "--ctx", "512",
+                     "--max-tokens", "4096", "--engine", "hf", "--engine", "llamacpp", "--json", report, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(report.read_text())
     ours, theirs = result["perplexity"], result["engines"]["llamacpp"]["perplexity"]
     assert theirs["tokens_scored"] == ours["tokens_scored"]
     assert abs(theirs["ppl"] / ours["ppl"] - 1) < 0.005, (ours["ppl"], theirs["ppl"])
+
+
+def test_llamacpp_perplexity_of_the_export_matches_qtools(checkpoint, tmp_path):
+    needs("llamacpp")
+    assert_llamacpp_perplexity_is_qtools(checkpoint, tmp_path)
 
 
 def test_a_mixed_4_and_5_bit_plan_becomes_q4_and_q5_blocks_that_llamacpp_runs_as_qtool_does(tmp_path):
@@ -94,14 +98,22 @@ def test_a_mixed_4_and_5_bit_plan_becomes_q4_and_q5_blocks_that_llamacpp_runs_as
     exported = json.loads(proc.stdout)
     assert exported["mapped_tensors"] == 210 and not exported["requantized"], exported
     assert "Q4_0" in exported["tensor_types"] and "Q5_0" in exported["tensor_types"], exported
-    text = WIKITEXT / "test.txt"
-    report = tmp_path / "eval.json"
-    proc = run_qtool("eval", out, "--ppl", str(text) if text.exists() else "builtin", "--ctx", "512", "--max-tokens",
-                     "4096", "--engine", "hf", "--engine", "llamacpp", "--json", report, timeout=1200)
+    assert_llamacpp_perplexity_is_qtools(out, tmp_path)
+
+
+def test_a_per_channel_gptq_checkpoint_becomes_exact_q4_0(tmp_path):
+    """One scale per row (--group-size -1): each 32-weight block repeats its row's scale."""
+    needs("llamacpp")
+    pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
+    out = tmp_path / "gptq4-per-channel"
+    proc = run_qtool("quantize", "--method", "gptq", "--bits", "4", "--group-size", "-1", *CALIB, "--device", "cpu",
+                     "smollm2-135m", out, timeout=1800)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(report.read_text())
-    ours, theirs = result["perplexity"], result["engines"]["llamacpp"]["perplexity"]
-    assert abs(theirs["ppl"] / ours["ppl"] - 1) < 0.005, (ours["ppl"], theirs["ppl"])
+    proc = run_qtool("export", out, "--json", timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    exported = json.loads(proc.stdout)
+    assert exported["type"] == "Q4_0" and exported["mapped_tensors"] == 210 and not exported["requantized"], exported
+    assert_llamacpp_perplexity_is_qtools(out, tmp_path)
 
 
 def test_rtn_dense_grid_becomes_exact_q4_1(tmp_path):

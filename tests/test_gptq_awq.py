@@ -185,6 +185,13 @@ def test_gptq_per_channel_quantizes_and_reloads(tiny_llama, tmp_path):
     logits, _ = plain_transformers_logits(out, torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(0)))
     assert torch.isfinite(logits).all()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == -1
+    # qtool loads it with GPTQModel's torch kernel on every CPU: its "auto" choice on AVX-512 is the
+    # fused int4 kernel, which takes groups of 32-256 only (per-channel SmolLM2, rows of 576, crashed
+    # `qtool eval`; this tiny model's rows of 64 and 128 happen to fit)
+    model = qtool.load(out, device="cpu").model
+    assert {type(m).__name__ for m in model.modules() if hasattr(m, "qweight")} == {"TorchLinear"}
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_gptq_5_and_6_bit_reload_through_gptqmodel_on_their_own_grid(tiny_llama, tmp_path):

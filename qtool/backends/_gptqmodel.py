@@ -227,6 +227,21 @@ def needs_gptqmodel_loader(folder: Path) -> bool:
     return any(isinstance(rule, dict) and ("bits" in rule or "group_size" in rule) for rule in dynamic.values())
 
 
+# Group sizes torch's int4 CPU matmul (`_weight_int4pack_mm_cpu`) takes. GPTQModel's `auto` choice
+# on some CPUs is its fused kernel over that matmul, which fails at the first forward on any other
+# group: per-channel SmolLM2 (-1, rows of 576) stopped with "expect qGroupSize to be 32, 64, 128 or 256".
+FUSED_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def fused_kernel_fits(path: Path) -> bool:
+    """False for a 4-bit checkpoint whose group size torch's fused int4 CPU matmul does not take;
+    True otherwise (other widths keep GPTQModel's own choice)."""
+    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    bits = int(config.get("bits") or config.get("w_bit") or 4)
+    group = int(config.get("group_size") or config.get("q_group_size") or -1)
+    return bits != 4 or group in FUSED_GROUP_SIZES
+
+
 class GptqModelBackend(Backend):
     """The base of the backends that write GPTQModel checkpoints (gptq, awq, autoround): quiet
     import, save, quiet load, kernel choice at load, reload check, size.
@@ -246,8 +261,9 @@ class GptqModelBackend(Backend):
     # their own error, on the layers' outputs (on SmolLM2-135M gptq this plan beat the default
     # weight-space Fisher with round-to-nearest errors at 3.5 and 4.5 bits: docs/mixed-precision.md)
     mixed_defaults = ("output", "method")
+    #: GPTQModel's torch kernel for every width and group size: mixed and per-channel checkpoints on CPU
     mixed_kernel: ClassVar[str] = "gptq_torch"
-    stored_tensors_per_layer = 4  # qweight, qzeros, scales, g_idx (awq: 3)  # GPTQModel's kernel for mixed checkpoints on CPU
+    stored_tensors_per_layer = 4  # qweight, qzeros, scales, g_idx (awq: 3)
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         import_quietly()
@@ -274,6 +290,8 @@ class GptqModelBackend(Backend):
 
         if needs_gptqmodel_loader(Path(path)):
             return quiet_load(lambda: self.load_with_gptqmodel(Path(path), device, kernel))
+        if device == "cpu" and kernel in ("auto", "auto_trainable") and not fused_kernel_fits(Path(path)):
+            kernel = self.mixed_kernel
         kwargs: dict[str, Any] = {}
         if kernel != "auto":
             bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
