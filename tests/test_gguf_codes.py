@@ -273,3 +273,18 @@ def test_a_folder_at_the_gguf_path_is_refused_before_any_work(tiny_llama, tmp_pa
         with pytest.raises(SpecError, match="is a folder; give -o the path of the .gguf file"):
             export_gguf(tiny_llama, target, force=force)
     assert target.is_dir() and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_mixed_rtn_plan_maps_the_layers_on_its_grid_and_counts_the_others(tiny_llama, tmp_path):
+    """rtn's dense checkpoint names one width (here 4, most layers'); a mixed 4/8 plan's 8-bit layers
+    are not on its 4-bit grid, stay F16 in the GGUF, and the export notes how many (it said nothing
+    before)."""
+    from qtool.export.gguf import dense_folder, projection_count
+
+    folder = tmp_path / "rtn-mixed"
+    proc = run_qtool("quantize", "--method", "rtn", "--group-size", "32", "--target-bits", "6",
+                     "--mixed-bits", "4,8", *FAST_CALIB, tiny_llama, folder)
+    assert proc.returncode == 0, proc.stderr
+    codes = dense_folder(folder, tmp_path / "dense", grid_of(folder))
+    assert 0 < len(codes) < projection_count(tmp_path / "dense") == 14
+    assert {layer.bits for layer in codes.values()} == {4}

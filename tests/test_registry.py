@@ -44,6 +44,20 @@ def test_group_size_must_divide_every_layer_width(smollm2):
         backend.check_layers(backend.make_spec(bits=4, group_size=ok), linears)
 
 
+@pytest.mark.parametrize(("method", "refused", "taken"), [("gptq", (48, 2048), (16, 64, 1024, -1)),
+                                                         ("awq", (48, 256), (32, 128, -1))])
+def test_gptqmodel_group_sizes_are_its_layers(method, refused, taken):
+    """Refused before any work (gptq --group-size 48 was an internal error after calibration): the
+    list is GPTQModel's own (SUPPORTS_GROUP_SIZE of its torch layer)."""
+    pytest.importorskip("gptqmodel", reason="gptq/awq need GPTQModel: scripts/setup-venv.sh installs it")
+    backend = backends.get(method)
+    for group_size in refused:
+        with pytest.raises(SpecError, match=f"{method} layers take group sizes -1, 16, 32, .*; got {group_size}"):
+            backend.make_spec(bits=4, group_size=group_size)
+    for group_size in taken:
+        assert backend.make_spec(bits=4, group_size=group_size).group_size == group_size
+
+
 def test_bnb_block_sizes_are_fixed():
     bnb = backends.get("bnb")
     assert bnb.make_spec(bits=4).group_size == 64

@@ -242,6 +242,13 @@ def fused_kernel_fits(path: Path) -> bool:
     return bits != 4 or group in FUSED_GROUP_SIZES
 
 
+def quiet_recompiles() -> None:
+    """GPTQModel's TorchLinear compiles its dequantization per layer shape and width; past dynamo's
+    recompile limit (128) it runs eagerly, which dynamo announces in multi-line warnings on stderr
+    (per-channel SmolLM2: ~16 lines on every eval, even with --quiet)."""
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+
+
 class GptqModelBackend(Backend):
     """The base of the backends that write GPTQModel checkpoints (gptq, awq, autoround): quiet
     import, save, quiet load, kernel choice at load, reload check, size.
@@ -265,9 +272,30 @@ class GptqModelBackend(Backend):
     mixed_kernel: ClassVar[str] = "gptq_torch"
     stored_tensors_per_layer = 4  # qweight, qzeros, scales, g_idx (awq: 3)
 
+    #: GPTQModel's torch layer for this format: its SUPPORTS_GROUP_SIZE lists the group sizes a
+    #: checkpoint's layers can be built with (GPTQModel raises on others after the calibration pass)
+    torch_layer: ClassVar[tuple[str, str]] = ("gptqmodel.nn_modules.qlinear.torch", "TorchLinear")
+
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         import_quietly()
         return super().unavailable_reason(device)
+
+    def check_spec(self, spec: Any) -> None:
+        """The group size must be one GPTQModel's layers take; raise SpecError. Without GPTQModel
+        installed nothing is checked here (the backend's availability check says what is missing)."""
+        import importlib
+
+        from qtool.errors import SpecError
+
+        try:
+            import_quietly()
+            module, name = self.torch_layer
+            allowed = getattr(importlib.import_module(module), name).SUPPORTS_GROUP_SIZE
+        except ImportError:
+            return
+        if spec.group_size not in allowed:
+            raise SpecError(f"{self.name} layers take group sizes {', '.join(map(str, allowed))} (GPTQModel's "
+                            f"{name}); got {spec.group_size}")
 
     def save(self, model: Any, out: Path) -> None:
         save_gptqmodel(model, out)
@@ -292,6 +320,7 @@ class GptqModelBackend(Backend):
             return quiet_load(lambda: self.load_with_gptqmodel(Path(path), device, kernel))
         if device == "cpu" and kernel in ("auto", "auto_trainable") and not fused_kernel_fits(Path(path)):
             kernel = self.mixed_kernel
+            quiet_recompiles()
         kwargs: dict[str, Any] = {}
         if kernel != "auto":
             bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
@@ -315,9 +344,7 @@ class GptqModelBackend(Backend):
             kernel = self.mixed_kernel
         from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-        # TorchLinear compiles its dequantization per layer shape and width; past dynamo's recompile
-        # limit (128) it runs eagerly, which dynamo announces in multi-line warnings on stderr.
-        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+        quiet_recompiles()
         with accepting_fp32(TorchLinear):
             return GPTQModel.load(str(path), device=device, dtype=compute_dtype(device), backend=kernel).model
 

@@ -68,8 +68,10 @@ class AwqBackend(GptqModelBackend):
     stores_g_idx = False
     stored_tensors_per_layer = 3
     mixed_kernel = "awq_torch"
+    torch_layer = ("gptqmodel.nn_modules.qlinear.torch_awq", "AwqTorchLinear")
 
     def check_spec(self, spec: QuantSpec) -> None:
+        super().check_spec(spec)
         check_rounding_damp(self.name, spec.options.damp_percent, spec.options.gptq)
 
     def quantize(

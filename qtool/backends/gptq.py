@@ -73,6 +73,7 @@ class GptqBackend(GptqModelBackend):
     mixed_default_bits = (2, 3, 4, 8)
 
     def check_spec(self, spec: QuantSpec) -> None:
+        super().check_spec(spec)
         if spec.options.mse < 0:
             raise SpecError(f"gptq option mse must be >= 0 (0 turns the range search off), got {spec.options.mse}")
         check_damp_percent(self.name, spec.options.damp_percent)

@@ -207,6 +207,10 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
                 if embedding_type != "F16":
                     result.notes.append(f"token embedding / output head quantized to {embedding_type} "
                                         "(the checkpoint kept them unquantized)")
+                unmapped = projection_count(Path(tmp) / "dense") - result.mapped_tensors
+                if unmapped:  # rtn: layers off the checkpoint's grid (a mixed plan's other widths)
+                    result.notes.append(f"{unmapped} projections are not on the checkpoint's {grid.bits}-bit grid "
+                                        "(other widths of a mixed-precision plan) and stay F16")
                 if grid is not None and grid.rules:
                     result.notes.append("mixed precision: each projection in its own width's block type "
                                         f"({', '.join(block_type(b, gguf_type[-1]) for b in grid.widths)}); {gguf_type} "
@@ -366,6 +370,14 @@ def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
         parts.append(np.ascontiguousarray(high.sum(-1, dtype=np.uint32), dtype="<u4").view(np.uint8)
                      .reshape(out, -1, 4))
     return np.concatenate([*parts, packed], axis=-1).reshape(out, -1)
+
+
+def projection_count(dense: Path) -> int:
+    """How many attention/MLP projection weights the dense folder `dense_folder` wrote holds."""
+    from safetensors import safe_open
+
+    with safe_open(str(dense / "model.safetensors"), "np") as f:
+        return sum(name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS for name in f.keys())
 
 
 def _fills_blocks(layer: Codes, prefix: str) -> Codes:
