@@ -267,12 +267,13 @@ def test_a_folder_at_the_gguf_path_is_refused_before_any_work(tiny_llama, tmp_pa
     """Not "exists; pass --force" (which then failed after the whole export on the temporary file)."""
     from qtool.export.gguf import export_gguf
 
-    target = tmp_path / "model.gguf"
-    target.mkdir()
-    for force in (False, True):
-        with pytest.raises(SpecError, match="is a folder; give -o the path of the .gguf file"):
-            export_gguf(tiny_llama, target, force=force)
-    assert target.is_dir() and list(tmp_path.iterdir()) == [target]
+    targets = [tmp_path / "model.gguf", tmp_path / "exports"]  # a folder named otherwise: not "ends in .gguf"
+    for target in targets:
+        target.mkdir()
+        for force in (False, True):
+            with pytest.raises(SpecError, match="is a folder; give -o the path of the .gguf file"):
+                export_gguf(tiny_llama, target, force=force)
+    assert sorted(tmp_path.iterdir()) == sorted(targets) and all(t.is_dir() for t in targets)
 
 
 def test_a_mixed_rtn_plan_maps_the_layers_on_its_grid_and_counts_the_others(tiny_llama, tmp_path):

@@ -174,10 +174,10 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
         raise SpecError(f"unknown embedding type {embedding_type}; types: {', '.join(EMBEDDING_TYPES)}")
     default_out = Path(name).expanduser() if Path(name).expanduser().is_dir() else Path(Path(name).name)
     out = Path(out).expanduser() if out else default_out.with_name(f"{default_out.name}-{gguf_type}.gguf")
-    if out.suffix != ".gguf":
-        raise SpecError(f"{out}: a GGUF export's name ends in .gguf")
     if out.is_dir():
         raise SpecError(f"{out} is a folder; give -o the path of the .gguf file to write")
+    if out.suffix != ".gguf":
+        raise SpecError(f"{out}: a GGUF export's name ends in .gguf")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     grid = grid_of(folder)
