@@ -233,13 +233,11 @@ def needs_gptqmodel_loader(folder: Path) -> bool:
 FUSED_GROUP_SIZES = (32, 64, 128, 256)
 
 
-def fused_kernel_fits(path: Path) -> bool:
-    """False for a 4-bit checkpoint whose group size torch's fused int4 CPU matmul does not take;
-    True otherwise (other widths keep GPTQModel's own choice)."""
-    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    bits = int(config.get("bits") or config.get("w_bit") or 4)
+def fused_kernel_fits(config: dict[str, Any]) -> bool:
+    """False for a 4-bit checkpoint (its config.json `quantization_config`) whose group size torch's
+    fused int4 CPU matmul does not take; True otherwise (other widths keep GPTQModel's own choice)."""
     group = int(config.get("group_size") or config.get("q_group_size") or -1)
-    return bits != 4 or group in FUSED_GROUP_SIZES
+    return int(config.get("bits") or config.get("w_bit") or 0) != 4 or group in FUSED_GROUP_SIZES
 
 
 def quiet_recompiles() -> None:
@@ -318,14 +316,14 @@ class GptqModelBackend(Backend):
 
         if needs_gptqmodel_loader(Path(path)):
             return quiet_load(lambda: self.load_with_gptqmodel(Path(path), device, kernel))
-        if device == "cpu" and kernel in ("auto", "auto_trainable") and not fused_kernel_fits(Path(path)):
+        quantization = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+        if device == "cpu" and kernel in ("auto", "auto_trainable") and not fused_kernel_fits(quantization):
             kernel = self.mixed_kernel
             quiet_recompiles()
         kwargs: dict[str, Any] = {}
         if kernel != "auto":
-            bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
             config_class = getattr(transformers, self.loading_config)
-            kwargs["quantization_config"] = config_class(bits=bits, backend=kernel)
+            kwargs["quantization_config"] = config_class(bits=quantization["bits"], backend=kernel)
         source = ModelSource(str(path), "folder", str(path))
         with warnings.catch_warnings():  # "loading attributes (backend) will be overwritten": what we asked
             warnings.simplefilter("ignore")
