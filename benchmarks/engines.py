@@ -38,9 +38,9 @@ def measure(path: str, engines: tuple[str, ...], args: argparse.Namespace) -> di
 def runs(payload: dict) -> dict[str, dict]:
     """engine -> {speed: [...], peak_memory_mib, kernel, dtype, version, error}."""
     out = {}
-    if payload.get("speed"):
-        out["hf"] = {"speed": payload["speed"], "peak_memory_mib": max(s["peak_memory_generate_mib"]
-                                                                        for s in payload["speed"]),
+    timed = [s for s in payload.get("speed") or [] if "decode_tokens_per_s" in s]  # emulated formats: not timed
+    if timed:
+        out["hf"] = {"speed": timed, "peak_memory_mib": max(s["peak_memory_generate_mib"] for s in timed),
                      "kernel": "transformers eager", "dtype": "float32", "version": payload["versions"].get("transformers")}
     out.update(payload.get("engines") or {})
     return out

@@ -382,7 +382,7 @@ def _label(record: dict) -> str:
 
 def _decode_b1(record: dict) -> float | None:
     for run in record.get("speed") or []:
-        if run["batch"] == 1:
+        if run["batch"] == 1 and "decode_tokens_per_s" in run:
             return run["decode_tokens_per_s"]["median"]
     return None
 

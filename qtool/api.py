@@ -21,6 +21,7 @@ from qtool.checkpoint import (
     folder_size_bytes,
     read_record,
     resume_dir,
+    tensor_bytes_under,
     verify_weights,
     weights_size_bytes,
     write_record,
@@ -185,6 +186,7 @@ def quantize_request(model: str, out: str | Path, request: QuantizeRequest, forc
             "peak_memory_kind": peak.kind.replace("this phase", "quantize and save"),
             "streaming": streamed.as_dict() if not_streamed is None else {"mode": "in memory", "why": not_streamed},
             "weights_bytes": weights_size_bytes(tmp),
+            "quantized_layers_bytes": tensor_bytes_under(tmp, linears),
             "size_on_disk_bytes": folder_size_bytes(tmp),
             "versions": package_versions(),
         }

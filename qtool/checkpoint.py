@@ -257,6 +257,19 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, header_len
 
 
+def tensor_bytes_under(folder: Path, modules: Iterable[str]) -> int:
+    """Bytes of the tensors of every *.safetensors file in `folder` that belong to one of `modules`
+    (names such as "model.layers.0.mlp.up_proj": its weight, packed codes, scales, zero points, ...),
+    from the headers alone."""
+    prefixes = tuple(f"{name}." for name in modules)
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        header, _ = safetensors_header(path)
+        total += sum(int(t["data_offsets"][1]) - int(t["data_offsets"][0]) for k, t in header.items()
+                     if k.startswith(prefixes) and isinstance(t, dict))
+    return total
+
+
 def verify_safetensors_file(path: Path) -> None:
     """CheckpointError naming `path` unless its header parses and its length matches the header."""
     size = path.stat().st_size

@@ -150,14 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval", action="store_true",
                    help="also run lm-evaluation-harness's word perplexity (rolling loglikelihood, max length = --ctx) on the --ppl text")
     p.add_argument("--lm-eval-limit", type=int, metavar="N", help="lm-eval: only the first N documents (WikiText articles)")
-    p.add_argument("--speed", action="store_true", help="measure prefill/decode speed and time to first token")
+    p.add_argument("--speed", action="store_true", help="measure prefill/decode speed and time to first token (hf does not time "
+                   "the formats it only emulates: fp8, w8a8, mxfp4, nvfp4; time w8a8 with --engine vllm)")
     p.add_argument("--batch", default="1,8", help="batch sizes for --speed, comma-separated (default 1,8)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for --speed (default 128)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens for --speed (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions for --speed after one warm-up (default 3)")
     p.add_argument("--engine", action="append", choices=cli_engines.ENGINE_NAMES, metavar="ENGINE",
-                   help="engine that measures --speed: hf (transformers in qtool's process, the default), vllm, "
-                        "llamacpp (a folder is first exported to its lossless GGUF); repeat for several. See "
+                   help="engine that runs the model: hf (transformers in qtool's process, the default), vllm, "
+                        "llamacpp (a folder is first exported to its lossless GGUF); repeat for several. Each engine "
+                        "measures --speed in its own kernels and --ppl on the same windows from its own log-probs; "
+                        "transformers always measures --ppl (and --base's KL, --lm-eval) as the reference. See "
                         "`qtool engines`")
     p.add_argument("--no-compile", action="store_true",
                    help="vllm: skip its torch.compile warm-up (eager PyTorch: faster to start, not the deployed speed)")
@@ -485,11 +488,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         mixed = record.get("mixed_precision")
         width = (f"mixed {'/'.join(mixed['layers_per_bits'])}-bit (average {mixed['average_bits']:.3f})" if mixed
                  else f"{spec['bits']}-bit")
-        print(f"wrote {out}: {spec['method']} {width} group {spec['group_size']}, "
-              f"{record['weights_bytes'] / 2**20:.1f} MiB weights, "
+        print(f"wrote {out}: {spec['method']} {width} group {spec['group_size']}, {_weights_split(record)}, "
               f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB"
               + (" (streamed tensor by tensor)" if record.get("streaming", {}).get("shards") else ""))
     return 0
+
+
+def _weights_split(record: dict[str, Any]) -> str:
+    """The written weights' MiB, split into the quantized layers' tensors (codes, scales, zero points)
+    and the rest, which stays unquantized (embedding, norms, head): on a small model the rest can be
+    most of the file."""
+    total = record["weights_bytes"] / 2**20
+    quantized = record.get("quantized_layers_bytes")
+    if not quantized:
+        return f"{total:.1f} MiB weights"
+    return (f"{total:.1f} MiB weights ({quantized / 2**20:.1f} MiB in the {record['quantized_layers']} quantized layers, "
+            f"{total - quantized / 2**20:.1f} MiB in those left unquantized: embedding, norms, output head)")
 
 
 def _add_mixed_flags(p: argparse.ArgumentParser) -> None:

@@ -84,7 +84,7 @@ def _row(cell: str, r: dict[str, Any]) -> Row:
     ppl = r.get("perplexity") or {}
     div = r.get("divergence") or {}
     words = r.get("word_perplexity") or {}
-    speed = r.get("speed") or []
+    speed = [s for s in r.get("speed") or [] if "decode_tokens_per_s" in s]  # not "not_measured" entries
     # quantized cells: their weights files; the base: its tensors as loaded, what saving it would write
     if q.get("weights_bytes"):
         size = q["weights_bytes"] / 2**20
@@ -417,7 +417,8 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
         lines.append(f"Word perplexity: lm-evaluation-harness {words['harness']} `{words['metric']}` "
                      f"(loglikelihood_rolling, max length {words['max_length']}, {words['documents']} documents). "
                      "Word PPL and token PPL are different protocols: compare each only within its own column.")
-    speed = first.get("speed") or []
+    speed = next(([s for s in row.get("speed") or [] if "decode_tokens_per_s" in s] for row in ok
+                  if any("decode_tokens_per_s" in s for s in row.get("speed") or [])), [])
     if speed:
         s = speed[0]
         lines.append(f"Speed in hf (transformers' eager loop in qtool's process): {s['prompt_tokens']}-token prompt + "

@@ -36,7 +36,7 @@ class QuantizeFields(CalibrationFields):
 
     method: str | None = Field(None, min_length=1)
     bits: PositiveInt | None = None  # None: the backend's default
-    group_size: int | None = Field(None, ge=-1)  # None: the backend's default; -1: per output channel
+    group_size: int | None = None  # None: the backend's default; -1: per output channel (checked by the backend)
     options: dict[str, OptionValue] = Field(default_factory=dict)
     seed: Seed | None = None
     device: Device | None = None

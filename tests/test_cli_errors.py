@@ -1,6 +1,7 @@
 """Every bad input a user can give: one line on stderr, non-zero exit, no traceback, OUT untouched."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,7 @@ def test_unknown_method(tmp_path):
         (["--method", "bnb", "--bits", "2"], "cannot quantize to 2 bits"),
         (["--method", "hqq", "--group-size", "128"], "does not divide the layer width 576"),
         (["--method", "rtn", "--group-size", "0"], "group size must be positive"),
+        (["--method", "gptq", "--group-size", "-2"], "group size must be positive or -1 (per channel), got -2"),
         (["--method", "bnb", "--group-size", "32"], "does not support group size 32"),
         (["--method", "bnb", "--opt", "quant_type=int4"], "one of nf4, fp4"),
         (["--method", "hqq", "--opt", "nonsense"], "KEY=VALUE"),
@@ -405,6 +407,17 @@ def test_quiet_quantize_prints_nothing_but_the_result(tiny_llama, tmp_path, meth
                      tmp_path / "o", env={"TQDM_DISABLE": ""})
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith("wrote ")
+    # the weights split into the quantized layers' tensors and the rest: hqq packs 4-bit codes with
+    # fp scales and zero points, rtn stores its grid dequantized in fp32
+    from qtool.models import quantizable_linears, resolve_model
+
+    record = json.loads((tmp_path / "o" / "qtool.json").read_text())
+    params = sum(m.weight.numel() for m in quantizable_linears(resolve_model(str(tiny_llama)).config()).values())
+    per_weight = record["quantized_layers_bytes"] / params
+    assert (per_weight == 4) if method == "rtn" else (0.5 < per_weight < 0.8), per_weight
+    total, quantized, rest = map(float, re.search(r"([0-9.]+) MiB weights \(([0-9.]+) MiB in the 14 quantized layers, "
+                                                   r"([0-9.]+) MiB in those left unquantized", proc.stdout).groups())
+    assert quantized == round(record["quantized_layers_bytes"] / 2**20, 1) and abs(quantized + rest - total) <= 0.11
 
 
 def test_eval_json_and_compare_out_never_overwrite_an_input(small_checkpoint, tmp_path):

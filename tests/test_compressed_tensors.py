@@ -156,6 +156,19 @@ def test_quantize_through_the_api_records_the_format(tiny_llama, tmp_path):
     assert "emulation" in record["kernel"]
 
 
+def test_speed_of_an_emulated_format_is_not_timed(tiny_llama, tmp_path):
+    """transformers only emulates fp8 on CPU: eval --speed says so per batch and still measures PPL."""
+    qtool.quantize(str(tiny_llama), tmp_path / "fp8", "fp8", device="cpu")
+    done = qtool_in_process("eval", tmp_path / "fp8", "--ppl", "builtin", "--ctx", "64", "--max-tokens", "256",
+                            "--speed", "--batch", "1,2", "--json", "-", "--quiet")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert [s["batch"] for s in payload["speed"]] == [1, 2]
+    assert all("emulates" in s["not_measured"] and "decode_tokens_per_s" not in s for s in payload["speed"])
+    assert payload["perplexity"]["ppl"] > 1
+    assert "speed not measured" in done.stderr
+
+
 @pytest.mark.parametrize("kind", ["fp8", "int8", "mxfp4", "nvfp4"])
 def test_gptq_rounding_lowers_the_layer_output_error_and_stays_on_the_grid(kind):
     """GPTQ's objective is the output error ‖(W - Q)X‖² on the calibration inputs: on inputs with

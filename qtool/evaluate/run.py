@@ -19,7 +19,8 @@ def run_plan(plan: EvalPlan, loaded: Any, base: Any | None = None, progress: boo
     """Measure `loaded` (a qtool.api.LoadedModel) as `plan` says; `base` adds KL when plan.kl.
 
     Returns {"memory", "perplexity", "divergence", "word_perplexity", "speed", "engines"} → result
-    objects (None for what the plan leaves out); "speed" is transformers' (engine hf), "engines"
+    objects (None for what the plan leaves out); "speed" is transformers' (engine hf; for a checkpoint
+    that transformers only emulates, one SpeedNotMeasured per batch size), "engines"
     maps every other engine of plan.engines to its EngineRun or EngineFailure. Raises the metrics' QtoolErrors (text too short, ...).
     """
     from qtool import api
@@ -37,7 +38,16 @@ def run_plan(plan: EvalPlan, loaded: Any, base: Any | None = None, progress: boo
                                                                   limit=plan.lm_eval.limit, bos=plan.bos)
     if plan.speed and "hf" in plan.engines:
         s = plan.speed
-        results["speed"] = api.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats, plan.text)
+        kernel = str((loaded.record or {}).get("kernel", ""))
+        if kernel.startswith("emulation"):
+            from qtool.evaluate.speed import SpeedNotMeasured
+
+            reason = ("transformers emulates this format (its qtool.json kernel: emulation), so its timings are "
+                      "not the format's speed; time it in an engine that runs it (--engine vllm for w8a8)")
+            results["speed"] = [SpeedNotMeasured(batch, reason) for batch in s.batch]
+        else:
+            results["speed"] = api.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats,
+                                                  plan.text)
     others = [name for name in plan.engines if name != "hf"]
     if others:
         results["engines"] = {name: api.evaluate_in_engine(loaded, name, plan) for name in others}

@@ -58,6 +58,23 @@ class SpeedResult:
                 f"{s.prompt_tokens}+{s.new_tokens} tokens, median of {s.repeats}]")
 
 
+@dataclass(frozen=True)
+class SpeedNotMeasured:
+    """A batch size whose speed was deliberately not timed, and why (the record engines write too:
+    {"batch", "not_measured"}). transformers only emulates some formats (FP8, W8A8, FP4 in
+    compressed-tensors on CPU: weights decompressed, activations quantize-dequantized), so its
+    timings of them would be reported as the format's speed while measuring something else."""
+
+    batch: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "not_measured": self.reason}
+
+    def summary(self) -> str:
+        return f"  batch {self.batch}: speed not measured: {self.reason}"
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
