@@ -101,6 +101,23 @@ def test_a_mixed_4_and_5_bit_plan_becomes_q4_and_q5_blocks_that_llamacpp_runs_as
     assert_llamacpp_perplexity_is_qtools(out, tmp_path)
 
 
+def test_a_symmetric_4_and_8_bit_plan_becomes_q4_0_and_q8_0_blocks_that_llamacpp_runs_as_qtool_does(tmp_path):
+    """gptq's symmetric grid at 8 bits (zero point 128) is ggml's Q8_0 (d = scale, int8 = code - 128):
+    a 4/8-bit plan is written block for block, Q4_0 and Q8_0, and llama.cpp's perplexity is qtool's."""
+    needs("llamacpp")
+    pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
+    out = tmp_path / "mixed48"
+    proc = run_qtool("quantize", "--method", "gptq", "--group-size", "64", "--target-bits", "5", "--mixed-bits", "4,8",
+                     *CALIB, "--device", "cpu", "smollm2-135m", out, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_qtool("export", out, "--json", timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    exported = json.loads(proc.stdout)
+    assert exported["mapped_tensors"] == 210 and not exported["requantized"], exported
+    assert "Q4_0" in exported["tensor_types"] and "Q8_0" in exported["tensor_types"], exported
+    assert_llamacpp_perplexity_is_qtools(out, tmp_path)
+
+
 def test_a_per_channel_gptq_checkpoint_becomes_exact_q4_0(tmp_path):
     """One scale per row (--group-size -1): each 32-weight block repeats its row's scale."""
     needs("llamacpp")

@@ -64,7 +64,7 @@ def test_the_grid_names_its_lossless_gguf_type(quantized_tiny):
 
 
 @pytest.mark.parametrize("group", [64, 256], ids=["g64", "per-channel"])  # per channel: one group per row
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_blocks_dequantize_in_gguf_to_the_codes_weights(kind, group):
     rng = np.random.default_rng(0)
     out, cols, levels = 48, 256, 2 ** int(kind[1])
@@ -77,21 +77,23 @@ def test_blocks_dequantize_in_gguf_to_the_codes_weights(kind, group):
     assert blocks.shape == (out, cols // 32 * gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, kind)][1])
     restored = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)).reshape(out, cols)
     expected = codes.dequantize()
-    # Q4_0/Q5_0's d is the fp16 scale itself (exact); Q4_1/Q5_1 also round m = -scale * zero to fp16
+    # Q4_0/Q5_0/Q8_0's d is the fp16 scale itself (exact); Q4_1/Q5_1 also round m = -scale * zero to fp16
     atol = 0 if kind.endswith("_0") else 2**-11 * np.abs(codes.scales * codes.zeros).max()
     np.testing.assert_allclose(restored, expected, rtol=1e-6, atol=atol)
 
 
-def test_q4_0_and_q5_0_refuse_a_grid_with_other_zero_points():
+def test_symmetric_types_refuse_a_grid_with_other_zero_points():
     codes = Codes(np.zeros((2, 32), np.uint8), np.ones((2, 1), np.float32), np.full((2, 1), 7.0, np.float32), 32)
     with pytest.raises(SpecError, match="Q4_1"):
         _blocks(codes, "Q4_0")
     with pytest.raises(SpecError, match="zero point at 16 .* use Q5_1"):
         _blocks(codes, "Q5_0")
+    with pytest.raises(SpecError, match="zero point at 128 .* no 8-bit type with a minimum"):
+        _blocks(codes, "Q8_0")
 
 
 @pytest.mark.parametrize("group", [64, -1], ids=["g64", "per-channel"])
-@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_rtn_grids_are_recovered_from_dense_weights(symmetric, bits, group):
     from qtool.backends.rtn import rtn_dequantized
@@ -129,6 +131,7 @@ def test_per_channel_grids_map_onto_blocks_that_repeat_the_rows_scale():
     (None, "not quantized"), (Grid("gptq", 3, 64, True, "gptq"), "3-bit"),
     (Grid("gptq", 4, 48, True, "gptq"), "multiple of GGUF's 32"), (Grid("hqq", 4, 64, False, "hqq"), "no integer codes"),
     (Grid("gptq", 6, 64, False, "gptq_p"), "llama.cpp's Q6_K re-quantizes"),
+    (Grid("rtn", 8, 64, False, "dense"), "Q8_0 is symmetric (quantize with symmetric=true"),
     (Grid("gptq", 4, 64, False, "gptq", (("model.layers.0.mlp.down_proj$", 8),)), "bit-widths 4/8 (mixed precision)"),
 ])
 def test_no_exact_type_says_why(grid, why):
@@ -216,15 +219,20 @@ def test_compressed_tensors_export_never_overwrites_the_source_or_a_users_folder
 # 3-bit codes straddle int32 words: they are not read. 5- and 6-bit codes are read from GPTQModel's
 # planar packing (gptq_p): 5-bit maps onto Q5_0 exactly, 6-bit has no block type of its own. A mixed
 # plan's layers each have their own width (GPTQModel `dynamic`): 4/5-bit ones map onto Q4_0 / Q5_0,
-# a 4/8-bit one has its codes read but needs --type (no 8-bit block type with a zero point exists).
+# symmetric 8-bit ones onto Q8_0; an asymmetric 4/8-bit one has its codes read but needs --type (no
+# 8-bit block type with a zero point exists).
 @pytest.mark.parametrize(("flags", "layout", "readable", "lossless"), [
     (["--bits", "3"], "gptq", False, "--type (e.g. Q3_K_M)"),
     (["--bits", "5"], "gptq_p", True, "Q5_0"),
     (["--bits", "6"], "gptq_p", True, "--type (e.g. Q6_K)"),
-    (["--target-bits", "5.5", "--mixed-bits", "4,8"], "gptq", True, "bit-widths 4/8 (mixed precision)"),
+    (["--bits", "8"], "gptq", True, "Q8_0"),
+    (["--bits", "8", "--sym", "false"], "gptq", True, "8-bit with zero points: ggml's Q8_0 is symmetric"),
+    (["--target-bits", "5.5", "--mixed-bits", "4,8"], "gptq", True, "Q4_0"),  # Q4_0 and Q8_0 blocks
+    (["--target-bits", "5.5", "--mixed-bits", "4,8", "--sym", "false"], "gptq", True, "bit-widths 4/8 (mixed precision)"),
     (["--target-bits", "4.8", "--mixed-bits", "4,5"], "gptq_p", True, "Q4_0"),
     (["--bits", "4", "--group-size", "-1"], "gptq", True, "Q4_0"),  # one scale per row, repeated per block
-], ids=["3-bit", "5-bit", "6-bit", "mixed-4-8", "mixed-4-5", "per-channel"])
+], ids=["3-bit", "5-bit", "6-bit", "8-bit", "8-bit-zero-points", "mixed-4-8", "mixed-4-8-zero-points", "mixed-4-5",
+        "per-channel"])
 def test_exports_start_from_the_weights_the_kernels_compute(flags, layout, readable, lossless, tiny_llama, tmp_path):
     """The dense folder every GGUF export starts from holds each projection's weight as the loaded
     checkpoint computes it (before, 3- and 5-bit codes were unpacked as if 32/bits of them filled a

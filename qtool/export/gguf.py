@@ -5,10 +5,12 @@ codes, qtool.export.codes), go through llama.cpp's own converter (convert_hf_to_
 llamacpp engine's environment) into an F16 GGUF that carries the architecture, tokenizer and chat
 template. Then:
 - Q4_0 / Q4_1 (Q5_0 / Q5_1) from a 4-bit (5-bit) checkpoint whose groups are contiguous and a
-  multiple of 32 input columns (gptq, awq, autoround, rtn; 5-bit: gptq's planar gptq_p, rtn): each
-  GGUF block is written from the checkpoint's own integer codes, scale and zero point, not
-  re-quantized. A symmetric grid with zero point 8 (16) is Q4_0 (Q5_0; d = scale); any other is
-  Q4_1 (Q5_1; d = scale, m = -scale * zero), exact up to fp16 rounding of d and m. Each mapped
+  multiple of 32 input columns (gptq, awq, autoround, rtn; 5-bit: gptq's planar gptq_p, rtn), and
+  Q8_0 from a symmetric 8-bit one: each GGUF block is written from the checkpoint's own integer
+  codes, scale and zero point, not re-quantized. A symmetric grid with zero point 8 (16, 128) is
+  Q4_0 (Q5_0, Q8_0; d = scale); any other is Q4_1 (Q5_1; d = scale, m = -scale * zero), exact up
+  to fp16 rounding of d and m. ggml has no 8-bit weight type with a minimum, so an asymmetric
+  8-bit grid has no exact type. Each mapped
   tensor is dequantized again (gguf.quants) and compared with the converter's
   F16 tensor before the file is kept; the rows the converter permutes (llama's q/k) are found the
   same way.
@@ -41,7 +43,9 @@ from qtool.models import PROJECTIONS, projection_modules
 
 log = logging.getLogger("qtool")
 
-EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")  # and Q8_0 from symmetric 8-bit codes (also a quantizer type)
+#: the bit-widths whose codes GGUF blocks hold, with their families ("0": symmetric, "1": with a minimum)
+CODE_FAMILIES = {4: "01", 5: "01", 8: "0"}
 CONVERTER_TYPES = ("F16", "BF16", "F32")
 # llama.cpp's quantizer types (llama_ftype names without the LLAMA_FTYPE_MOSTLY_ prefix)
 #: the llama.cpp type of about the same bits per weight as a checkpoint of each width (the suggestion
@@ -100,16 +104,23 @@ def block_type(bits: int, family: str) -> str:
 
 
 def exact_type(grid: Grid | None) -> tuple[str | None, str]:
-    """(Q4_0 / Q4_1 / Q5_0 / Q5_1 / None, why): the GGUF type the checkpoint's codes map onto without
-    re-quantizing."""
+    """(Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / None, why): the GGUF type the checkpoint's codes map onto
+    without re-quantizing."""
     if grid is None:
         return None, "the checkpoint is not quantized (F16 keeps it as it is)"
-    if grid.rules and not set(grid.widths) <= {4, 5}:
+    family = "0" if grid.sym else "1"
+    if grid.rules and not all(family in CODE_FAMILIES.get(bits, "") for bits in grid.widths):
         return None, (f"{grid.method} with per-module bit-widths {'/'.join(map(str, grid.widths))} (mixed precision): "
-                      "qtool writes blocks from codes for 4- and 5-bit layers only (Q4_x, Q5_x; --mixed-bits 4,5)")
-    if grid.bits not in (4, 5) and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
+                      "qtool writes blocks from codes for 4- and 5-bit layers (Q4_x, Q5_x; --mixed-bits 4,5) and "
+                      "symmetric 8-bit ones (Q8_0)")
+    if grid.bits == 8 and not grid.sym and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
+        option = "symmetric=true" if grid.method == "rtn" else "sym=true"
+        return None, (f"{grid.method} 8-bit with zero points: ggml's Q8_0 is symmetric (quantize with {option} "
+                      "for an exact Q8_0); llama.cpp's Q8_0 re-quantizes the weights")
+    if grid.bits not in CODE_FAMILIES and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
         return None, (f"{grid.method} {grid.bits}-bit: qtool writes blocks from codes only for 4- and 5-bit "
-                      f"(Q4_0/Q4_1, Q5_0/Q5_1); llama.cpp's {NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
+                      f"(Q4_0/Q4_1, Q5_0/Q5_1) and symmetric 8-bit (Q8_0); llama.cpp's "
+                      f"{NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
     if grid.layout not in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
         return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
     if grid.group_size > 0 and grid.group_size % 32:
@@ -117,7 +128,7 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
     if not grid.readable:
         return None, f"{grid.method} {grid.bits}-bit in layout {grid.layout}: qtool does not read its codes"
     # per-channel scales (group size -1): every 32-weight block of a row repeats the row's scale
-    return block_type(grid.bits, "0" if grid.sym else "1"), "the checkpoint's codes map exactly"
+    return block_type(grid.bits, family), "the checkpoint's codes map exactly"
 
 
 def default_type(folder: Path) -> str:
@@ -201,7 +212,7 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
             outtype = gguf_type.lower() if gguf_type in CONVERTER_TYPES else "f16"
             _run([str(python), str(script), str(Path(tmp) / "dense"), "--outfile", str(f16), "--outtype", outtype],
                  "llama.cpp's converter")
-            if gguf_type in EXACT_TYPES and codes:
+            if (gguf_type in EXACT_TYPES or gguf_type == kind) and codes:
                 result.mapped_tensors, result.max_mapping_error = write_mapped(f16, codes, partial, gguf_type, folder,
                                                                                embedding_type)
                 if embedding_type != "F16":
@@ -350,8 +361,9 @@ def _llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
     """uint8 [out, in/32 * block bytes] in ggml's block layouts (ggml-common.h): Q4_0 (d, 16 bytes of
-    codes), Q4_1 (d, m, codes), Q5_0 (d, qh, codes) or Q5_1 (d, m, qh, codes). The low 4 bits of codes
-    j and j + 16 share byte j; Q5's fifth bits sit in the 32-bit qh, bit j for code j."""
+    codes), Q4_1 (d, m, codes), Q5_0 (d, qh, codes), Q5_1 (d, m, qh, codes) or Q8_0 (d, 32 int8
+    codes - 128). The low 4 bits of codes j and j + 16 share byte j; Q5's fifth bits sit in the
+    32-bit qh, bit j for code j."""
     out, cols = codes.codes.shape
     bits, symmetric = int(gguf_type[1]), gguf_type.endswith("_0")
     q = codes.codes.reshape(out, cols // 32, 32)
@@ -364,7 +376,10 @@ def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
         parts.append(m.view(np.uint8).reshape(out, -1, 2))
     elif not np.all(codes.zeros == 2 ** (bits - 1)):
         raise SpecError(f"{gguf_type} needs every zero point at {2 ** (bits - 1)} (a symmetric grid); "
-                        f"use {gguf_type[:2]}_1")
+                        + (f"use {gguf_type[:2]}_1" if bits < 8 else "ggml has no 8-bit type with a minimum"))
+    if bits == 8:
+        signed = (q.astype(np.int16) - 128).astype(np.int8)
+        return np.concatenate([*parts, signed.view(np.uint8)], axis=-1).reshape(out, -1)
     if bits == 5:
         high = (q.astype(np.uint32) >> 4) << np.arange(32, dtype=np.uint32)
         parts.append(np.ascontiguousarray(high.sum(-1, dtype=np.uint32), dtype="<u4").view(np.uint8)
