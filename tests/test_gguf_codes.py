@@ -284,6 +284,22 @@ def test_a_folder_at_the_gguf_path_is_refused_before_any_work(tiny_llama, tmp_pa
     assert sorted(tmp_path.iterdir()) == sorted(targets) and all(t.is_dir() for t in targets)
 
 
+def test_a_folder_without_a_tokenizer_is_refused_before_the_converter_runs(tiny_llama, tmp_path):
+    """llama.cpp's converter said "Either model_file or model_proto must be specified"."""
+    import shutil
+
+    from qtool.errors import CheckpointError
+    from qtool.export.gguf import export_gguf
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(tiny_llama / name, folder / name)
+    with pytest.raises(CheckpointError, match="has no tokenizer .* copy the source model's tokenizer files"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-tokenizer"]
+
+
 def test_a_mixed_rtn_plan_maps_the_layers_on_its_grid_and_counts_the_others(tiny_llama, tmp_path):
     """rtn's dense checkpoint names one width (here 4, most layers'); a mixed 4/8 plan's 8-bit layers
     are not on its 4-bit grid, stay F16 in the GGUF, and the export notes how many (it said nothing

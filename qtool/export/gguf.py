@@ -191,6 +191,10 @@ def export_gguf(folder: str | Path, out: str | Path | None = None, gguf_type: st
         raise SpecError(f"{out}: a GGUF export's name ends in .gguf")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json")  # what llama.cpp's converter reads
+    if not any((folder / f).is_file() for f in tokenizer_files):
+        raise CheckpointError(f"{folder} has no tokenizer ({', '.join(tokenizer_files)}), which a GGUF carries: copy "
+                              "the source model's tokenizer files into it")
     grid = grid_of(folder)
     method = grid.method if grid else "unquantized"
     kind, why = exact_type(grid)
