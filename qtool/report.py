@@ -444,9 +444,23 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
     versions = first.get("versions") or {}
     if versions:
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+        lines += _other_versions(results, versions)
     if recipe_note:
         lines.append(recipe_note)
     return lines
+
+
+def _other_versions(results: dict[str, dict[str, Any]], first: dict[str, str]) -> list[str]:
+    """One line per set of cells whose packages differ from the first cell's (a resumed compare
+    whose later cells ran after an upgrade), naming the differing versions (a package the first
+    cell did not load is no difference)."""
+    groups: dict[str, list[str]] = {}
+    for name, r in results.items():
+        versions = r.get("versions") or {}
+        differ = ", ".join(f"{k} {v}" for k, v in versions.items() if k in first and first[k] != v)
+        if r.get("status") == "ok" and differ:
+            groups.setdefault(differ, []).append(f"`{name}`")
+    return [f"Run with other versions: {', '.join(cells)}: {differ}." for differ, cells in groups.items()]
 
 
 def write_markdown(report: Report, path: Path) -> Path:

@@ -161,6 +161,24 @@ def test_report_from_a_fixed_results_file(tmp_path):
     assert html.count("<img") == 3 and "data:image/png;base64," in html and "<table id='results'>" in html
 
 
+def test_a_report_names_untimed_cells_and_cells_run_with_other_versions(tmp_path):
+    """An emulated format's record says why its speed was not timed (no decode figures in its row),
+    and a resumed compare whose later cells ran after an upgrade says which and what differs."""
+    records = [json.loads(line) for line in FIXED_RESULTS.read_text().splitlines()]
+    for record in records:
+        if record["cell"] == "hqq-b4-g32" and record["status"] == "ok":
+            record["speed"] = [{"batch": b, "not_measured": "transformers emulates this format"} for b in (1, 8)]
+            record["versions"] = {**record["versions"], "transformers": "9.9.9"}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = read_results(tmp_path)
+    rows = {r.cell: r for r in rows_from_results(results)}
+    assert rows["hqq-b4-g32"].decode == {} and rows["hqq-b4-g32"].ppl is not None and rows["rtn-b4-g32"].decode
+    md, _ = write_report(results, tmp_path, ReportSettings(ppl_tolerances_pct=[1.0]), title="resumed")
+    text = md.read_text()
+    assert "Run with other versions: `hqq-b4-g32`: transformers 9.9.9." in text
+    assert text.count("Run with other versions") == 1 and "Versions: python" in text
+
+
 def test_a_report_column_is_one_entry_naming_a_path_in_the_record(monkeypatch):
     from qtool import report
 
