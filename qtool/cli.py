@@ -632,7 +632,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         load_text(args.ppl, purpose="eval")
     plan = plan.for_model(api.model_config(args.model), args.model)
-    plan.check_engines()
+    plan.check_engines(Path(args.model).expanduser())
     _no_loading_bars()
     loaded = api.load(args.model, device=args.device)
     base = api.load(args.base, device=loaded.device) if args.base else None

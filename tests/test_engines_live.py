@@ -10,7 +10,7 @@ import json
 import pytest
 
 from qtool import engines
-from tests.conftest import WIKITEXT, run_qtool
+from tests.conftest import WIKITEXT, assert_one_line_error, run_qtool
 
 pytestmark = pytest.mark.engines
 CALIB = ["--calib", "builtin", "--nsamples", "8", "--seqlen", "128"]
@@ -139,6 +139,8 @@ def test_a_method_without_a_lossless_gguf_says_so(tmp_path):
                      timeout=600).returncode == 0
     proc = run_qtool("export", out)
     assert proc.returncode == 1 and "no GGUF type holds its weights unchanged" in proc.stderr
+    proc = run_qtool("eval", out, "--ppl", "builtin", "--engine", "llamacpp")  # refused before loading
+    assert_one_line_error(proc, "no lossless GGUF", f"qtool export {out} --type Q8_0")
     proc = run_qtool("export", out, "--type", "Q8_0", timeout=1200)
     assert proc.returncode == 0 and "quantizing twice" in proc.stdout, proc.stdout + proc.stderr
 

@@ -131,7 +131,7 @@ def test_per_channel_grids_map_onto_blocks_that_repeat_the_rows_scale():
     (None, "not quantized"), (Grid("gptq", 3, 64, True, "gptq"), "3-bit"),
     (Grid("gptq", 4, 48, True, "gptq"), "multiple of GGUF's 32"), (Grid("hqq", 4, 64, False, "hqq"), "no integer codes"),
     (Grid("gptq", 6, 64, False, "gptq_p"), "llama.cpp's Q6_K re-quantizes"),
-    (Grid("rtn", 8, 64, False, "dense"), "Q8_0 is symmetric (quantize with symmetric=true"),
+    (Grid("rtn", 8, 64, False, "dense"), "Q8_0 is symmetric (quantize with --symmetric true"),
     (Grid("gptq", 4, 64, False, "gptq", (("model.layers.0.mlp.down_proj$", 8),)), "bit-widths 4/8 (mixed precision)"),
 ])
 def test_no_exact_type_says_why(grid, why):
@@ -298,6 +298,21 @@ def test_a_folder_without_a_tokenizer_is_refused_before_the_converter_runs(tiny_
     with pytest.raises(CheckpointError, match="has no tokenizer .* copy the source model's tokenizer files"):
         export_gguf(folder, tmp_path / "x.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no-tokenizer"]
+
+
+def test_llamacpp_names_the_export_to_make_for_a_checkpoint_without_a_lossless_gguf(quantized_tiny, tiny_llama,
+                                                                                     tmp_path):
+    """`qtool eval/serve-check --engine llamacpp` check this before loading; their hint used to be
+    export's "give --type", a flag they do not have."""
+    from qtool import engines
+
+    llamacpp = engines.get("llamacpp")
+    llamacpp.check_checkpoint(quantized_tiny)  # Q4_0 / Q4_1 from its codes
+    llamacpp.check_checkpoint(tiny_llama)  # unquantized: F16
+    hqq = tmp_path / "hqq"
+    assert run_qtool("quantize", "--method", "hqq", "--bits", "4", "--group-size", "32", tiny_llama, hqq).returncode == 0
+    with pytest.raises(SpecError, match=rf"no lossless GGUF .* `qtool export {hqq} --type Q8_0`, and give its .gguf"):
+        llamacpp.check_checkpoint(hqq)
 
 
 def test_a_mixed_rtn_plan_maps_the_layers_on_its_grid_and_counts_the_others(tiny_llama, tmp_path):

@@ -243,7 +243,7 @@ def fused_kernel_fits(config: dict[str, Any]) -> bool:
 def quiet_recompiles() -> None:
     """GPTQModel's TorchLinear compiles its dequantization per layer shape and width; past dynamo's
     recompile limit (128) it runs eagerly, which dynamo announces in multi-line warnings on stderr
-    (per-channel SmolLM2: ~16 lines on every eval, even with --quiet)."""
+    (per-channel or 8-bit SmolLM2: 13-16 lines on every eval, even with --quiet)."""
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
 
@@ -314,12 +314,12 @@ class GptqModelBackend(Backend):
         """
         import transformers
 
+        quiet_recompiles()  # GPTQModel's torch kernel serves every non-4-bit width too (8-bit: ~13 lines per eval)
         if needs_gptqmodel_loader(Path(path)):
             return quiet_load(lambda: self.load_with_gptqmodel(Path(path), device, kernel))
         quantization = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
         if device == "cpu" and kernel in ("auto", "auto_trainable") and not fused_kernel_fits(quantization):
             kernel = self.mixed_kernel
-            quiet_recompiles()
         kwargs: dict[str, Any] = {}
         if kernel != "auto":
             config_class = getattr(transformers, self.loading_config)
@@ -342,7 +342,6 @@ class GptqModelBackend(Backend):
             kernel = self.mixed_kernel
         from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-        quiet_recompiles()
         with accepting_fp32(TorchLinear):
             return GPTQModel.load(str(path), device=device, dtype=compute_dtype(device), backend=kernel).model
 

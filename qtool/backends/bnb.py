@@ -47,13 +47,16 @@ class BnbBackend(Backend):
     def make_spec(self, bits=None, group_size=None, options=None, seed=0, calibration=None, target=None) -> QuantSpec:
         if group_size is None and bits == 8:
             group_size = -1  # LLM.int8 scales each row
+        # before the generic check, whose list of group sizes (64, -1) is both widths' together
+        wrong = _group_size_error(self.default_bits if bits is None else bits, group_size)
+        if wrong:
+            raise SpecError(wrong)
         return super().make_spec(bits, group_size, options, seed, calibration, target)
 
     def check_spec(self, spec: QuantSpec) -> None:
-        if spec.bits == 4 and spec.group_size != BLOCK_SIZE_4BIT:
-            raise SpecError(f"bnb 4-bit uses fixed blocks of {BLOCK_SIZE_4BIT}; --group-size {spec.group_size} is not possible")
-        if spec.bits == 8 and spec.group_size != -1:
-            raise SpecError(f"bnb 8-bit (LLM.int8) scales per row: use --group-size -1, not {spec.group_size}")
+        wrong = _group_size_error(spec.bits, spec.group_size)
+        if wrong:
+            raise SpecError(wrong)
 
     def bnb_config(self, spec: QuantSpec, device: str):
         from transformers import BitsAndBytesConfig
@@ -79,3 +82,12 @@ class BnbBackend(Backend):
         if spec.options.double_quant:  # 8-bit block scales, one fp32 scale per 256 blocks
             return 4 + 8 / BLOCK_SIZE_4BIT + 32 / (BLOCK_SIZE_4BIT * 256)
         return 4 + 32 / BLOCK_SIZE_4BIT
+
+
+def _group_size_error(bits: int, group_size: int | None) -> str | None:
+    """Why bnb cannot take `group_size` at `bits` (None: it can, or the width is not bnb's)."""
+    if bits == 4 and group_size not in (None, BLOCK_SIZE_4BIT):
+        return f"bnb 4-bit uses fixed blocks of {BLOCK_SIZE_4BIT}; --group-size {group_size} is not possible"
+    if bits == 8 and group_size not in (None, -1):
+        return f"bnb 8-bit (LLM.int8) scales per row: use --group-size -1, not {group_size}"
+    return None

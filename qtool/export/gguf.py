@@ -114,7 +114,7 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
                       "qtool writes blocks from codes for 4- and 5-bit layers (Q4_x, Q5_x; --mixed-bits 4,5) and "
                       "symmetric 8-bit ones (Q8_0)")
     if grid.bits == 8 and not grid.sym and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
-        option = "symmetric=true" if grid.method == "rtn" else "sym=true"
+        option = "--symmetric true" if grid.method == "rtn" else "--sym true"
         return None, (f"{grid.method} 8-bit with zero points: ggml's Q8_0 is symmetric (quantize with {option} "
                       "for an exact Q8_0); llama.cpp's Q8_0 re-quantizes the weights")
     if grid.bits not in CODE_FAMILIES and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
@@ -142,8 +142,17 @@ def default_type(folder: Path) -> str:
     if grid is None:
         return "F16"
     suggested = "Q8_0" if grid.rules else NEAREST_TYPE.get(grid.bits, "Q8_0")
-    raise SpecError(f"{folder}: no GGUF type holds its weights unchanged ({why}); give --type (e.g. {suggested}), "
-                    "knowing that llama.cpp then quantizes already-quantized weights again")
+    raise NoLosslessType(folder, why, suggested)
+
+
+class NoLosslessType(SpecError):
+    """No GGUF type holds a quantized checkpoint's weights unchanged: `why`, and the llama.cpp type
+    `suggested` for an export that re-quantizes (what `qtool export --type` asks for)."""
+
+    def __init__(self, folder: Path, why: str, suggested: str) -> None:
+        self.folder, self.why, self.suggested = folder, why, suggested
+        super().__init__(f"{folder}: no GGUF type holds its weights unchanged ({why}); give --type (e.g. {suggested}), "
+                         "knowing that llama.cpp then quantizes already-quantized weights again")
 
 
 def converter_paths() -> tuple[Path, Path]:
