@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quality: token perplexity (GPTQ-paper protocol: text tokenised once, windows of --ctx "
         "tokens every --stride tokens, exp of mean NLL over scored tokens), bits per byte, and with --base the "
         "next-token KL and top-1 agreement. Speed (--speed): prefill and decode tokens/s and time to first "
-        "token per batch size, with per-phase peak memory. Every run reports the weights' size in memory and "
-        "on disk, and what quantizing cost (from qtool.json).",
+        "token per batch size, with per-phase peak memory. Every run prints the weights' size in memory; --json "
+        "adds their size on disk and what quantizing cost (from qtool.json).",
     )
     p.add_argument("model", metavar="MODEL", help="qtool output folder or any model source")
     p.add_argument("--ppl", metavar="SOURCE", help="text file (.txt/.jsonl/.json), 'builtin', or wikitext2/c4/pile (online)")
@@ -488,7 +488,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         mixed = record.get("mixed_precision")
         width = (f"mixed {'/'.join(mixed['layers_per_bits'])}-bit (average {mixed['average_bits']:.3f})" if mixed
                  else f"{spec['bits']}-bit")
-        print(f"wrote {out}: {spec['method']} {width} group {spec['group_size']}, {_weights_split(record)}, "
+        groups = "per-channel scales" if spec["group_size"] == -1 else f"group {spec['group_size']}"
+        print(f"wrote {out}: {spec['method']} {width} {groups}, {_weights_split(record)}, "
               f"{record['timings_s']['quantize']:.1f} s to quantize, peak {record['peak_memory_mib']:.0f} MiB"
               + (" (streamed tensor by tensor)" if record.get("streaming", {}).get("shards") else ""))
     return 0
@@ -503,7 +504,7 @@ def _weights_split(record: dict[str, Any]) -> str:
     if not quantized:
         return f"{total:.1f} MiB weights"
     return (f"{total:.1f} MiB weights ({quantized / 2**20:.1f} MiB in the {record['quantized_layers']} quantized layers, "
-            f"{total - quantized / 2**20:.1f} MiB in those left unquantized: embedding, norms, output head)")
+            f"{total - quantized / 2**20:.1f} MiB in the rest: embedding, norms, an untied output head)")
 
 
 def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
