@@ -64,8 +64,10 @@ def test_bnb_block_sizes_are_fixed():
     assert bnb.make_spec(bits=8).group_size == -1
     with pytest.raises(SpecError, match="fixed blocks of 64"):
         bnb.make_spec(bits=4, group_size=-1)
-    with pytest.raises(SpecError, match="not supported|does not support"):
+    with pytest.raises(SpecError, match="fixed blocks of 64; --group-size 128"):
         bnb.make_spec(bits=4, group_size=128)
+    with pytest.raises(SpecError, match="8-bit .* use --group-size -1, not 64"):
+        bnb.make_spec(bits=8, group_size=64)
 
 
 def test_options_are_typed_and_checked():

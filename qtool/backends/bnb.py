@@ -47,8 +47,9 @@ class BnbBackend(Backend):
     def make_spec(self, bits=None, group_size=None, options=None, seed=0, calibration=None, target=None) -> QuantSpec:
         if group_size is None and bits == 8:
             group_size = -1  # LLM.int8 scales each row
-        # before the generic check, whose list of group sizes (64, -1) is both widths' together
-        wrong = _group_size_error(self.default_bits if bits is None else bits, group_size)
+        # before the generic check, whose list of group sizes (64, -1) is both widths' together; a
+        # mixed-precision target is refused first by the generic check (bnb has no per-layer widths)
+        wrong = None if target else _group_size_error(self.default_bits if bits is None else bits, group_size)
         if wrong:
             raise SpecError(wrong)
         return super().make_spec(bits, group_size, options, seed, calibration, target)
