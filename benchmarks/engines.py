@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qtool.report import timed
+
 ENGINES = ("hf", "vllm", "llamacpp")
 
 
@@ -38,17 +40,16 @@ def measure(path: str, engines: tuple[str, ...], args: argparse.Namespace) -> di
 def runs(payload: dict) -> dict[str, dict]:
     """engine -> {speed: [...], peak_memory_mib, kernel, dtype, version, error}."""
     out = {}
-    timed = [s for s in payload.get("speed") or [] if "decode_tokens_per_s" in s]  # emulated formats: not timed
-    if timed:
-        out["hf"] = {"speed": timed, "peak_memory_mib": max(s["peak_memory_generate_mib"] for s in timed),
+    entries = timed(payload.get("speed"))  # emulated formats: not timed
+    if entries:
+        out["hf"] = {"speed": entries, "peak_memory_mib": max(s["peak_memory_generate_mib"] for s in entries),
                      "kernel": "transformers eager", "dtype": "float32", "version": payload["versions"].get("transformers")}
     out.update(payload.get("engines") or {})
     return out
 
 
 def decode(run: dict, batch: int) -> float | None:
-    return next((s["decode_tokens_per_s"]["median"] for s in run.get("speed") or []
-                 if s.get("batch") == batch and "decode_tokens_per_s" in s), None)
+    return next((s["decode_tokens_per_s"]["median"] for s in timed(run.get("speed")) if s.get("batch") == batch), None)
 
 
 def table(rows: list[dict], batches: list[int]) -> list[str]:
@@ -66,7 +67,7 @@ def table(rows: list[dict], batches: list[int]) -> list[str]:
             ref = base.get(engine) or {}
             ratios = [f"{s / decode(ref, b):.2f}" if s and ref and decode(ref, b) else "—" for s, b in zip(
                 speeds, batches, strict=True)]
-            b1 = next((s for s in run.get("speed") or [] if s.get("batch") == 1 and "prefill_tokens_per_s" in s), None)
+            b1 = next((s for s in timed(run.get("speed")) if s.get("batch") == 1), None)
             lines.append(" ".join([
                 f"| {row['variant']} | {engine} {run.get('version', '')} |",
                 " | ".join(f"{s:.1f}" if s else "—" for s in speeds), "|", " | ".join(ratios), "|",

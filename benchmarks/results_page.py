@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from qtool.report import timed
+
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = REPO / "reports"
 PAGE = REPO / "docs" / "results.md"
@@ -381,10 +383,7 @@ def _label(record: dict) -> str:
 
 
 def _decode_b1(record: dict) -> float | None:
-    for run in record.get("speed") or []:
-        if run["batch"] == 1 and "decode_tokens_per_s" in run:
-            return run["decode_tokens_per_s"]["median"]
-    return None
+    return next((run["decode_tokens_per_s"]["median"] for run in timed(record.get("speed")) if run["batch"] == 1), None)
 
 
 def twobit_table(records: list[dict]) -> str:

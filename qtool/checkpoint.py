@@ -190,6 +190,12 @@ def write_record(folder: Path, record: dict[str, Any]) -> None:
     write_text_atomic(Path(folder) / RECORD_NAME, json.dumps(record, indent=2, sort_keys=False) + "\n")
 
 
+def emulated(record: dict[str, Any] | None) -> bool:
+    """Whether a qtool.json record's kernel is transformers' emulation of the format (compressed-tensors
+    FP8/W8A8/FP4 on CPU): its quality is the format's, its speed is not."""
+    return str((record or {}).get("kernel", "")).startswith("emulation")
+
+
 def read_record(folder: Path) -> dict[str, Any] | None:
     """The folder's qtool.json, or None when qtool did not write this folder."""
     path = Path(folder) / RECORD_NAME

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import Field, PositiveFloat
 
+from qtool.checkpoint import emulated
 from qtool.schema import Section, parse_section
 
 PLOTS = {"quality_vs_size": "quality_vs_size.png", "speed": "speed.png", "memory": "memory.png"}
@@ -84,7 +85,7 @@ def _row(cell: str, r: dict[str, Any]) -> Row:
     ppl = r.get("perplexity") or {}
     div = r.get("divergence") or {}
     words = r.get("word_perplexity") or {}
-    speed = [s for s in r.get("speed") or [] if "decode_tokens_per_s" in s]  # not "not_measured" entries
+    speed = timed(r.get("speed"))
     # quantized cells: their weights files; the base: its tensors as loaded, what saving it would write
     if q.get("weights_bytes"):
         size = q["weights_bytes"] / 2**20
@@ -109,9 +110,15 @@ def _row(cell: str, r: dict[str, Any]) -> Row:
         quantize_s=sum(q["timings_s"].values()) if q.get("timings_s") else None,
         quantize_peak_mib=q.get("peak_memory_mib"),
         record=r,
-        engine_decode={name: {e["batch"]: e["decode_tokens_per_s"]["median"] for e in run.get("speed") or []
-                              if "decode_tokens_per_s" in e} for name, run in (r.get("engines") or {}).items()},
+        engine_decode={name: {e["batch"]: e["decode_tokens_per_s"]["median"] for e in timed(run.get("speed"))}
+                       for name, run in (r.get("engines") or {}).items()},
     )
+
+
+def timed(entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The speed entries of a record that carry timings, without {"batch", "not_measured"} ones (a
+    format transformers only emulates, a batch size an engine cannot run)."""
+    return [e for e in entries or [] if "decode_tokens_per_s" in e]
 
 
 def pareto_front(rows: list[Row]) -> list[Row]:
@@ -406,10 +413,9 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
         "compute dtype); the base: its tensors as loaded. bits/w: the quantized layers' bits per weight, scales included.",
         "KL: next-token KL(base ‖ model) in nats on the same windows; top-1: share of positions where both argmaxes agree.",
     ]
-    emulated = [name for name, r in results.items() if r.get("status") == "ok"
-                and str((r.get("quantization") or {}).get("kernel", "")).startswith("emulation")]
-    if emulated:
-        lines.append("Evaluated by emulation (their qtool.json `kernel`): " + ", ".join(f"`{n}`" for n in emulated)
+    emulations = [name for name, r in results.items() if r.get("status") == "ok" and emulated(r.get("quantization"))]
+    if emulations:
+        lines.append("Evaluated by emulation (their qtool.json `kernel`): " + ", ".join(f"`{n}`" for n in emulations)
                      + ": weights decompressed to dense, activations and KV cache quantize-dequantized on the fly; "
                      "quality only, no speed of the format in transformers.")
     words = first.get("word_perplexity")
@@ -417,8 +423,7 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
         lines.append(f"Word perplexity: lm-evaluation-harness {words['harness']} `{words['metric']}` "
                      f"(loglikelihood_rolling, max length {words['max_length']}, {words['documents']} documents). "
                      "Word PPL and token PPL are different protocols: compare each only within its own column.")
-    speed = next(([s for s in row.get("speed") or [] if "decode_tokens_per_s" in s] for row in ok
-                  if any("decode_tokens_per_s" in s for s in row.get("speed") or [])), [])
+    speed = next((timed(row.get("speed")) for row in ok if timed(row.get("speed"))), [])  # emulated cells: none
     if speed:
         s = speed[0]
         lines.append(f"Speed in hf (transformers' eager loop in qtool's process): {s['prompt_tokens']}-token prompt + "
@@ -428,12 +433,12 @@ def protocol_lines(results: dict[str, dict[str, Any]], recipe_note: str) -> list
     for name, run in (first.get("engines") or {}).items():
         if not isinstance(run, dict) or run.get("error"):
             continue
-        timed = [e for e in run.get("speed") or [] if "decode_tokens_per_s" in e]
+        entries = timed(run.get("speed"))
         lines.append(
             f"Speed in {name} {run.get('version')} on {run.get('device')}: {run.get('mode')}, threads "
             f"{run.get('threads')}; "
-            + (f"{timed[0]['prompt_tokens']}-token prompt + {timed[0]['new_tokens']} greedy tokens (EOS ignored), "
-               f"median of {timed[0]['repeats']} after a warm-up; " if timed else "")
+            + (f"{entries[0]['prompt_tokens']}-token prompt + {entries[0]['new_tokens']} greedy tokens (EOS ignored), "
+               f"median of {entries[0]['repeats']} after a warm-up; " if entries else "")
             + "decode tok/s = batch × (new tokens − 1) / (time to all tokens − time to the first); each run "
             "prefills (no prefix cache). Peak MiB: resident memory of the engine's process tree over load and "
             "all runs. " + ("Kernel per cell in its 'ran' column." if name == "vllm" else

@@ -8,6 +8,7 @@ method, cached); a .gguf file is loaded as it is. Its environment (a source buil
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from qtool.engines.base import EngineJob, EngineRun
 from qtool.engines.external import ExternalEngine
@@ -24,15 +25,15 @@ class LlamaCppEngine(ExternalEngine):
     def checkpoint_for(self, path: Path) -> Path:
         if path.is_file() and path.suffix == ".gguf":
             return path
-        from qtool.export.gguf import cached_export
+        from qtool.export.gguf import NoLosslessType, cached_export
 
-        self.check_checkpoint(path)
-        return cached_export(path)
+        try:
+            return cached_export(path)
+        except NoLosslessType as exc:
+            raise _no_lossless(path, exc) from None
 
     def check_checkpoint(self, path: Path) -> None:
-        """A folder needs a lossless GGUF type (qtool.export.gguf.default_type); `--type` is export's
-        flag, so the error says how to make a GGUF this command can take instead."""
-        from qtool.errors import SpecError
+        """A folder needs a lossless GGUF type (qtool.export.gguf.default_type)."""
         from qtool.export.gguf import NoLosslessType, default_type, model_folder
 
         if path.is_file() and path.suffix == ".gguf":
@@ -40,8 +41,7 @@ class LlamaCppEngine(ExternalEngine):
         try:
             default_type(model_folder(str(path)))
         except NoLosslessType as exc:
-            raise SpecError(f"{path} has no lossless GGUF ({exc.why}); export one that llama.cpp re-quantizes, "
-                            f"`qtool export {path} --type {exc.suggested}`, and give its .gguf file instead") from None
+            raise _no_lossless(path, exc) from None
 
     def run(self, job: EngineJob) -> EngineRun:
         from qtool.export.gguf import tensor_types
@@ -49,3 +49,11 @@ class LlamaCppEngine(ExternalEngine):
         result = super().run(job)
         result.dtype = tensor_types(Path(job.model))
         return result
+
+
+def _no_lossless(path: Path, exc: Any) -> Exception:
+    """export's NoLosslessType for commands without export's --type flag: say which export to make."""
+    from qtool.errors import SpecError
+
+    return SpecError(f"{path} has no lossless GGUF ({exc.why}); export one that llama.cpp re-quantizes, "
+                     f"`qtool export {path} --type {exc.suggested}`, and give its .gguf file instead")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qtool.checkpoint import emulated
 from qtool.evaluate.plan import EvalPlan
 
 
@@ -38,8 +39,7 @@ def run_plan(plan: EvalPlan, loaded: Any, base: Any | None = None, progress: boo
                                                                   limit=plan.lm_eval.limit, bos=plan.bos)
     if plan.speed and "hf" in plan.engines:
         s = plan.speed
-        kernel = str((loaded.record or {}).get("kernel", ""))
-        if kernel.startswith("emulation"):
+        if emulated(loaded.record):
             from qtool.evaluate.speed import SpeedNotMeasured
 
             reason = ("transformers emulates this format (its qtool.json kernel: emulation), so its timings are "

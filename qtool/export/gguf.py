@@ -46,6 +46,8 @@ log = logging.getLogger("qtool")
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")  # and Q8_0 from symmetric 8-bit codes (also a quantizer type)
 #: the bit-widths whose codes GGUF blocks hold, with their families ("0": symmetric, "1": with a minimum)
 CODE_FAMILIES = {4: "01", 5: "01", 8: "0"}
+#: the layouts whose layers hold integer codes on a per-group grid (qtool.export.codes)
+CODE_LAYOUTS = ("gptq", "gptq_v2", "gptq_p", "awq", "dense")
 CONVERTER_TYPES = ("F16", "BF16", "F32")
 # llama.cpp's quantizer types (llama_ftype names without the LLAMA_FTYPE_MOSTLY_ prefix)
 #: the llama.cpp type of about the same bits per weight as a checkpoint of each width (the suggestion
@@ -113,15 +115,15 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
         return None, (f"{grid.method} with per-module bit-widths {'/'.join(map(str, grid.widths))} (mixed precision): "
                       "qtool writes blocks from codes for 4- and 5-bit layers (Q4_x, Q5_x; --mixed-bits 4,5) and "
                       "symmetric 8-bit ones (Q8_0)")
-    if grid.bits == 8 and not grid.sym and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
+    if grid.bits == 8 and not grid.sym and grid.layout in CODE_LAYOUTS:
         option = "--symmetric true" if grid.method == "rtn" else "--sym true"
         return None, (f"{grid.method} 8-bit with zero points: ggml's Q8_0 is symmetric (quantize with {option} "
                       "for an exact Q8_0); llama.cpp's Q8_0 re-quantizes the weights")
-    if grid.bits not in CODE_FAMILIES and grid.layout in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
+    if grid.bits not in CODE_FAMILIES and grid.layout in CODE_LAYOUTS:
         return None, (f"{grid.method} {grid.bits}-bit: qtool writes blocks from codes only for 4- and 5-bit "
                       f"(Q4_0/Q4_1, Q5_0/Q5_1) and symmetric 8-bit (Q8_0); llama.cpp's "
                       f"{NEAREST_TYPE.get(grid.bits, 'Q8_0')} re-quantizes the weights")
-    if grid.layout not in ("gptq", "gptq_v2", "gptq_p", "awq", "dense"):
+    if grid.layout not in CODE_LAYOUTS:
         return None, f"{grid.method} checkpoints store no integer codes on a per-group grid"
     if grid.group_size > 0 and grid.group_size % 32:
         return None, f"group size {grid.group_size} is not a multiple of GGUF's 32-weight blocks"
@@ -380,7 +382,6 @@ def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
     out, cols = codes.codes.shape
     bits, symmetric = int(gguf_type[1]), gguf_type.endswith("_0")
     q = codes.codes.reshape(out, cols // 32, 32)
-    packed = ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).astype(np.uint8)
     group = (np.arange(cols // 32) * 32) // codes.group_size
     d = np.ascontiguousarray(codes.scales[:, group], dtype=np.float16)
     parts = [d.view(np.uint8).reshape(out, -1, 2)]
@@ -393,6 +394,7 @@ def _blocks(codes: Codes, gguf_type: str) -> np.ndarray:
     if bits == 8:
         signed = (q.astype(np.int16) - 128).astype(np.int8)
         return np.concatenate([*parts, signed.view(np.uint8)], axis=-1).reshape(out, -1)
+    packed = ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).astype(np.uint8)
     if bits == 5:
         high = (q.astype(np.uint32) >> 4) << np.arange(32, dtype=np.uint32)
         parts.append(np.ascontiguousarray(high.sum(-1, dtype=np.uint32), dtype="<u4").view(np.uint8)
