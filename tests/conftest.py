@@ -106,14 +106,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
 
 
 def interrupt_qtool_when(args: list[str], ready: Callable[[], bool], timeout: float = 300,
-                         stdout: list[str] | None = None) -> tuple[int, str]:
+                         stdout: list[str] | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Start the CLI, press Ctrl-C once `ready()` holds; return (exit code, stderr). What the run
-    wrote to stdout is appended to `stdout` when given.
+    wrote to stdout is appended to `stdout` when given; `env` adds to the child's environment.
 
     SIGINT's default is restored in the child: a shell's background job starts with it ignored.
     """
     proc = subprocess.Popen([sys.executable, "-m", "qtool.cli", *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not ready() and proc.poll() is None:

@@ -102,12 +102,18 @@ def quantize_with_gptqmodel(
     losses: list[dict[str, Any]] = []
     try:
         with library_output_to(log_path) as terminal:
-            from gptqmodel import GPTQModel
+            from gptqmodel import DEVICE_THREAD_POOL, GPTQModel
 
-            model = GPTQModel.load(source.location, make_config(offload_dir), dtype=compute_dtype(device), device=device,
-                                   trust_remote_code=False)
-            with module_progress(modules, desc, terminal, losses):
-                model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
+            try:
+                model = GPTQModel.load(source.location, make_config(offload_dir), dtype=compute_dtype(device),
+                                       device=device, trust_remote_code=False)
+                with module_progress(modules, desc, terminal, losses):
+                    model.quantize(calibration.as_gptqmodel_rows(), batch_size=1)
+            except BaseException:
+                # A worker thread still finalising a layer would re-create the offload folder
+                # (os.makedirs) after it is removed below: let the in-flight layer finish first.
+                DEVICE_THREAD_POOL.wait()
+                raise
     except BaseException:
         log_path.unlink(missing_ok=True)  # the log moves into OUT only with a finished checkpoint
         shutil.rmtree(offload_dir, ignore_errors=True)
