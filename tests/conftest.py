@@ -58,11 +58,12 @@ def wikitext_test() -> Path:
     return path
 
 
-def run_qtool(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real CLI in a fresh process, as a user would."""
+def run_qtool(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a fresh process, as a user would (in `cwd`, the repository by default)."""
     return subprocess.run(
         [sys.executable, "-m", "qtool.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
         env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
     )
 
@@ -106,13 +107,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
 
 
 def interrupt_qtool_when(args: list[str], ready: Callable[[], bool], timeout: float = 300,
-                         stdout: list[str] | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
+                         stdout: list[str] | None = None, env: dict[str, str] | None = None,
+                         cwd: Path | None = None) -> tuple[int, str]:
     """Start the CLI, press Ctrl-C once `ready()` holds; return (exit code, stderr). What the run
-    wrote to stdout is appended to `stdout` when given; `env` adds to the child's environment.
+    wrote to stdout is appended to `stdout` when given; `env` adds to the child's environment;
+    it runs in `cwd` (the repository by default).
 
     SIGINT's default is restored in the child: a shell's background job starts with it ignored.
     """
-    proc = subprocess.Popen([sys.executable, "-m", "qtool.cli", *map(str, args)], cwd=REPO, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "qtool.cli", *map(str, args)], cwd=cwd or REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout

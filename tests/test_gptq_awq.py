@@ -29,9 +29,14 @@ def plain_transformers_logits(folder, ids):
 @pytest.mark.parametrize(("method", "format_key"), [("gptq", "gptq"), ("awq", "awq")])
 def test_tiny_model_round_trip(method, format_key, tiny_llama, tmp_path):
     out = tmp_path / method
+    work, temp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    temp.mkdir()
     proc = run_qtool("quantize", "--method", method, "--bits", "4", "--group-size", "32", *FAST_CALIB,
-                     "--device", "cpu", tiny_llama, out)
+                     "--device", "cpu", tiny_llama, out, cwd=work, env={"TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stderr
+    # GPTQModel's own logs/ folder stays out of the user's directory, its offload folder is removed
+    assert list(work.iterdir()) == [] and [p.name for p in temp.glob("*gptqmodel*")] == []
 
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == format_key
@@ -298,15 +303,17 @@ def test_ctrl_c_during_gptq_leaves_no_offloaded_layers_behind(tiny_llama, tmp_pa
     The run gets a temporary folder of its own: another test's gptq run may be offloading in /tmp."""
     from tests.conftest import interrupt_qtool_when
 
-    temp = tmp_path / "tmp"
+    temp, work = tmp_path / "tmp", tmp_path / "work"
     temp.mkdir()
+    work.mkdir()
     out = tmp_path / "out"
     stdout: list[str] = []
     code, stderr = interrupt_qtool_when(
         ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "32", *FAST_CALIB, tiny_llama, out],
-        lambda: any(temp.glob("qtool-gptqmodel-offload-*/*")),  # the offload folder holds a layer
-        stdout=stdout, env={"TMPDIR": str(temp)})
+        lambda: any(temp.glob("qtool-gptqmodel-offload-*/model.*")),  # the offload folder holds a layer
+        stdout=stdout, env={"TMPDIR": str(temp)}, cwd=work)
     assert code == 130, stderr
     assert stdout == [""]  # GPTQModel's worker threads finishing a module print nothing where scripts read
     assert stderr.strip().splitlines()[-1] == "qtool: interrupted; nothing was written"
     assert not out.exists() and [p.name for p in temp.glob("*gptqmodel*")] == []
+    assert list(work.iterdir()) == []  # GPTQModel's logs/ (with a per-module log by now) went with the offload folder

@@ -77,6 +77,17 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+def keep_library_logs_in(folder: Path) -> None:
+    """Send GPTQModel's per-processor log files (a `logs/` folder in the current directory, which it
+    never removes and which a Ctrl-C leaves holding a log) into `folder`, which qtool owns.
+
+    GPTQModel 7.7 has no setting for it: its module global `_PROJECT_LOG_DIR` is what it reads.
+    qtool's own copy of the per-module table is `quantize.log` in OUT."""
+    from gptqmodel.looper import loop_processor
+
+    loop_processor._PROJECT_LOG_DIR = folder / "logs"
+
+
 def quantize_with_gptqmodel(
     source: ModelSource, make_config: Callable[[str], Any], calibration: CalibrationSet, device: str, desc: str,
     modules: int, rotate: bool = False, seed: int = 0,
@@ -104,6 +115,7 @@ def quantize_with_gptqmodel(
         with library_output_to(log_path) as terminal:
             from gptqmodel import DEVICE_THREAD_POOL, GPTQModel
 
+            keep_library_logs_in(Path(offload_dir))
             try:
                 model = GPTQModel.load(source.location, make_config(offload_dir), dtype=compute_dtype(device),
                                        device=device, trust_remote_code=False)
