@@ -22,7 +22,7 @@ EPILOG = """examples:
   qtool methods                                   which backends are ready here, and why not
   qtool quantize --method hqq --bits 4 --group-size 64 smollm2-135m out/hqq4
   qtool quantize --method bnb --bits 4 --opt quant_type=fp4 smollm2-135m out/bnb-fp4
-  qtool quantize --method gptq --bits 4 --group-size 64 --calib ../shared/data/wikitext-2/valid.txt \
+  qtool quantize --method gptq --bits 4 --group-size 64 --calib ../shared/data/wikitext-2/valid.txt \\
         --nsamples 128 --seqlen 512 smollm2-135m out/gptq4
   qtool eval out/hqq4 --ppl ../shared/data/wikitext-2/test.txt --ctx 512 --max-tokens 40000
   qtool generate out/hqq4 "What is the capital of France?"
@@ -504,7 +504,7 @@ def _weights_split(record: dict[str, Any]) -> str:
     if not quantized:
         return f"{total:.1f} MiB weights"
     return (f"{total:.1f} MiB weights ({quantized / 2**20:.1f} MiB in the {record['quantized_layers']} quantized layers, "
-            f"{total - quantized / 2**20:.1f} MiB in the rest: embedding, norms, an untied output head)")
+            f"{total - quantized / 2**20:.1f} MiB in the unquantized rest: embedding, norms, any untied output head)")
 
 
 def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
@@ -553,10 +553,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.record(), indent=2))
         return 0
     print("\n".join(plan.summary_lines()))
-    print(f"\n  {'group':<44} bits  " + "  ".join(f"cost@{b}" for b in plan.budget.candidates))
-    for row in plan.record()["groups"]:
-        costs = "  ".join(f"{row['cost'][str(b)]:>{len(f'cost@{b}')}.2e}" for b in plan.budget.candidates)
-        print(f"  {row['group']:<44} {row['bits']:>4}  {costs}")
+    groups = plan.record()["groups"]
+    name_width = max(len("group"), *(len(row["group"]) for row in groups))
+    cost_width = max(len("9.99e-99"), *(len(f"cost@{b}") for b in plan.budget.candidates))
+    print(f"\n  {'group':<{name_width}} bits  " + "  ".join(f"{f'cost@{b}':>{cost_width}}" for b in plan.budget.candidates))
+    for row in groups:
+        costs = "  ".join(f"{row['cost'][str(b)]:>{cost_width}.2e}" for b in plan.budget.candidates)
+        print(f"  {row['group']:<{name_width}} {row['bits']:>4}  {costs}")
     return 0
 
 
@@ -612,6 +615,19 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_headline(model: str, memory: dict[str, Any], record: dict[str, Any] | None) -> str:
+    """`qtool eval`'s first line: the weights in memory, and for a format transformers only emulates,
+    that they were dequantized and that the numbers below are quality, not the format's speed."""
+    from qtool.checkpoint import emulated
+
+    line = f"{model}: weights {memory['in_memory_bytes'] / 2**20:.1f} MiB in memory"
+    if not emulated(record):
+        return line
+    on_disk = memory.get("on_disk_weights_bytes")
+    return (line + f" (dequantized to dense at load{f'; {on_disk / 2**20:.1f} MiB on disk' if on_disk else ''}): "
+            "quality measured by emulation (qtool.json kernel), speed not timed in transformers")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from qtool import api
     from qtool.errors import SpecError
@@ -639,8 +655,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     base = api.load(args.base, device=loaded.device) if args.base else None
     results = run_plan(plan, loaded, base, progress=not args.quiet)
     payload: dict[str, Any] = {"model": args.model, "device": loaded.device,
-                               "quantization": loaded.record and loaded.record["spec"], **as_records(results)}
-    lines = [f"{args.model}: weights {payload['memory']['in_memory_bytes'] / 2**20:.1f} MiB in memory", *summaries(results)]
+                               "quantization": loaded.record and loaded.record["spec"],
+                               "kernel": loaded.record and loaded.record.get("kernel"), **as_records(results)}
+    lines = [_eval_headline(args.model, payload["memory"], loaded.record), *summaries(results)]
     payload["versions"] = package_versions()
     # With --json -, stdout carries only JSON so that scripts can parse it.
     print("\n".join(lines), file=sys.stderr if args.json == "-" else sys.stdout)

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 ENGINE_NAMES = ("hf", "vllm", "llamacpp")  # qtool.engines.ENGINE_NAMES (not imported here: --help stays fast)
-GGUF_HELP = ("Q4_0 / Q4_1 / Q5_0 / Q5_1: blocks written from a 4- or 5-bit checkpoint's own codes (gptq, awq, "
-             "autoround, rtn with groups a multiple of 32); F16, BF16, F32: dense; Q8_0, Q6_K, Q5_K_M, Q4_K_M, ...: llama.cpp's quantizer "
+GGUF_HELP = ("Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0: blocks written from a 4-, 5- or symmetric 8-bit checkpoint's own "
+             "codes (gptq, awq, autoround, rtn with groups a multiple of 32; mixed 4/5/8 plans too); F16, BF16, F32: "
+             "dense; Q8_0 of any other checkpoint, Q6_K, Q5_K_M, Q4_K_M, ...: llama.cpp's quantizer "
              "(default: the checkpoint's lossless type)")
 
 
@@ -48,6 +49,7 @@ def add_parsers(sub: Any) -> None:
                     "written to a temporary sibling and renamed at the end.",
         epilog="examples:\n  qtool export out/gptq4 --format gguf                 # Q4_0/Q4_1 from the codes\n"
                "  qtool export out/gptq5 --format gguf                 # Q5_0/Q5_1 from a 5-bit gptq's codes\n"
+               "  qtool export out/gptq8 --format gguf                 # Q8_0 from an 8-bit sym=true gptq's codes\n"
                "  qtool export out/gptq4 --format gguf --type Q8_0 -o out/gptq4-q8.gguf\n"
                "  qtool export out/gptq4 --format compressed-tensors     # out/gptq4-ct, W4A16 pack-quantized",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -112,8 +114,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
     if result.mapped_tensors:
-        how = (f"{result.mapped_tensors} tensors from the checkpoint's codes (max |difference| from its weights "
-               f"{result.max_mapping_error:.2g})")
+        how = (f"{result.mapped_tensors} tensors from the checkpoint's codes, not re-quantized (max |difference| "
+               f"from its weights {result.max_mapping_error:.2g}: fp16 rounding, as ggml's block scales and "
+               "llama.cpp's converted copy are fp16)")
     else:
         how = "llama.cpp's converter" + (" and quantizer" if result.type not in ("F16", "BF16", "F32") else "")
     print(f"wrote {result.path}: {result.type}, {result.size_bytes / 2**20:.1f} MiB, {how}, {result.seconds:.0f} s")

@@ -167,6 +167,9 @@ def test_speed_of_an_emulated_format_is_not_timed(tiny_llama, tmp_path):
     assert all("emulates" in s["not_measured"] and "decode_tokens_per_s" not in s for s in payload["speed"])
     assert payload["perplexity"]["ppl"] > 1
     assert "speed not measured" in done.stderr
+    assert payload["kernel"].startswith("emulation")
+    headline = next(line for line in done.stderr.splitlines() if "MiB in memory" in line)
+    assert "dequantized to dense at load" in headline and "quality measured by emulation" in headline, headline
 
 
 @pytest.mark.parametrize("kind", ["fp8", "int8", "mxfp4", "nvfp4"])

@@ -92,7 +92,10 @@ def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engin
 
 def test_export_refuses_a_bad_request_before_any_work(tiny_llama, tmp_path):
     assert_one_line_error(run_qtool("export", tmp_path, "--format", "gguf"), "not a checkpoint folder")
-    assert_one_line_error(run_qtool("export", tiny_llama, "--type", "Q9_9"), "unknown GGUF type Q9_9")
+    proc = run_qtool("export", tiny_llama, "--type", "Q9_9")
+    assert_one_line_error(proc, "unknown GGUF type Q9_9")
+    listed = proc.stderr.split("types: ")[1].strip().split(", ")
+    assert "Q8_0" in listed and len(listed) == len(set(listed))  # each type named once
     (tmp_path / "taken.gguf").write_text("user data")
     assert_one_line_error(run_qtool("export", tiny_llama, "--type", "F16", "-o", tmp_path / "taken.gguf"), "--force")
     assert (tmp_path / "taken.gguf").read_text() == "user data"

@@ -326,3 +326,16 @@ def test_the_least_budget_a_refusal_names_is_met(flag, low, tiny_llama):
     value = least.group(1) if flag == "--target-bits" else f"{least.group(1)}MiB"
     proc = qtool_in_process(*common, flag, value)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_plan_table_columns_line_up(tiny_llama):
+    """`qtool plan`'s table: every row's bits and costs start where the header's do, whatever a group's name."""
+    proc = qtool_in_process("plan", "--method", "rtn", "--group-size", "32", "--target-bits", "4.5", "--calib", "builtin",
+                            "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--quiet", tiny_llama)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout[proc.stdout.index("  group"):].splitlines()
+    header, rows = table[0], table[1:]
+    assert len(rows) == 8 and any("+" in row for row in rows)  # 2 layers x 4 groups, fused names the longest
+    bits = slice(header.index("bits"), header.index("bits") + len("bits"))
+    assert {len(row) for row in rows} == {len(header)}
+    assert all(row[bits].strip() in {"2", "3", "4", "8"} for row in rows), table

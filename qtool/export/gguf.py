@@ -55,7 +55,7 @@ CONVERTER_TYPES = ("F16", "BF16", "F32")
 NEAREST_TYPE = {2: "Q2_K", 3: "Q3_K_M", 6: "Q6_K", 8: "Q8_0"}
 QUANTIZER_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_L",
                    "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4_MOE")
-GGUF_TYPES = EXACT_TYPES + CONVERTER_TYPES + QUANTIZER_TYPES
+GGUF_TYPES = tuple(dict.fromkeys(EXACT_TYPES + CONVERTER_TYPES + QUANTIZER_TYPES))  # Q5_0/Q5_1 are in two lists
 
 
 @dataclass
