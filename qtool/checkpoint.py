@@ -12,7 +12,7 @@ import struct
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,8 @@ def atomic_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ())
     """Yield a temporary sibling of OUT; rename it to OUT only if the block finishes.
 
     `check_output_dir` runs first. Any exception (Ctrl-C included) removes the temporary folder,
-    so an interrupted run leaves neither a half-written OUT nor litter beside it; temporary
+    so an interrupted run leaves neither a half-written OUT nor litter beside it (nor the parent
+    folders it created for OUT, while they are empty); temporary
     folders of runs that were killed (their process is gone) are removed when the next run to
     the same OUT starts. An OUT that appeared while the block ran (another run writing the
     same OUT) is never replaced: the run fails with OutputExistsError and its result is dropped.
@@ -101,6 +102,7 @@ def atomic_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ())
     out = Path(out).expanduser()
     check_output_dir(out, force, inputs)
     existed = out.exists()
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(out)
     tmp = out.parent / f".{out.name}.{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -123,6 +125,9 @@ def atomic_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ())
                                         "the same OUT?); it was left as it is and this run's result was dropped") from None
     except BaseException:
         _remove(tmp)
+        for folder in created:  # the parents this run made, if nothing else has been put in them since
+            with suppress(OSError):
+                folder.rmdir()
         raise
 
 

@@ -238,6 +238,23 @@ def test_an_output_that_appears_during_the_run_is_never_replaced(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
+def test_a_failed_run_removes_the_parent_folders_it_created_and_only_those(tmp_path):
+    from qtool.checkpoint import atomic_output_dir
+
+    (tmp_path / "mine").mkdir()
+    for parent in (tmp_path / "new" / "deeper", tmp_path / "mine"):
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_output_dir(parent / "o", force=False) as work:
+                (work / "weights").write_text("half")
+                raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine"]  # "new/deeper" went; the user's "mine" stays
+    with pytest.raises(KeyboardInterrupt):  # a parent that holds something else by then is kept
+        with atomic_output_dir(tmp_path / "new" / "o", force=False):
+            (tmp_path / "new" / "notes.txt").write_text("the user's")
+            raise KeyboardInterrupt
+    assert (tmp_path / "new" / "notes.txt").read_text() == "the user's"
+
+
 def test_two_runs_to_one_output_at_once_one_wins(tiny_llama, tmp_path):
     out = tmp_path / "o"
     args = [sys.executable, "-m", "qtool.cli", "quantize", "--method", "rtn", "--bits", "4", "--group-size", "32",
