@@ -537,8 +537,8 @@ def test_report_only_skips_lines_that_are_not_results(tmp_path):
 
 def test_an_empty_argument_is_named_as_the_user_knows_it():
     assert_one_line_error(qtool_in_process("quantize", "--method", "rtn", "smollm2-135m", ""), "an empty value for MODEL/OUT")
-    assert_one_line_error(qtool_in_process("quantize", "--method", "rtn", "--symmetric", "", "smollm2-135m", "o"),
-                          "an empty value for symmetric")
+    assert_one_line_error(qtool_in_process("quantize", "--method", "rtn", "--sym", "", "smollm2-135m", "o"),
+                          "an empty value for sym")
 
 
 def test_results_with_no_record_and_a_record_with_a_bad_method_name_the_problem(tiny_llama, tmp_path):

@@ -131,7 +131,7 @@ def test_per_channel_grids_map_onto_blocks_that_repeat_the_rows_scale():
     (None, "not quantized"), (Grid("gptq", 3, 64, True, "gptq"), "3-bit"),
     (Grid("gptq", 4, 48, True, "gptq"), "multiple of GGUF's 32"), (Grid("hqq", 4, 64, False, "hqq"), "no integer codes"),
     (Grid("gptq", 6, 64, False, "gptq_p"), "llama.cpp's Q6_K re-quantizes"),
-    (Grid("rtn", 8, 64, False, "dense"), "Q8_0 is symmetric (quantize with --symmetric true"),
+    (Grid("rtn", 8, 64, False, "dense"), "Q8_0 is symmetric (quantize with --sym true"),
     (Grid("gptq", 4, 64, False, "gptq", (("model.layers.0.mlp.down_proj$", 8),)), "bit-widths 4/8 (mixed precision)"),
 ])
 def test_no_exact_type_says_why(grid, why):

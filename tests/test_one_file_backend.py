@@ -35,7 +35,7 @@ def test_a_copy_of_rtn_under_another_name_is_a_complete_backend(tiny_llama, tmp_
     methods = run("-m", "qtool.cli", "methods", "--json")
     assert methods.returncode == 0, methods.stderr
     rows = {row["method"]: row for row in json.loads(methods.stdout)}
-    assert rows["rtncopy"]["ready"] and rows["rtncopy"]["options"][0]["name"] == "symmetric"
+    assert rows["rtncopy"]["ready"] and rows["rtncopy"]["options"][0]["name"] == "sym"
 
     out = tmp_path / "out"
     quantized = run("-m", "qtool.cli", "quantize", "--method", "rtncopy", "--bits", "4", "--group-size", "32",

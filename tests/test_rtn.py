@@ -47,15 +47,15 @@ def test_rtn_checkpoint_reloads_with_the_quantized_weights(tiny_llama, tmp_path)
 
 
 def test_every_option_of_the_method_is_also_a_flag(tiny_llama, tmp_path):
-    """--symmetric true is --opt symmetric=true: flags come from the backend's Options dataclass."""
+    """--sym true is --opt sym=true: flags come from the backend's Options dataclass."""
     import json
 
     from tests.conftest import assert_one_line_error, qtool_in_process
 
     out = tmp_path / "out"
-    proc = qtool_in_process("quantize", "--method", "rtn", "--symmetric", "true", "--group-size", "32", "--quiet",
+    proc = qtool_in_process("quantize", "--method", "rtn", "--sym", "true", "--group-size", "32", "--quiet",
                             "--device", "cpu", tiny_llama, out)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "qtool.json").read_text())["spec"]["options"] == {"symmetric": True}
+    assert json.loads((out / "qtool.json").read_text())["spec"]["options"] == {"sym": True}
     assert_one_line_error(qtool_in_process("quantize", "--method", "rtn", "--codebooks", "2", tiny_llama, tmp_path / "o2"),
-                          "--codebooks is not a quantize flag and rtn has no option 'codebooks'; its options: --symmetric")
+                          "--codebooks is not a quantize flag and rtn has no option 'codebooks'; its options: --sym")

@@ -84,10 +84,10 @@ def test_compare_form_runs_the_recipe_or_an_edited_copy(tmp_path):
     rows = forms.recipe_cells("compare-smollm2")
     assert rows[0] == ["eetq", "8", "", "", "", "", "", ""] and ["gptq", "4", "64", "sym=false", "", "", "", ""] in rows
     assert forms.compare_argv("compare-smollm2", "r", rows) == (["compare", "--out=r", "--", "compare-smollm2"], {})
-    argv, files = forms.compare_argv("compare-smollm2", "r", [["rtn", "4", "32", "symmetric=true"]])
+    argv, files = forms.compare_argv("compare-smollm2", "r", [["rtn", "4", "32", "sym=true"]])
     assert argv == ["compare", "--out=r", "--", "recipe.yaml"] and isinstance(argv[-1], forms.JobFile)
     edited = yaml.safe_load(files["recipe.yaml"])["compare"]
-    assert edited["cells"] == [{"method": "rtn", "bits": 4, "group_size": 32, "options": {"symmetric": True}}]
+    assert edited["cells"] == [{"method": "rtn", "bits": 4, "group_size": 32, "options": {"sym": True}}]
     assert edited["model"] == "smollm2-135m" and edited["name"] == "smollm2-cpu"
     _, files = forms.compare_argv("compare-smollm2", "r", [["gptq", "", "64", "", "4.5", "3, 4,5", "output", ""]])
     assert yaml.safe_load(files["recipe.yaml"])["compare"]["cells"] == [

@@ -42,7 +42,7 @@ def rtn_dequantized(weight: torch.Tensor, bits: int, group_size: int, symmetric:
 
 @dataclass
 class RtnOptions:
-    symmetric: bool = field(default=False, metadata={"help": "absmax grid around 0 instead of min-max with a zero point"})
+    sym: bool = field(default=False, metadata={"help": "symmetric absmax grid around 0 (no zero point) instead of min-max with a zero point"})
 
 
 @register
@@ -68,7 +68,7 @@ class RtnBackend(Backend):
 
     @torch.no_grad()
     def quantize_layer(self, name: str, linear: nn.Linear, spec: QuantSpec, device: str) -> nn.Module:
-        linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits_of(name), spec.group_size, spec.options.symmetric))
+        linear.weight.copy_(rtn_dequantized(linear.weight, spec.bits_of(name), spec.group_size, spec.options.sym))
         return linear
 
     def layer_bytes(self, spec: QuantSpec, out_features: int, in_features: int) -> int:

@@ -110,8 +110,9 @@ def grid_of(folder: Path) -> Grid | None:
     if record.get("method") == "rtn":
         spec = record.get("spec") or record
         options = spec.get("options") or {}
-        return Grid("rtn", int(spec.get("bits") or 0), int(spec.get("group_size") or 0), bool(options.get("symmetric")),
-                    "dense")
+        # `symmetric`: the name of rtn's option in records written before it took gptq's `sym`
+        sym = options.get("sym", options.get("symmetric"))
+        return Grid("rtn", int(spec.get("bits") or 0), int(spec.get("group_size") or 0), bool(sym), "dense")
     return None
 
 

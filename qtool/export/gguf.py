@@ -116,8 +116,7 @@ def exact_type(grid: Grid | None) -> tuple[str | None, str]:
                       "qtool writes blocks from codes for 4- and 5-bit layers (Q4_x, Q5_x; --mixed-bits 4,5) and "
                       "symmetric 8-bit ones (Q8_0)")
     if grid.bits == 8 and not grid.sym and grid.layout in CODE_LAYOUTS:
-        option = "--symmetric true" if grid.method == "rtn" else "--sym true"
-        return None, (f"{grid.method} 8-bit with zero points: ggml's Q8_0 is symmetric (quantize with {option} "
+        return None, (f"{grid.method} 8-bit with zero points: ggml's Q8_0 is symmetric (quantize with --sym true "
                       "for an exact Q8_0); llama.cpp's Q8_0 re-quantizes the weights")
     if grid.bits not in CODE_FAMILIES and grid.layout in CODE_LAYOUTS:
         return None, (f"{grid.method} {grid.bits}-bit: qtool writes blocks from codes only for 4- and 5-bit "
