@@ -13,9 +13,13 @@ transformers and serving engines. The one cost is the output head: a tied embedd
 cannot stay tied (the head absorbs the final norm's gain, the embedding does not), so lm_head
 becomes its own vocab × hidden matrix.
 
-Q is a seeded random orthogonal matrix (QR of a Gaussian), which exists for every hidden size;
-QuaRot's randomized Hadamard matrices need a known Hadamard order for each width (576 = 12 × 48)
-and are not implemented here.
+Q is seeded, of one of two kinds (gptq's `rotation` option):
+- `orthogonal`: a Haar-random orthogonal matrix (QR of a Gaussian), which exists for every hidden size;
+- `hadamard`: a randomized Hadamard matrix H·diag(±1)/√n (QuaRot, SpinQuant's random-Hadamard
+  baseline), built by compressed-tensors' `random_hadamard_matrix` from its table of known
+  Hadamard orders: n must be k·2^m with k one of them (576 = 36 × 16). Every entry has the same
+  magnitude 1/√n, so each rotated channel mixes every original one equally; SpinQuant reports
+  that random Hadamard rotations vary much less from seed to seed than random orthogonal ones.
 
 Written here because the libraries that do it do not fit: llm-compressor's SpinQuantModifier folds
 the same R1 rotation, but llm-compressor 0.14 pins transformers <= 5.17 (qtool runs 5.23; see
@@ -40,16 +44,35 @@ from qtool.models import ModelSource
 # (mean subtraction does not commute with Q) and fused-qkv layouts are not listed.
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+ROTATION_KINDS = ("orthogonal", "hadamard")
+RECORD_KINDS = {"orthogonal": "random orthogonal (QR of a Gaussian), residual stream, folded into the weights",
+                "hadamard": "randomized Hadamard (compressed-tensors), residual stream, folded into the weights"}
+
 _PROBE_TOLERANCE = 1e-3  # max |Δlogit| relative to max |logit|, in fp32
 
 
-def check_rotatable(config: Any) -> None:
+def check_rotatable(config: Any, kind: str = "orthogonal") -> None:
+    """Raise SpecError unless `config`'s model can be rotated by a matrix of `kind` (before loading it)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ROTATABLE_MODEL_TYPES:
         raise SpecError(
             f"rotate=true supports {', '.join(ROTATABLE_MODEL_TYPES)} models (RMSNorm pre-norm decoders); "
             f"this model is {model_type!r}"
         )
+    check_rotation_size(kind, config.hidden_size)
+
+
+def check_rotation_size(kind: str, size: int) -> None:
+    """Raise SpecError when no rotation of `kind` exists for a hidden size of `size`."""
+    if kind == "hadamard" and not _hadamard_order_known(size):
+        raise SpecError(f"rotation=hadamard needs a hidden size k·2^m with a Hadamard order k that compressed-tensors "
+                        f"knows (up to 256, multiples of 4); this model's is {size}: use rotation=orthogonal")
+
+
+def _hadamard_order_known(size: int) -> bool:
+    from compressed_tensors.transform.utils.hadamard import _fetch_hadamard_divisor
+
+    return _fetch_hadamard_divisor(size, torch.float64) is not None
 
 
 def random_orthogonal(size: int, seed: int) -> torch.Tensor:
@@ -59,9 +82,27 @@ def random_orthogonal(size: int, seed: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def rotate_with_seed(model: nn.Module, seed: int) -> None:
-    """Rotate `model` in place by the orthogonal matrix `seed` draws (what gptq's rotate=true applies)."""
-    rotate_residual_stream(model, random_orthogonal(model.config.hidden_size, seed))
+def random_hadamard(size: int, seed: int) -> torch.Tensor:
+    """Randomized Hadamard matrix H·diag(±1)/√size (float64, orthogonal), reproducible from `seed`.
+
+    Source: compressed-tensors' `random_hadamard_matrix` (after SpinQuant's hadamard_utils), which
+    returns ±1 entries; raises SpecError when `size` has no known Hadamard order (check_rotation_size).
+    """
+    from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
+
+    check_rotation_size("hadamard", size)
+    generator = torch.Generator().manual_seed(seed)
+    return random_hadamard_matrix(size, torch.float64, gen=generator) / size ** 0.5
+
+
+def rotation_matrix(kind: str, size: int, seed: int) -> torch.Tensor:
+    """The `size` × `size` orthogonal matrix (float64) of `kind` (ROTATION_KINDS) that `seed` draws."""
+    return random_hadamard(size, seed) if kind == "hadamard" else random_orthogonal(size, seed)
+
+
+def rotate_with_seed(model: nn.Module, seed: int, kind: str = "orthogonal") -> None:
+    """Rotate `model` in place by the matrix of `kind` that `seed` draws (what gptq's rotate=true applies)."""
+    rotate_residual_stream(model, rotation_matrix(kind, model.config.hidden_size, seed))
 
 
 def rotate_residual_stream(model: nn.Module, rotation: torch.Tensor) -> None:
@@ -104,13 +145,14 @@ def _f64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.float64)
 
 
-def rotated_copy(source: ModelSource, seed: int, dtype: torch.dtype) -> tuple[ModelSource, Any, dict[str, Any]]:
-    """Rotate `source` on the CPU and save it, in `dtype`, into a temporary folder.
+def rotated_copy(source: ModelSource, seed: int, dtype: torch.dtype,
+                 kind: str = "orthogonal") -> tuple[ModelSource, Any, dict[str, Any]]:
+    """Rotate `source` by the matrix of `kind` on the CPU and save it, in `dtype`, into a temporary folder.
 
     Returns the folder as a ModelSource, the TemporaryDirectory (the folder lives as long as it
     does) and what qtool.json records. The whole model is loaded once, in fp32.
     """
-    check_rotatable(source.config())
+    check_rotatable(source.config(), kind)
     start = time.perf_counter()
     model = source.load_model("cpu", torch.float32)
     tokenizer = source.load_tokenizer()
@@ -118,7 +160,7 @@ def rotated_copy(source: ModelSource, seed: int, dtype: torch.dtype) -> tuple[Mo
     with torch.no_grad():
         before = model(probe).logits
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    rotate_with_seed(model, seed)
+    rotate_with_seed(model, seed, kind)
     with torch.no_grad():
         drift = ((model(probe).logits - before).abs().max() / before.abs().max()).item()
     if drift > _PROBE_TOLERANCE:
@@ -127,8 +169,8 @@ def rotated_copy(source: ModelSource, seed: int, dtype: torch.dtype) -> tuple[Mo
     folder = tempfile.TemporaryDirectory(prefix="qtool-rotated-")
     model.to(dtype).save_pretrained(folder.name)
     tokenizer.save_pretrained(folder.name)
-    record = {"kind": "random orthogonal (QR of a Gaussian), residual stream, folded into the weights",
-              "seed": seed, "untied_lm_head": tied, "relative_logit_change_fp32": drift,
+    record = {"kind": RECORD_KINDS[kind], "rotation": kind, "seed": seed, "untied_lm_head": tied,
+              "relative_logit_change_fp32": drift,
               "seconds": round(time.perf_counter() - start, 1)}
     return ModelSource(source.name, "rotated", folder.name), folder, record
 

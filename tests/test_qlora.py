@@ -260,12 +260,13 @@ def test_aqlm_layers_are_refused_before_quantizing(tiny_llama, tmp_path):
 
 
 def test_merge_on_a_rotated_gptq_base_rotates_the_original_first(tiny_llama, tmp_path):
+    """With the base's rotation kind (hadamard here; test_rotation.py's round trip is orthogonal)."""
     pytest.importorskip("gptqmodel", reason="gptq needs GPTQModel: scripts/setup-venv.sh installs it")
     from safetensors.torch import load_file
 
     from qtool.rotation import rotate_with_seed
 
-    quantization = "{method: gptq, bits: 4, group_size: 32, options: {rotate: true}, calib: builtin, nsamples: 4, seqlen: 64}"
+    quantization = "{method: gptq, bits: 4, group_size: 32, options: {rotate: true, rotation: hadamard}, calib: builtin, nsamples: 4, seqlen: 64}"
     out = tmp_path / "run"
     proc = run_qtool("qlora", _recipe(tmp_path, tiny_llama, quantization=quantization), "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -274,11 +275,12 @@ def test_merge_on_a_rotated_gptq_base_rotates_the_original_first(tiny_llama, tmp
     merged = tmp_path / "merged"
     proc = run_qtool("merge", out / "base", out, merged)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((merged / "merge.json").read_text())["rotation_seed"] == seed
+    info = json.loads((merged / "merge.json").read_text())
+    assert info["rotation_seed"] == seed and info["rotation"] == "hadamard"
 
     # The merged weights are the *rotated* original plus exactly the adapter's delta.
     original = qtool.load(tiny_llama, device="cpu").model
-    rotate_with_seed(original, seed)
+    rotate_with_seed(original, seed, "hadamard")
     weights = load_file(merged / "model.safetensors")
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -13,7 +13,14 @@ import torch
 import qtool
 from qtool.errors import SpecError
 from qtool.models import resolve_model
-from qtool.rotation import check_rotatable, random_orthogonal, rotate_residual_stream, rotated_copy
+from qtool.rotation import (
+    check_rotatable,
+    random_hadamard,
+    random_orthogonal,
+    rotate_residual_stream,
+    rotate_with_seed,
+    rotated_copy,
+)
 from tests.conftest import assert_one_line_error, run_qtool
 
 FAST_CALIB = ["--calib", "builtin", "--nsamples", "4", "--seqlen", "64"]
@@ -39,14 +46,33 @@ def test_random_orthogonal_is_orthogonal_and_seeded():
     assert not torch.allclose(q, random_orthogonal(48, seed=4))
 
 
-def test_rotation_keeps_the_function_and_unties_the_head(tiny_model_with_gains):
+@pytest.mark.parametrize("size", [64, 576])  # 576 = 36 x 16: SmolLM2-135M's hidden size
+def test_random_hadamard_is_orthogonal_with_equal_magnitudes_and_seeded(size):
+    h = random_hadamard(size, seed=3)
+    torch.testing.assert_close(h @ h.T, torch.eye(size, dtype=torch.float64))
+    torch.testing.assert_close(h.abs(), torch.full_like(h, size ** -0.5))
+    assert torch.equal(h, random_hadamard(size, seed=3))
+    assert not torch.equal(h, random_hadamard(size, seed=4))
+
+
+def test_hadamard_rotation_of_a_width_without_a_known_order_is_refused():
+    from transformers import LlamaConfig
+
+    check_rotatable(LlamaConfig(hidden_size=576, num_attention_heads=9), "hadamard")
+    with pytest.raises(SpecError, match="rotation=hadamard needs .* this model's is 268"):
+        check_rotatable(LlamaConfig(hidden_size=268, num_attention_heads=2), "hadamard")  # 268 = 67 x 4
+    check_rotatable(LlamaConfig(hidden_size=268, num_attention_heads=2), "orthogonal")
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "hadamard"])
+def test_rotation_keeps_the_function_and_unties_the_head(tiny_model_with_gains, kind):
     model = tiny_model_with_gains
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied before
     with torch.no_grad():
         before = model(IDS).logits
     q_proj_before = model.model.layers[0].self_attn.q_proj.weight.clone()
 
-    rotate_residual_stream(model, random_orthogonal(model.config.hidden_size, seed=0))
+    rotate_with_seed(model, 0, kind)
 
     with torch.no_grad():
         after = model(IDS).logits
@@ -138,6 +164,14 @@ def test_gptq_rotate_round_trip(tiny_llama, tmp_path):
     with torch.no_grad():
         base_logits = base(IDS).logits
     assert torch.nn.functional.cosine_similarity(logits.flatten(), base_logits.flatten(), dim=0) > 0.9
+
+
+def test_gptq_rotation_kind_without_rotate_is_one_line(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    proc = run_qtool("quantize", "--method", "gptq", "--group-size", "32", "--opt", "rotation=hadamard", *FAST_CALIB,
+                     tiny_llama, out)
+    assert_one_line_error(proc, "rotation=hadamard chooses rotate=true's matrix: add rotate=true")
+    assert not out.exists()
 
 
 def test_gptq_rotate_on_an_unsupported_architecture_is_one_line(tmp_path):

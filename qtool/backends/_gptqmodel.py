@@ -90,14 +90,15 @@ def keep_library_logs_in(folder: Path) -> None:
 
 def quantize_with_gptqmodel(
     source: ModelSource, make_config: Callable[[str], Any], calibration: CalibrationSet, device: str, desc: str,
-    modules: int, rotate: bool = False, seed: int = 0,
+    modules: int, rotate: bool = False, seed: int = 0, rotation_kind: str = "orthogonal",
 ) -> Quantized:
     """Load `source` into GPTQModel, calibrate layer by layer, and return the quantized wrapper.
 
     `make_config(offload_dir)` builds the GPTQModel config; it runs inside the redirection, as it
     logs too. `offload_dir` is a folder qtool owns and removes however the run ends (GPTQModel's own
     default, a /tmp/gptqmodel_* TemporaryDirectory, survives Ctrl-C: qtool leaves at once then).
-    With `rotate`, GPTQModel loads a rotated copy of `source` (qtool.rotation) instead.
+    With `rotate`, GPTQModel loads a copy of `source` rotated by the `rotation_kind` matrix that
+    `seed` draws (qtool.rotation) instead.
 
     Returns a Quantized: the wrapper (which keeps the library log path in `qtool_log` for the
     backend's save()), the per-module losses, and with `rotate` the `rotation` record.
@@ -105,7 +106,7 @@ def quantize_with_gptqmodel(
     prepare_environment()
     rotated_folder = None
     if rotate:
-        source, rotated_folder, rotation = rotated_copy(source, seed, compute_dtype(device))
+        source, rotated_folder, rotation = rotated_copy(source, seed, compute_dtype(device), rotation_kind)
     offload_dir = tempfile.mkdtemp(prefix="qtool-gptqmodel-offload-")
     handle, name = tempfile.mkstemp(prefix="qtool-gptqmodel-", suffix=".log")
     os.close(handle)
@@ -378,7 +379,7 @@ class GptqModelBackend(Backend):
 
     def check_model(self, spec: Any, config: Any) -> None:
         if getattr(spec.options, "rotate", False):
-            check_rotatable(config)
+            check_rotatable(config, spec.options.rotation)
 
     def effective_bits(self, spec: Any) -> float:
         return packed_bits_per_weight(spec.bits, spec.group_size)

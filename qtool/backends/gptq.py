@@ -31,7 +31,7 @@ from qtool.backends.base import Capabilities, Quantized, QuantSpec
 from qtool.calibration import CalibrationSet
 from qtool.errors import SpecError
 from qtool.models import ModelSource, quantizable_linears
-from qtool.rotation import rotate_with_seed
+from qtool.rotation import ROTATION_KINDS, rotate_with_seed
 
 #: codes per block of GPTQModel's planar (gptq_p) packing, which holds its 5- and 6-bit layers
 PLANAR_BLOCK = 32
@@ -47,7 +47,8 @@ class GptqOptions:
     offload_to_disk: bool = field(default=True, metadata={"help": "move finished layers to disk while quantizing (for models larger than memory)"})
     mse: float = field(default=0.0, metadata={"help": "grid-search each group's range to minimise |error|^mse before GPTQ (GPTQ paper's --mse uses 2.4; 0: min/max)"})
     gptaq: bool = field(default=False, metadata={"help": "GPTAQ (asymmetric calibration: also corrects for the error of earlier quantized layers)"})
-    rotate: bool = field(default=False, metadata={"help": "first rotate the residual stream by a random orthogonal matrix (seeded by --seed), folded into the weights (QuaRot/SpinQuant R1): same architecture, lm_head untied; loads the model once in fp32"})
+    rotate: bool = field(default=False, metadata={"help": "first rotate the residual stream by a seeded random matrix (--seed; kind: rotation), folded into the weights (QuaRot/SpinQuant R1): same architecture, lm_head untied; loads the model once in fp32"})
+    rotation: str = field(default="orthogonal", metadata={"choices": ROTATION_KINDS, "help": "rotate=true's matrix: orthogonal (QR of a Gaussian, any width) or hadamard (randomized Hadamard, QuaRot; hidden size k·2^m with a known order k)"})
 
 
 @register
@@ -77,6 +78,8 @@ class GptqBackend(GptqModelBackend):
         if spec.options.mse < 0:
             raise SpecError(f"gptq option mse must be >= 0 (0 turns the range search off), got {spec.options.mse}")
         check_damp_percent(self.name, spec.options.damp_percent)
+        if spec.options.rotation != "orthogonal" and not spec.options.rotate:
+            raise SpecError(f"gptq option rotation={spec.options.rotation} chooses rotate=true's matrix: add rotate=true")
 
     def check_layers(self, spec: QuantSpec, linears: dict[str, nn.Linear]) -> None:
         """Also: 5- and 6-bit layers are packed in GPTQModel's planar layout (format gptq_p), whole
@@ -116,7 +119,8 @@ class GptqBackend(GptqModelBackend):
             )
 
         modules = len(quantizable_linears(source.config()))
-        return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules, rotate=o.rotate, seed=spec.seed)
+        return quantize_with_gptqmodel(source, config, calibration, device, "gptq", modules, rotate=o.rotate, seed=spec.seed,
+                                       rotation_kind=o.rotation)
 
     def added_parameters(self, spec: QuantSpec, config) -> tuple[int, int]:
         if spec.options.rotate and getattr(config, "tie_word_embeddings", False):
@@ -124,11 +128,14 @@ class GptqBackend(GptqModelBackend):
         return 0, 0
 
     def sensitivity_transform(self, spec: QuantSpec) -> str:
-        return f"residual stream rotated (seed {spec.seed}), as rotate=true quantizes it" if spec.options.rotate else ""
+        if not spec.options.rotate:
+            return ""
+        kind = "" if spec.options.rotation == "orthogonal" else f"{spec.options.rotation}, "
+        return f"residual stream rotated ({kind}seed {spec.seed}), as rotate=true quantizes it"
 
     def sensitivity_model(self, model: nn.Module, spec: QuantSpec) -> None:
         if spec.options.rotate:
-            rotate_with_seed(model, spec.seed)
+            rotate_with_seed(model, spec.seed, spec.options.rotation)
 
     def kernel(self, device: str) -> str:
         return gptq_kernel(device)

@@ -7,7 +7,7 @@ merged model with the requested method. With --ppl it measures token perplexity 
 on its quantized base before and of the merged output after, on the same windows.
 
 A base quantized with gptq's `rotate=true` was trained in the rotated basis: its adapter's
-deltas only fit the rotated original, so the original is rotated again (same seed, from the
+deltas only fit the rotated original, so the original is rotated again (same seed and kind, from the
 base's qtool.json) before merging. The merged model stays rotated (same function, untied head).
 
 A merge must compute what the adapter on its base computes. That is impossible for LoRA on a
@@ -75,11 +75,12 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
 
     full = api.load(original, device=device)
     if rotation:
-        rotate_with_seed(full.model, rotation["seed"])
+        rotate_with_seed(full.model, rotation["seed"], rotation.get("rotation", "orthogonal"))
     merged = attach_adapters(full.model, {name: folder}, original).merge_and_unload()
     info = {"base": base, "full_precision_source": original, "adapter": str(folder), "requantize": requantize}
     if rotation:
         info["rotation_seed"] = rotation["seed"]
+        info["rotation"] = rotation.get("rotation", "orthogonal")
     if request:
         with tempfile.TemporaryDirectory(prefix=".qtool-merged-", dir=out.parent if out.parent.exists() else None) as tmp:
             merged.save_pretrained(tmp)
