@@ -521,7 +521,7 @@ def _add_mixed_flags(p: argparse.ArgumentParser) -> None:
                    "per layer and width")
     p.add_argument("--mixed-bits", metavar="B,B,...",
                    help="the widths a plan may give a layer group (default 2,3,4,8; gptq also takes 5 and 6: "
-                   "3,4,5,6,8 gave its best 4.5-bit plans); e.g. 4,8 for a gptq checkpoint vLLM runs (its GPTQ "
+                   "3,4,5,6 gave its best 4.5-bit plans); e.g. 4,8 for a gptq checkpoint vLLM runs (its GPTQ "
                    "kernels take symmetric 4- and 8-bit)")
     p.add_argument("--perturbation", choices=("rtn", "method"),
                    help="the error a layer's cost is measured with: rtn = round-to-nearest at each width (seconds; "

@@ -51,7 +51,7 @@ def add_parsers(sub: Any) -> None:
                "  qtool export out/gptq5 --format gguf                 # Q5_0/Q5_1 from a 5-bit gptq's codes\n"
                "  qtool export out/gptq8 --format gguf                 # Q8_0 from an 8-bit sym=true gptq's codes\n"
                "  qtool export out/gptq4 --format gguf --type Q8_0 -o out/gptq4-q8.gguf\n"
-               "  qtool export out/gptq4 --format compressed-tensors     # out/gptq4-ct, W4A16 pack-quantized",
+               "  qtool export out/gptq4 --format compressed-tensors   # out/gptq4-ct, W4A16 pack-quantized",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", metavar="OUT", help="qtool output folder (GGUF also takes any unquantized model folder)")

@@ -52,20 +52,19 @@ def test_two_local_workers_give_the_sequential_numbers_and_resume(tiny_llama, wi
     recipe_path = _recipe(tmp_path, tiny_llama, wikitext_test, """\
     - {method: rtn, bits: 4, group_size: 32}
     - {method: hqq, bits: 4, group_size: 32}
-    - {method: eetq, bits: 8}
 """)
     sequential = run_compare(load_compare_recipe(str(recipe_path)), tmp_path / "seq", progress=False, log=lambda m: None)
     out = tmp_path / "dist"
     distributed = run_compare(load_compare_recipe(str(recipe_path)), out, progress=False, log=lambda m: None,
                               cluster=ClusterSettings(workers=2))
-    assert list(sequential) == ["base", "rtn-b4-g32", "hqq-b4-g32", "eetq-b8"]
+    assert list(sequential) == ["base", "rtn-b4-g32", "hqq-b4-g32"]
     assert set(distributed) == set(sequential) and all(r["status"] == "ok" for r in distributed.values())
     for cell, record in sequential.items():
         assert _numbers(distributed[cell]) == _numbers(record), cell  # perplexity, KL, sizes: equal, not close
     assert distributed["rtn-b4-g32"]["divergence"]["kl_mean"] > 0
     workers = [r["worker"] for r in distributed.values()]
     assert {w["executor"] for w in workers} == {"local"} and {w["threads"] for w in workers} == {max(1, os.cpu_count() // 2)}
-    assert len({w["pid"] for w in workers}) == 4  # one worker process per cell
+    assert len({w["pid"] for w in workers}) == 3  # one worker process per cell
     assert sequential["base"]["worker"]["executor"] == "in-process"
     assert (out / ".gitignore").read_text().split() == ["models/", "jobs/"]
 
@@ -75,7 +74,7 @@ def test_two_local_workers_give_the_sequential_numbers_and_resume(tiny_llama, wi
     logged: list[str] = []
     again = run_compare(load_compare_recipe(str(recipe_path)), out, progress=False, log=logged.append,
                         cluster=ClusterSettings(workers=2))
-    assert sorted(m.split("]")[0][1:] for m in logged if "done already" in m) == ["base", "eetq-b8", "rtn-b4-g32"]
+    assert sorted(m.split("]")[0][1:] for m in logged if "done already" in m) == ["base", "rtn-b4-g32"]
     assert _numbers(again["hqq-b4-g32"]) == _numbers(sequential["hqq-b4-g32"])
     assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
 

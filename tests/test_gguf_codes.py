@@ -21,6 +21,8 @@ from tests.conftest import run_qtool
 
 gguf = pytest.importorskip("gguf")
 FAST_CALIB = ["--calib", "builtin", "--nsamples", "4", "--seqlen", "64"]
+# a mixed plan's cheap costs (the default measures gptq's own error: one more gptq run per width)
+CHEAP_COSTS = ["--sensitivity", "fisher", "--perturbation", "rtn"]
 
 
 # gptq symmetric (zero points 8: Q4_0) and awq (asymmetric, its own packing order: Q4_1); asymmetric
@@ -227,9 +229,10 @@ def test_compressed_tensors_export_never_overwrites_the_source_or_a_users_folder
     (["--bits", "6"], "gptq_p", True, "--type (e.g. Q6_K)"),
     (["--bits", "8"], "gptq", True, "Q8_0"),
     (["--bits", "8", "--sym", "false"], "gptq", True, "8-bit with zero points: ggml's Q8_0 is symmetric"),
-    (["--target-bits", "5.5", "--mixed-bits", "4,8"], "gptq", True, "Q4_0"),  # Q4_0 and Q8_0 blocks
-    (["--target-bits", "5.5", "--mixed-bits", "4,8", "--sym", "false"], "gptq", True, "bit-widths 4/8 (mixed precision)"),
-    (["--target-bits", "4.8", "--mixed-bits", "4,5"], "gptq_p", True, "Q4_0"),
+    (["--target-bits", "5.5", "--mixed-bits", "4,8", *CHEAP_COSTS], "gptq", True, "Q4_0"),  # Q4_0 and Q8_0 blocks
+    (["--target-bits", "5.5", "--mixed-bits", "4,8", "--sym", "false", *CHEAP_COSTS], "gptq", True,
+     "bit-widths 4/8 (mixed precision)"),
+    (["--target-bits", "4.8", "--mixed-bits", "4,5", *CHEAP_COSTS], "gptq_p", True, "Q4_0"),
     (["--bits", "4", "--group-size", "-1"], "gptq", True, "Q4_0"),  # one scale per row, repeated per block
 ], ids=["3-bit", "5-bit", "6-bit", "8-bit", "8-bit-zero-points", "mixed-4-8", "mixed-4-8-zero-points", "mixed-4-5",
         "per-channel"])

@@ -17,6 +17,9 @@ from qtool.mixed.target import parse_size
 from tests.conftest import assert_one_line_error, qtool_in_process, run_qtool
 
 CALIB = {"calib": "builtin", "nsamples": 4, "seqlen": 64}
+# gptq/awq plans measure costs with the method's own error by default, one uniform run per width:
+# tests about what a plan writes take the cheap measure (test_method_perturbation_... tests the default)
+CHEAP_COSTS = {"sensitivity": "fisher", "perturbation": "rtn"}
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +113,8 @@ def test_rtn_plan_meets_the_budget_and_reloads_in_plain_transformers(target, tin
 @pytest.mark.parametrize("method, layer_class", [("gptq", "TorchLinear"), ("awq", "AwqTorchLinear")])
 def test_gptqmodel_plan_writes_per_module_bits_and_its_predicted_size(method, layer_class, tiny_llama, tmp_path):
     out = tmp_path / method
-    record = qtool.quantize(str(tiny_llama), out, method, group_size=32, device="cpu", target_bits=3.6, **CALIB)
+    record = qtool.quantize(str(tiny_llama), out, method, group_size=32, device="cpu", target_bits=3.6, **CALIB,
+                            **CHEAP_COSTS)
     mixed = record["mixed_precision"]
     assert abs(mixed["size_error"]) < 0.01
     assert record["reload_check"]["kernel_classes"] == [layer_class]
@@ -134,12 +138,14 @@ def test_hqq_plan_meets_a_size_budget(tiny_llama, tmp_path):
     assert widths == {m: g["bits"] for g in mixed["groups"] for m in g["modules"]}
 
 
-def test_plan_is_deterministic_per_seed(tiny_llama, tmp_path):
-    def plan(seed: int, cache: str) -> dict:  # a fresh process: stdout must be nothing but the JSON
-        proc = run_qtool("plan", "--method", "gptq", "--group-size", "32", "--target-bits", "3.4",
-                                "--calib", "builtin", "--nsamples", "4", "--seqlen", "64", "--seed", str(seed),
-                                "--device", "cpu", "--json", "--quiet", tiny_llama,
-                                env={"QTOOL_CACHE": str(tmp_path / cache)})
+def test_plan_is_deterministic_per_seed(tiny_llama, tmp_path, monkeypatch):
+    def plan(seed: int, cache: str) -> dict:
+        # two widths: each is one uniform gptq run per plan (the default four made this the suite's slowest test)
+        args = ["plan", "--method", "gptq", "--group-size", "32", "--target-bits", "4.0", "--mixed-bits", "3,4",
+                "--calib", "builtin", "--nsamples", "4", "--seqlen", "64", "--seed", str(seed),
+                "--device", "cpu", "--json", "--quiet", tiny_llama]
+        monkeypatch.setenv("QTOOL_CACHE", str(tmp_path / cache))
+        proc = run_qtool(*args)  # a fresh process: stdout must be nothing but the JSON
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
@@ -233,9 +239,9 @@ compare:
 
 def test_rotated_gptq_measures_costs_on_the_rotated_model(tiny_llama, tmp_path):
     plain = qtool.quantize(str(tiny_llama), tmp_path / "plain", "gptq", group_size=32, device="cpu",
-                           target_bits=3.6, **CALIB)["mixed_precision"]
+                           target_bits=3.6, **CALIB, **CHEAP_COSTS)["mixed_precision"]
     rotated = qtool.quantize(str(tiny_llama), tmp_path / "rot", "gptq", group_size=32, device="cpu",
-                             options={"rotate": True}, target_bits=3.6, **CALIB)["mixed_precision"]
+                             options={"rotate": True}, target_bits=3.6, **CALIB, **CHEAP_COSTS)["mixed_precision"]
     assert "rotated" in rotated["sensitivity"]["model"] and "model" not in plain["sensitivity"]
     assert [g["cost"] for g in rotated["groups"]] != [g["cost"] for g in plain["groups"]]
     assert rotated["average_bits"] <= 3.6
@@ -279,7 +285,7 @@ def test_method_perturbation_measures_the_methods_own_error(tiny_llama, tmp_path
 @pytest.mark.parametrize("widths, target", [([4, 8], 5.6), ([4, 6], 5.0)])
 def test_a_plan_keeps_to_the_widths_asked_for(widths, target, tiny_llama, tmp_path):
     record = qtool.quantize(str(tiny_llama), tmp_path / "out", "gptq", group_size=32, device="cpu", target_bits=target,
-                            mixed_bits=widths, **CALIB)
+                            mixed_bits=widths, **CALIB, **CHEAP_COSTS)
     mixed = record["mixed_precision"]
     assert mixed["candidates"] == widths and set(mixed["layers_per_bits"]) == set(map(str, widths))
     assert record["spec"]["target"]["candidates"] == widths

@@ -28,7 +28,8 @@ def base_ppl(wikitext_test, tmp_path_factory):
         ("hqq", ["--bits", "4", "--group-size", "64"], "HQQLinear"),
         # bnb's save/reload is exact on the tiny model in the default suite; its real-model quality run (~40 s) is slow
         pytest.param("bnb", ["--bits", "4"], "Linear4bit", marks=pytest.mark.slow),
-        ("rtn", ["--bits", "4", "--group-size", "64"], "Linear"),
+        # rtn's save/reload runs on the tiny model in the default suite (and in every rtn mixed-precision test)
+        pytest.param("rtn", ["--bits", "4", "--group-size", "64"], "Linear", marks=pytest.mark.slow),
     ],
 )
 def test_4bit_methods_on_the_real_model(method, args, layer_type, base_ppl, wikitext_test, tmp_path):
