@@ -74,13 +74,14 @@ def merge_adapter(base: str, adapter: str, out: str | Path, requantize: str | No
         gc.collect()
 
     full = api.load(original, device=device)
+    kind = (rotation or {}).get("rotation", "orthogonal")  # records before rotation=hadamard name no kind
     if rotation:
-        rotate_with_seed(full.model, rotation["seed"], rotation.get("rotation", "orthogonal"))
+        rotate_with_seed(full.model, rotation["seed"], kind)
     merged = attach_adapters(full.model, {name: folder}, original).merge_and_unload()
     info = {"base": base, "full_precision_source": original, "adapter": str(folder), "requantize": requantize}
     if rotation:
         info["rotation_seed"] = rotation["seed"]
-        info["rotation"] = rotation.get("rotation", "orthogonal")
+        info["rotation"] = kind
     if request:
         with tempfile.TemporaryDirectory(prefix=".qtool-merged-", dir=out.parent if out.parent.exists() else None) as tmp:
             merged.save_pretrained(tmp)
