@@ -253,9 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="recipes_command", metavar="ACTION", parser_class=OneLineParser)
     rsub.required = True
     rsub.add_parser("list", help="list bundled recipes")
-    copy = rsub.add_parser("copy", help="copy a bundled recipe to DEST")
-    copy.add_argument("name")
-    copy.add_argument("dest")
+    copy = rsub.add_parser("copy", help="copy a bundled recipe to DEST",
+                           description="Copy a bundled recipe to edit it, then run it by its path "
+                                       "(qtool quantize --recipe FILE, qtool qlora FILE, qtool compare FILE).",
+                           epilog="example: qtool recipes copy quantize-smollm2-gptq4-rotated my-recipes/")
+    copy.add_argument("name", metavar="NAME", help="a name from `qtool recipes list`")
+    copy.add_argument("dest", metavar="DEST", help="a new file, or an existing folder to copy into")
 
     cli_engines.add_parsers(sub)
     cli_webui.add_parser(sub)
@@ -943,7 +946,7 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     from qtool.errors import SpecError
 
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise SpecError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:

@@ -7,6 +7,7 @@ and values of the wrong type are one-line errors that name the key.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,17 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def copy_recipe(name: str, dest: str) -> Path:
+    """Copy the bundled recipe (or recipe file) `name` to `dest`: a file path, or an existing folder
+    (the recipe keeps its file name there). Raises RecipeError for a missing folder (`dest` ending
+    in a separator, or a file path whose folder does not exist) or an existing target."""
     source = find_recipe(name)
-    target = Path(dest)
+    target = Path(dest).expanduser()
+    names_folder = dest.endswith(("/", os.sep))
     if target.is_dir():
         target = target / source.name
+    elif names_folder or not target.parent.is_dir():
+        folder = target if names_folder else target.parent
+        raise RecipeError(f"folder {folder} does not exist (create it first, or name a file in an existing folder)")
     if target.exists() or target.is_symlink():
         raise RecipeError(f"{target} already exists" + (" (a symbolic link)" if target.is_symlink() else ""))
     shutil.copyfile(source, target)

@@ -26,6 +26,11 @@ def test_copy_then_edit(tmp_path):
     assert load_quantize_recipe(str(target)).bits == 4
     with pytest.raises(QtoolError, match="already exists"):
         copy_recipe("quantize-smollm2-hqq4", str(tmp_path))
+    # a folder that does not exist is refused, never written as a file of that name
+    for dest in (f"{tmp_path / 'missing'}/", str(tmp_path / "missing" / "r.yaml")):
+        with pytest.raises(QtoolError, match="does not exist"):
+            copy_recipe("quantize-smollm2-hqq4", dest)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_unknown_key_is_named(tmp_path):
