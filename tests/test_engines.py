@@ -88,6 +88,25 @@ def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engin
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "hf"), "invalid choice")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--max-regret", "-1"),
                           "--max-regret at least 0")
+    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "llamacpp", "--dtype", "float32",
+                                    env=no_engines), "--dtype chooses vLLM's dtype")
+
+
+def test_the_references_own_noise_bounds_what_an_engine_can_match(tiny_llama):
+    """serve-check's yardstick: where transformers' reply changes under noise on its embeddings."""
+    from qtool import api, engines
+    from qtool.engines import EngineJob
+    from qtool.serve_check import PromptCheck, unstable_at
+
+    loaded = api.load(tiny_llama, "cpu")
+    job = EngineJob(model=str(tiny_llama), prompts=[[1, 5, 9, 2], [1, 7, 7]], new_tokens=12, max_model_len=32)
+    replies = engines.get("hf").run(job, loaded=loaded).tokens
+    assert unstable_at(loaded, job, replies, set()) == [None, None]  # fp32-sized noise moves no unquantized reply
+    loud = unstable_at(loaded, job, replies, set(), relative=1.0)
+    assert any(at is not None for at in loud) and all(at is None or 0 <= at < 12 for at in loud)
+    assert PromptCheck("p", [1, 2, 3], [1, 2, 4], 2, reference_unstable_at=2).within_reference_noise
+    assert not PromptCheck("p", [1, 2, 3], [1, 2, 4], 2, reference_unstable_at=None).within_reference_noise
+    assert not PromptCheck("p", [1, 2, 3], [1, 5, 4], 1, reference_unstable_at=2).within_reference_noise
 
 
 def test_export_refuses_a_bad_request_before_any_work(tiny_llama, tmp_path):

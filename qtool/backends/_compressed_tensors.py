@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qtool.backends import _kv_cache
+from qtool.backends import _int8_activations, _kv_cache
 from qtool.backends._ct_gptq import gptq_round
 from qtool.backends._gptqmodel import check_rounding_damp, rounding_damp_field
 from qtool.backends.base import Backend, Capabilities, Quantized, QuantSpec
@@ -369,6 +369,7 @@ class CompressedTensorsBackend(Backend):
                 model, calibration, self.static_activations(options), options.kv_cache != "none")
         if options.kv_cache != "none":
             _kv_cache.emulate_fp8_cache(model)  # the model in memory computes what the checkpoint will
+        _int8_activations.use_vllm_int8_activations(model)  # as the reloaded checkpoint computes
         round_unquantized(model)
         record["compressed_tensors"]["format"] = format_name(model)
         return Quantized(model, record=record)
@@ -398,11 +399,13 @@ class CompressedTensorsBackend(Backend):
                 module.weight.data = module.weight.data.to(dtype)
         if getattr(compressor, "quantization_config", None) is not None and compressor.quantization_config.kv_cache_scheme:
             _kv_cache.emulate_fp8_cache(model)
+        _int8_activations.use_vllm_int8_activations(model)
         return model
 
     def kernel(self, device: str) -> str:
         acts = ("activations unquantized" if self.weight_only else "activations fake-quantized (quantize-dequantize) "
-                "on the fly") + "; an FP8 KV cache, when asked for, quantize-dequantized before attention"
+                "on the fly" + (f" by {_int8_activations.RULE}" if self.weight_kind == "int8" else "")
+                ) + "; an FP8 KV cache, when asked for, quantize-dequantized before attention"
         return (f"emulation: compressed-tensors decompresses the {self.weight_kind} weights to dense "
                 f"{'fp32' if device == 'cpu' else 'bf16'} at load; {acts}; no {self.weight_kind} matmul runs")
 
