@@ -107,6 +107,9 @@ class ServeCheck:
                    if self.passed else
                    f"FAIL: the engine picked a token transformers ranks more than {self.max_regret:g} nats below its own")
         lines.append(f"  {verdict}")
+        if not self.passed and e["dtype"] != r["dtype"] and e["engine"] == "vllm":
+            lines.append(f"  the engine ran in {e['dtype']} against the {r['dtype']} reference: --dtype {r['dtype']} "
+                         "compares like with like where vLLM runs the format in it")
         return "\n".join(lines)
 
 

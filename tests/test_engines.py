@@ -109,6 +109,18 @@ def test_the_references_own_noise_bounds_what_an_engine_can_match(tiny_llama):
     assert not PromptCheck("p", [1, 2, 3], [1, 5, 4], 1, reference_unstable_at=2).within_reference_noise
 
 
+def test_a_failed_check_across_dtypes_names_the_like_for_like_flag():
+    from qtool.serve_check import PromptCheck, ServeCheck
+
+    side = {"engine": "vllm", "version": "0", "device": "cpu", "kernel": "k", "quantization": "compressed-tensors"}
+    check = ServeCheck("out", "out", side | {"dtype": "bfloat16"}, side | {"engine": "hf", "dtype": "float32"},
+                       [PromptCheck("p", [1, 2], [3, 2], 0, regret=[1.5, 0.0])], 1.0, False)
+    lines = check.summary().splitlines()
+    assert "0 of 1 prompts" in lines[2] and lines[3].startswith("  FAIL")
+    assert "--dtype float32 compares like with like" in lines[4]
+    assert check.as_dict()["prompts"][0]["within_reference_noise"] is False
+
+
 def test_export_refuses_a_bad_request_before_any_work(tiny_llama, tmp_path):
     assert_one_line_error(run_qtool("export", tmp_path, "--format", "gguf"), "not a checkpoint folder")
     proc = run_qtool("export", tiny_llama, "--type", "Q9_9")
