@@ -90,8 +90,11 @@ def cmd_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_check(args: argparse.Namespace) -> int:
+    from qtool.cli import _check_writable_file
     from qtool.serve_check import serve_check
 
+    if args.json and args.json != "-":
+        _check_writable_file(args.json, "--json", [args.checkpoint])
     result = serve_check(args.checkpoint, args.engine, new_tokens=args.new_tokens, max_regret=args.max_regret,
                          compile=args.compile, dtype=args.dtype)
     print(result.summary(), file=sys.stderr if args.json == "-" else sys.stdout)
@@ -100,6 +103,7 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
     elif args.json:
         from qtool.checkpoint import write_text_atomic
 
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # as `qtool eval --json` does
         write_text_atomic(Path(args.json), json.dumps(result.as_dict(), indent=2) + "\n")
     return 0 if result.passed else 1
 

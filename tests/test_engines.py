@@ -90,6 +90,9 @@ def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engin
                           "--max-regret at least 0")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "llamacpp", "--dtype", "float32",
                                     env=no_engines), "--dtype chooses vLLM's dtype")
+    (tmp_path / "a-file").write_text("x")  # refused before the engine starts (no_engines: it could not)
+    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--json",
+                                    tmp_path / "a-file" / "r.json", env=no_engines), "--json", "cannot be created")
 
 
 def test_the_references_own_noise_bounds_what_an_engine_can_match(tiny_llama):
