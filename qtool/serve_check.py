@@ -19,7 +19,7 @@ re-quantized GGUF answered "What is the capital of France?" with "212.25 meters"
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +102,10 @@ class ServeCheck:
         within = sum(p.within_reference_noise for p in self.prompts)
         lines.append(f"  tokens equal up to where transformers' own reply changes under {NOISE_RELATIVE:g} noise: "
                      f"{within} of {len(self.prompts)} prompts")
-        verdict = (f"PASS: no engine token is more than {self.max_regret:g} nats below transformers' own choice "
-                   "(the verdict is this regret: across dtypes equal tokens are too strict, near-ties flip)"
+        verdict = (f"PASS: no engine token is more than {self.max_regret:g} nat(s) below transformers' own choice "
+                   "(the verdict is this regret: equal tokens are too strict, near-ties flip)"
                    if self.passed else
-                   f"FAIL: the engine picked a token transformers ranks more than {self.max_regret:g} nats below its own")
+                   f"FAIL: the engine picked a token transformers ranks more than {self.max_regret:g} nat(s) below its own")
         lines.append(f"  {verdict}")
         if not self.passed and e["dtype"] != r["dtype"] and e["engine"] == "vllm":
             lines.append(f"  the engine ran in {e['dtype']} against the {r['dtype']} reference: --dtype {r['dtype']} "
@@ -239,8 +239,11 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
                                   reference.tokenizer.decode(ref, skip_special_tokens=True),
                                   reference.tokenizer.decode(got, skip_special_tokens=True),
                                   regret=regrets(reference.model, ids_, got)))
-    if any(c.first_divergence is not None for c in checks):
-        for check, at in zip(checks, unstable_at(reference, job, [c.reference for c in checks], stops), strict=True):
+    differing = [(c, i) for c, i in zip(checks, ids, strict=True) if c.first_divergence is not None]
+    if differing:  # only the prompts whose tokens differ are regenerated under noise
+        noisy_job = replace(job, prompts=[i for _, i in differing])
+        for (check, _), at in zip(differing, unstable_at(reference, noisy_job, [c.reference for c, _ in differing],
+                                                         stops), strict=True):
             check.reference_unstable_at = at
     passed = all(c.max_regret <= max_regret for c in checks)
     return ServeCheck(str(checkpoint), str(loaded_path), run.as_dict(), ref_run.as_dict(), checks, max_regret,

@@ -56,11 +56,9 @@ def use_vllm_int8_activations(model: nn.Module) -> int:
         scheme = getattr(module, "quantization_scheme", None)
         if not isinstance(module, nn.Linear) or scheme is None or not is_dynamic_int8_token(scheme.input_activations):
             continue
-        if getattr(module, "_qtool_vllm_int8", False):
-            changed += 1
-            continue
-        module.forward = _engine_forward(module, module.forward, scheme.model_copy(update={"input_activations": None}))
-        module._qtool_vllm_int8 = True
+        if not getattr(module, "_qtool_vllm_int8", False):  # wrap once, however often this is called
+            module.forward = _engine_forward(module, module.forward, scheme.model_copy(update={"input_activations": None}))
+            module._qtool_vllm_int8 = True
         changed += 1
     return changed
 
