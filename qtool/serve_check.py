@@ -14,11 +14,13 @@ rounding flip moves an input by a whole step) changed its reply to the haiku pro
 each of 4 seeds. A run passes when the engine loads the checkpoint and no regret exceeds
 `max_regret`: a checkpoint the engine misreads picks tokens transformers ranks far below (a
 re-quantized GGUF answered "What is the capital of France?" with "212.25 meters"). For llama.cpp a checkpoint folder is first exported to its lossless GGUF
-(qtool.export.gguf); a .gguf file is compared with the checkpoint it was exported from.
+(qtool.export.gguf); a .gguf file is compared with the checkpoint it was exported from. The
+prompts are three fixed ones unless a text file gives one per line (read_prompts).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ PROMPTS = (
 )
 
 
+MAX_CONTEXT = 2048  # tokens per sequence given to the engine: prompt + reply; bounds its KV cache
+log = logging.getLogger("qtool")
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_RELATIVE = 1e-6  # the size of fp32 rounding differences between two implementations (2^-23 ≈ 1.2e-7 per op)
 NOISE_SEEDS = 3
@@ -191,11 +195,31 @@ def reference_of(path: Path) -> Path:
     return source if source is not None and source.is_dir() else path
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """The chat prompts in a UTF-8 text file, one per line; blank lines and lines starting with '#'
+    are skipped. Raises SpecError (one line, naming the file) when it cannot be read, is not UTF-8
+    text or holds no prompt."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise SpecError(f"--prompts {path} is a folder; give a text file with one prompt per line")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"--prompts {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise SpecError(f"--prompts {path} cannot be read: {exc.strerror}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SpecError(f"--prompts {path} holds no prompt: give one per line ('#' starts a comment)")
+    return prompts
+
+
 def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, max_regret: float = 1.0,
-                compile: bool = False, dtype: str = "auto") -> ServeCheck:
+                compile: bool = False, dtype: str = "auto", prompts: list[str] | None = None) -> ServeCheck:
     """Load `checkpoint` in the engine and compare its greedy tokens with transformers'.
 
-    `dtype`: the engine's (ENGINE_DTYPES; vLLM only, "auto" lets it choose).
+    `dtype`: the engine's (ENGINE_DTYPES; vLLM only, "auto" lets it choose). `prompts`: the chat
+    prompts (default PROMPTS); each, as a chat turn, plus `new_tokens` must fit in MAX_CONTEXT.
 
     Raises EngineError when the engine is missing or cannot load it, CheckpointError /
     SpecError for a path that is no checkpoint or an engine that cannot take it.
@@ -206,6 +230,9 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise CheckpointError(f"{checkpoint} does not exist")
+    prompts = list(PROMPTS if prompts is None else prompts)
+    if not prompts or not all(p.strip() for p in prompts):
+        raise SpecError("serve-check needs at least one prompt, and no empty one")
     if new_tokens < 1 or not max_regret >= 0:
         raise SpecError(f"--new-tokens must be at least 1 and --max-regret at least 0, got {new_tokens} and {max_regret}")
     engine = engines.get(engine_name)
@@ -224,16 +251,20 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
         raise SpecError(f"{engine.name} loads checkpoint folders; {checkpoint} is a file")
     loaded_path = engine.checkpoint_for(path)
     reference = api.load(reference_of(loaded_path), "cpu")
-    ids = [prompt_ids(reference.tokenizer, p) for p in PROMPTS]
-    context = min(2048, max(len(i) for i in ids) + new_tokens + 16)
+    ids = [prompt_ids(reference.tokenizer, p) for p in prompts]
+    context = context_for(ids, new_tokens)
     job = EngineJob(model=str(loaded_path), prompts=ids, new_tokens=new_tokens, max_model_len=context, compile=compile,
                     dtype=dtype)
+    # the engine first: one that cannot load the checkpoint fails before the reference's minutes
+    log.info("%s: loading %s, then %d greedy tokens for each of %d prompt(s) (start-up takes a minute or more "
+             "on CPU)", engine.name, loaded_path, new_tokens, len(ids))
+    run = engine.run(job)
+    log.info("transformers (the reference): the same prompts")
     ref_run = engines.get("hf").run(job, loaded=reference)  # type: ignore[call-arg]
     ref_run.model = str(reference_of(loaded_path))
-    run = engine.run(job)
     checks = []
     stops = eos_ids(reference)
-    for prompt, ids_, ref, got in zip(PROMPTS, ids, ref_run.tokens, run.tokens, strict=True):
+    for prompt, ids_, ref, got in zip(prompts, ids, ref_run.tokens, run.tokens, strict=True):
         ref, got = until_eos(ref, stops), until_eos(got, stops)
         checks.append(PromptCheck(prompt, ref, got, first_divergence(ref, got),
                                   reference.tokenizer.decode(ref, skip_special_tokens=True),
@@ -241,6 +272,8 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
                                   regret=regrets(reference.model, ids_, got)))
     differing = [(c, i) for c, i in zip(checks, ids, strict=True) if c.first_divergence is not None]
     if differing:  # only the prompts whose tokens differ are regenerated under noise
+        log.info("transformers: %d prompt(s) differ; their replies regenerated under %g noise, %d seeds",
+                 len(differing), NOISE_RELATIVE, NOISE_SEEDS)
         noisy_job = replace(job, prompts=[i for _, i in differing])
         for (check, _), at in zip(differing, unstable_at(reference, noisy_job, [c.reference for c, _ in differing],
                                                          stops), strict=True):
@@ -248,6 +281,17 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
     passed = all(c.max_regret <= max_regret for c in checks)
     return ServeCheck(str(checkpoint), str(loaded_path), run.as_dict(), ref_run.as_dict(), checks, max_regret,
                       passed)
+
+
+def context_for(ids: list[list[int]], new_tokens: int) -> int:
+    """The engine's max_model_len for these prompt token ids and `new_tokens` replies: the longest
+    prompt, the reply and 16 spare, at most MAX_CONTEXT. Raises SpecError naming the prompt (1-based)
+    that leaves no room for the reply."""
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    if len(ids[longest]) + new_tokens > MAX_CONTEXT:
+        raise SpecError(f"prompt {longest + 1} is {len(ids[longest])} tokens as a chat turn; with --new-tokens "
+                        f"{new_tokens} at most {MAX_CONTEXT - new_tokens} fit in serve-check's {MAX_CONTEXT}")
+    return min(MAX_CONTEXT, len(ids[longest]) + new_tokens + 16)
 
 
 def regrets(model: Any, prompt: list[int], tokens: list[int]) -> list[float]:

@@ -76,10 +76,15 @@ def test_a_missing_engine_is_one_line_with_the_fix(args, tiny_llama, no_engines)
 
 
 def test_a_broken_engine_is_one_line_with_its_log(tiny_llama, broken_vllm):
-    proc = run_qtool("serve-check", tiny_llama, "--engine", "vllm", env=broken_vllm)
+    proc = run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--quiet", env=broken_vllm)
     line = assert_one_line_error(proc, "ModuleNotFoundError: No module named 'vllm'", "log:", "make engine-vllm")
     log = line.split("log: ")[1].split(";")[0]
     assert os.path.exists(log)
+    # without --quiet the progress comes first: the engine runs before the reference, so a broken
+    # one fails before the reference's generation starts
+    lines = run_qtool("serve-check", tiny_llama, "--engine", "vllm", env=broken_vllm).stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"qtool: vllm: loading {tiny_llama}")
+    assert lines[1].startswith(f"qtool: error: vllm could not run {tiny_llama}")
 
 
 def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engines):
@@ -93,6 +98,37 @@ def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engin
     (tmp_path / "a-file").write_text("x")  # refused before the engine starts (no_engines: it could not)
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--json",
                                     tmp_path / "a-file" / "r.json", env=no_engines), "--json", "cannot be created")
+
+
+@pytest.mark.parametrize("content, error", [
+    (None, "cannot be read: No such file"),
+    ("folder", "is a folder"),
+    (b"\xff\xfe caf\xe9\n", "is not UTF-8 text"),
+    ("\n# only a comment\n   \n", "holds no prompt"),
+])
+def test_serve_check_refuses_a_bad_prompts_file_before_the_engine_starts(content, error, tiny_llama, tmp_path,
+                                                                          no_engines):
+    prompts = tmp_path / "prompts.txt"
+    if content == "folder":
+        prompts.mkdir()
+    elif isinstance(content, bytes):
+        prompts.write_bytes(content)
+    elif content is not None:
+        prompts.write_text(content)
+    # no_engines: were the file read after the engine's check, the error would be "not set up"
+    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--prompts", prompts,
+                                    env=no_engines), "--prompts", error)
+
+
+def test_prompts_are_lines_and_must_leave_room_for_the_reply(tmp_path):
+    from qtool.serve_check import MAX_CONTEXT, context_for, read_prompts
+
+    (tmp_path / "p.txt").write_text("# checked before deploying\nWhat is 2+2?\n\n  Name a colour.  \n")
+    assert read_prompts(tmp_path / "p.txt") == ["What is 2+2?", "Name a colour."]
+    assert context_for([[1] * 10, [1] * 40], 32) == 40 + 32 + 16
+    assert context_for([[1] * (MAX_CONTEXT - 32)], 32) == MAX_CONTEXT
+    with pytest.raises(SpecError, match=f"prompt 2 is {MAX_CONTEXT} tokens .* at most {MAX_CONTEXT - 32} fit"):
+        context_for([[1] * 10, [1] * MAX_CONTEXT], 32)
 
 
 def test_the_references_own_noise_bounds_what_an_engine_can_match(tiny_llama):

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from qtool.engines.base import Engine, EngineJob, EngineRun
 
@@ -32,7 +33,7 @@ class HfEngine(Engine):
         model = loaded.model
         device = next(model.parameters()).device
         tokens = [greedy_run(model, torch.tensor([p], device=device), job.new_tokens, device.type)[2][0].tolist()
-                  for p in job.prompts]
+                  for p in tqdm(job.prompts, desc="transformers: greedy", unit="prompt", leave=False)]
         return EngineRun(
             engine="hf", version=transformers.__version__, device=device.type, dtype=str(model_dtype(model)),
             kernel=linear_kernels(model), quantization=(loaded.record or {}).get("method"),
