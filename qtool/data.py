@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from qtool.errors import DatasetError
+from qtool.errors import DatasetError, QtoolError
 from qtool.resources import bundled_dir
 
 Purpose = Literal["eval", "calibration"]
@@ -62,15 +62,21 @@ def load_text(source: str, purpose: Purpose = "eval") -> Text:
     return _non_empty(Text(source, str(path.resolve()), _read_file(path)))
 
 
-def _read_file(path: Path) -> str:
+def read_utf8(path: Path, what: str, folder_hint: str, error: type[QtoolError] = DatasetError) -> str:
+    """The text of a user's file; `error` (one line naming `what` and the path) when it is a folder,
+    cannot be read or is not UTF-8."""
     if path.is_dir():
-        raise DatasetError(f"dataset {path} is a folder; give a .txt, .jsonl or .json file")
+        raise error(f"{what} {path} is a folder; {folder_hint}")
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise DatasetError(f"dataset {path} is not UTF-8 text") from None
+        raise error(f"{what} {path} is not UTF-8 text") from None
     except OSError as exc:
-        raise DatasetError(f"dataset {path} cannot be read: {exc.strerror}") from None
+        raise error(f"{what} {path} cannot be read: {exc.strerror}") from None
+
+
+def _read_file(path: Path) -> str:
+    raw = read_utf8(path, "dataset", "give a .txt, .jsonl or .json file")
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(raw.splitlines(), 1):

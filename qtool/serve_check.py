@@ -38,7 +38,7 @@ MAX_CONTEXT = 2048  # tokens per sequence given to the engine: prompt + reply; b
 log = logging.getLogger("qtool")
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_RELATIVE = 1e-6  # the size of fp32 rounding differences between two implementations (2^-23 ≈ 1.2e-7 per op)
-NOISE_SEEDS = 3
+NOISE_SEEDS = 3  # default draws of that noise; more find more of the reference's own flips (and take longer)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class PromptCheck:
     # of the engine's reply (teacher-forced on the engine's tokens), nats: 0 where they agree
     regret: list[float] = field(default_factory=list)
     # where transformers' own reply first changes when its input embeddings are perturbed by
-    # NOISE_RELATIVE (earliest over NOISE_SEEDS); None: it never does within the reply
+    # NOISE_RELATIVE (earliest over the check's noise seeds); None: it never does within the reply
     reference_unstable_at: int | None = None
 
     @property
@@ -82,6 +82,7 @@ class ServeCheck:
     max_regret: float  # nats: the pass threshold
     passed: bool
     notes: list[str] = field(default_factory=list)
+    noise_seeds: int = NOISE_SEEDS  # draws of the reference's noise (unstable_at)
 
     def as_dict(self) -> dict[str, Any]:
         result = asdict(self)
@@ -104,8 +105,8 @@ class ServeCheck:
             lines.append(f"  {p.prompt!r}: {same} of {len(p.reference)} greedy tokens equal (up to the first EOS){noise}, "
                          f"largest regret {p.max_regret:.2f} nats; engine says {p.engine_text[:60]!r}")
         within = sum(p.within_reference_noise for p in self.prompts)
-        lines.append(f"  tokens equal up to where transformers' own reply changes under {NOISE_RELATIVE:g} noise: "
-                     f"{within} of {len(self.prompts)} prompts")
+        lines.append(f"  tokens equal up to where transformers' own reply changes under {NOISE_RELATIVE:g} noise "
+                     f"({self.noise_seeds} seeds): {within} of {len(self.prompts)} prompts")
         verdict = (f"PASS: no engine token is more than {self.max_regret:g} nat(s) below transformers' own choice "
                    "(the verdict is this regret: equal tokens are too strict, near-ties flip)"
                    if self.passed else
@@ -118,9 +119,9 @@ class ServeCheck:
 
 
 def unstable_at(reference: Any, job: Any, replies: list[list[int]], stops: set[int],
-                relative: float = NOISE_RELATIVE) -> list[int | None]:
+                relative: float = NOISE_RELATIVE, seeds: int = NOISE_SEEDS) -> list[int | None]:
     """Per prompt, the first token where transformers' own greedy reply changes when the output of its
-    input embedding is multiplied by 1 + relative·N(0, 1), the earliest over NOISE_SEEDS seeds;
+    input embedding is multiplied by 1 + relative·N(0, 1), the earliest over `seeds` draws (seeds 0…);
     None where it never changes. A model that is this sensitive (dynamic per-token INT8 activations:
     one rounding flip moves an input by a whole step) cannot be expected to give an engine's exact
     tokens past that point, whatever the engine computes."""
@@ -130,7 +131,7 @@ def unstable_at(reference: Any, job: Any, replies: list[list[int]], stops: set[i
 
     embedding = reference.model.get_input_embeddings()
     earliest: list[int | None] = [None] * len(replies)
-    for seed in range(NOISE_SEEDS):
+    for seed in range(seeds):
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
         def perturb(module: Any, args: Any, output: Any, generator: Any = generator) -> Any:
@@ -199,15 +200,9 @@ def read_prompts(path: str | Path) -> list[str]:
     """The chat prompts in a UTF-8 text file, one per line; blank lines and lines starting with '#'
     are skipped. Raises SpecError (one line, naming the file) when it cannot be read, is not UTF-8
     text or holds no prompt."""
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise SpecError(f"--prompts {path} is a folder; give a text file with one prompt per line")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SpecError(f"--prompts {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise SpecError(f"--prompts {path} cannot be read: {exc.strerror}") from None
+    from qtool.data import read_utf8
+
+    text = read_utf8(Path(path).expanduser(), "--prompts", "give a text file with one prompt per line", SpecError)
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise SpecError(f"--prompts {path} holds no prompt: give one per line ('#' starts a comment)")
@@ -215,11 +210,13 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, max_regret: float = 1.0,
-                compile: bool = False, dtype: str = "auto", prompts: list[str] | None = None) -> ServeCheck:
+                compile: bool = False, dtype: str = "auto", prompts: list[str] | None = None,
+                noise_seeds: int = NOISE_SEEDS) -> ServeCheck:
     """Load `checkpoint` in the engine and compare its greedy tokens with transformers'.
 
     `dtype`: the engine's (ENGINE_DTYPES; vLLM only, "auto" lets it choose). `prompts`: the chat
     prompts (default PROMPTS); each, as a chat turn, plus `new_tokens` must fit in MAX_CONTEXT.
+    `noise_seeds`: draws of the reference's noise for the prompts whose tokens differ (unstable_at).
 
     Raises EngineError when the engine is missing or cannot load it, CheckpointError /
     SpecError for a path that is no checkpoint or an engine that cannot take it.
@@ -233,8 +230,9 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
     prompts = list(PROMPTS if prompts is None else prompts)
     if not prompts or not all(p.strip() for p in prompts):
         raise SpecError("serve-check needs at least one prompt, and no empty one")
-    if new_tokens < 1 or not max_regret >= 0:
-        raise SpecError(f"--new-tokens must be at least 1 and --max-regret at least 0, got {new_tokens} and {max_regret}")
+    if new_tokens < 1 or not max_regret >= 0 or noise_seeds < 1:
+        raise SpecError(f"--new-tokens and --noise-seeds must be at least 1 and --max-regret at least 0, got "
+                        f"{new_tokens}, {noise_seeds} and {max_regret}")
     engine = engines.get(engine_name)
     if dtype not in ENGINE_DTYPES:
         raise SpecError(f"--dtype takes one of {', '.join(ENGINE_DTYPES)}, got {dtype!r}")
@@ -273,14 +271,14 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
     differing = [(c, i) for c, i in zip(checks, ids, strict=True) if c.first_divergence is not None]
     if differing:  # only the prompts whose tokens differ are regenerated under noise
         log.info("transformers: %d prompt(s) differ; their replies regenerated under %g noise, %d seeds",
-                 len(differing), NOISE_RELATIVE, NOISE_SEEDS)
+                 len(differing), NOISE_RELATIVE, noise_seeds)
         noisy_job = replace(job, prompts=[i for _, i in differing])
         for (check, _), at in zip(differing, unstable_at(reference, noisy_job, [c.reference for c, _ in differing],
-                                                         stops), strict=True):
+                                                         stops, seeds=noise_seeds), strict=True):
             check.reference_unstable_at = at
     passed = all(c.max_regret <= max_regret for c in checks)
     return ServeCheck(str(checkpoint), str(loaded_path), run.as_dict(), ref_run.as_dict(), checks, max_regret,
-                      passed)
+                      passed, noise_seeds=noise_seeds)
 
 
 def context_for(ids: list[list[int]], new_tokens: int) -> int:

@@ -93,6 +93,8 @@ def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engin
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "hf"), "invalid choice")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--max-regret", "-1"),
                           "--max-regret at least 0")
+    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--noise-seeds", "0"),
+                          "--noise-seeds must be at least 1")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "llamacpp", "--dtype", "float32",
                                     env=no_engines), "--dtype chooses vLLM's dtype")
     (tmp_path / "a-file").write_text("x")  # refused before the engine starts (no_engines: it could not)
@@ -143,6 +145,11 @@ def test_the_references_own_noise_bounds_what_an_engine_can_match(tiny_llama):
     assert unstable_at(loaded, job, replies, set()) == [None, None]  # fp32-sized noise moves no unquantized reply
     loud = unstable_at(loaded, job, replies, set(), relative=1.0)
     assert any(at is not None for at in loud) and all(at is None or 0 <= at < 12 for at in loud)
+    more = unstable_at(loaded, job, replies, set(), relative=1.0, seeds=6)  # seeds 0-2 again, and 3 more draws
+
+    def never(at):
+        return float("inf") if at is None else at
+    assert all(never(m) <= never(at) for m, at in zip(more, loud, strict=True))  # the earliest over more draws
     assert PromptCheck("p", [1, 2, 3], [1, 2, 4], 2, reference_unstable_at=2).within_reference_noise
     assert not PromptCheck("p", [1, 2, 3], [1, 2, 4], 2, reference_unstable_at=None).within_reference_noise
     assert not PromptCheck("p", [1, 2, 3], [1, 5, 4], 1, reference_unstable_at=2).within_reference_noise
