@@ -296,6 +296,9 @@ def _watch_ctrl_c() -> Any:
     a shell's background job, or not the main thread)."""
     def on_ctrl_c(signum: int, frame: Any) -> None:
         _ctrl_c["seen"] = True
+        if _torch_importing():
+            _deliver_again(signum)
+            return
         raise KeyboardInterrupt
 
     _ctrl_c["seen"] = False
@@ -308,12 +311,44 @@ def _watch_ctrl_c() -> Any:
         return None
 
 
+def _torch_importing() -> bool:
+    """Whether torch (or a torch package: torchao, ...) is being imported. Its C++ start-up runs
+    Python code through pybind11, which turns an exception raised there into std::terminate: Ctrl-C
+    at that moment aborted the process (SIGABRT, "terminate called after throwing an instance of
+    'pybind11::error_already_set'") instead of exiting 130. importlib marks a module whose code is
+    running with `__spec__._initializing` (CPython's own flag for partly imported modules)."""
+    return any(name.split(".", 1)[0].startswith("torch")
+               and getattr(getattr(module, "__spec__", None), "_initializing", False)
+               for name, module in list(sys.modules.items()))
+
+
+def _deliver_again(signum: int, after_s: float = 0.05) -> None:
+    """Send the signal to this process again shortly: its handler raises once the import is over.
+    One at a time, so that many presses during the import make one interruption after it."""
+    import threading
+
+    if _ctrl_c.get("again"):
+        return
+    _ctrl_c["again"] = True
+
+    def send() -> None:
+        _ctrl_c["again"] = False
+        os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(after_s, send)
+    timer.daemon = True
+    timer.start()
+
+
 def _stop_on_sigterm() -> None:
     """`kill`, `timeout` and schedulers stop a quantize run with SIGTERM: treat it as Ctrl-C, so the
     temporary sibling of OUT is removed and the exit status is 143 (128 + SIGTERM)."""
     def on_sigterm(signum: int, frame: Any) -> None:
         _ctrl_c["seen"] = True
         _ctrl_c["status"] = 128 + signum
+        if _torch_importing():
+            _deliver_again(signum)
+            return
         raise KeyboardInterrupt
 
     with contextlib.suppress(ValueError):  # not the main thread

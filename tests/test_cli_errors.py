@@ -183,6 +183,34 @@ def test_ctrl_c_during_start_up_is_one_line_too(delay, tiny_llama, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_while_torch_imports_waits_for_the_import_then_interrupts():
+    """Ctrl-C inside torch's C++ start-up used to abort the process (pybind11 turns the
+    KeyboardInterrupt into std::terminate: SIGABRT). qtool's handler holds it until the import is
+    over. Ctrl-C is sent every 20 ms for as long as `import torch` runs."""
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "from qtool import cli\n"
+        "assert 'torch' not in sys.modules\n"
+        "cli._watch_ctrl_c()\n"
+        "def press():\n"
+        "    while 'torch' not in sys.modules:\n"
+        "        time.sleep(0.001)\n"
+        "    while sys.modules['torch'].__spec__._initializing:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.02)\n"
+        "threading.Thread(target=press, daemon=True).start()\n"
+        "try:\n"
+        "    import torch\n"
+        "    time.sleep(10)\n"
+        "    print('never interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted; torch imported whole:', not torch.__spec__._initializing)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "interrupted; torch imported whole: True", proc.stdout + proc.stderr[-2000:]
+
+
 # ---- never destroy or hide data (issue 17, kind 2) -----------------------------------------------
 def rtn(*paths, force=True):
     return qtool_in_process("quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet",
