@@ -4,9 +4,11 @@ Runs `qtool serve-check OUT --engine vllm --dtype DTYPE --prompts FILE --json` f
 (NAME=PATH:DTYPE), one after the other, and tabulates per variant: the prompts whose greedy
 tokens are all equal (up to 32 tokens or the reply's EOS), those equal for 32 tokens, those equal
 up to where transformers' own reply changes under 1e-6 noise on its embeddings
-(`within_reference_noise`), and the largest regret (nats; serve-check's verdict). A variant whose
-JSON is in REPORT already is not run again (delete it to re-measure). Writes
-REPORT/serve-check-NAME.json and REPORT/serve-check.md. Needs the engine: make engine-vllm.
+(`within_reference_noise`, with the number of noise draws), and the largest regret (nats;
+serve-check's verdict). A variant whose JSON is in REPORT already is not run again (delete it to
+re-measure); one whose JSON holds other prompts is refused. A variant that cannot be run stops the
+script before REPORT/serve-check.md is rewritten. Writes REPORT/serve-check-NAME.json and
+REPORT/serve-check.md. Needs the engine: make engine-vllm.
 
 Usage: python benchmarks/serve_check_table.py --variant "w8a8 fp32=out/w8a8:float32" \
            --variant "base fp32=SMOLLM2_FOLDER:float32" [--prompts benchmarks/prompts/chat-24.txt]
@@ -21,6 +23,9 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from qtool.errors import QtoolError
+from qtool.serve_check import read_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,20 +42,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run(name: str, path: str, dtype: str, args: argparse.Namespace) -> dict:
+def run(name: str, path: str, dtype: str, prompts: list[str], args: argparse.Namespace) -> dict:
     result = args.report / f"serve-check-{slug(name)}.json"
-    if not result.exists():
-        cmd = [sys.executable, "-m", "qtool.cli", "serve-check", path, "--engine", "vllm", "--dtype", dtype,
-               "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--quiet", "--json", str(result)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if not result.exists():  # a FAIL still writes its JSON (exit 1); an error does not
-            return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    if result.exists():
+        check = json.loads(result.read_text())
+        if [p["prompt"] for p in check["prompts"]] != prompts:
+            raise SystemExit(f"{result} holds other prompts than {args.prompts}: delete it to re-measure")
+        return check
+    cmd = [sys.executable, "-m", "qtool.cli", "serve-check", path, "--engine", "vllm", "--dtype", dtype,
+           "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--quiet", "--json", str(result)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if not result.exists():  # a FAIL still writes its JSON (exit 1); an error does not
+        error = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise SystemExit(f"{name}: {error} (REPORT/serve-check.md left as it was)")
     return json.loads(result.read_text())
 
 
 def row(name: str, check: dict, new_tokens: int) -> list[str]:
-    if "error" in check:
-        return [name, "—", "—", "—", "—", "—", "—", check["error"]]
     prompts = check["prompts"]
     equal = sum(p["first_divergence"] is None for p in prompts)
     equal_full = sum(p["first_divergence"] is None and len(p["reference"]) >= new_tokens for p in prompts)
@@ -58,7 +66,8 @@ def row(name: str, check: dict, new_tokens: int) -> list[str]:
     regret = max((max(p["regret"], default=0.0) for p in prompts), default=0.0)
     e = check["engine"]
     return [name, f"{e['engine']} {e['version']}, {e['dtype']}, {e['kernel']}", str(len(prompts)), str(equal),
-            str(equal_full), str(within), f"{regret:.2f}", "PASS" if check["passed"] else "FAIL"]
+            str(equal_full), f"{within} ({check.get('noise_seeds', 3)} draws)",  # the key came with --noise-seeds
+            f"{regret:.2f}", "PASS" if check["passed"] else "FAIL"]
 
 
 def provenance(name: str, path: str) -> str:
@@ -78,18 +87,26 @@ def provenance(name: str, path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", action="append", type=variant, required=True, metavar="NAME=PATH:DTYPE")
-    parser.add_argument("--prompts", type=Path, default=REPO / "benchmarks/prompts/chat-24.txt")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--report", type=Path, default=REPO / "reports/smollm2-cpu-formats")
+    parser.add_argument("--variant", action="append", type=variant, required=True, metavar="NAME=PATH:DTYPE",
+                        help="a row: its name, the checkpoint folder and vLLM's dtype (auto, float32, bfloat16, "
+                             "float16); repeat for more rows")
+    parser.add_argument("--prompts", type=Path, default=REPO / "benchmarks/prompts/chat-24.txt",
+                        help="chat prompts, one per line (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    parser.add_argument("--report", type=Path, default=REPO / "reports/smollm2-cpu-formats",
+                        help="folder of the JSONs and serve-check.md (default: %(default)s)")
     args = parser.parse_args()
     args.report.mkdir(parents=True, exist_ok=True)
     head = ["variant", "engine, dtype, kernel", "prompts", "all tokens equal", f"equal for {args.new_tokens} tokens",
             "equal up to the reference's noise", "largest regret (nats)", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     made = [provenance(name, path) for name, path, _ in args.variant]
+    try:
+        prompts = read_prompts(args.prompts)
+    except QtoolError as exc:
+        raise SystemExit(str(exc)) from None
     for name, path, dtype in args.variant:
-        check = run(name, path, dtype, args)
+        check = run(name, path, dtype, prompts, args)
         lines.append("| " + " | ".join(row(name, check, args.new_tokens)) + " |")
         print(lines[-1], flush=True)
     prompts = args.prompts.resolve().relative_to(REPO) if args.prompts.resolve().is_relative_to(REPO) else args.prompts
@@ -100,7 +117,7 @@ def main() -> None:
         "fp32 on CPU as the reference. \"All tokens equal\": up to 32 tokens or the reply's EOS; \"equal for "
         f"{args.new_tokens} tokens\": those of them whose reply is that long; \"equal up to the reference's noise\": "
         "equal up to the first token where transformers' own reply changes when its input embeddings are "
-        "multiplied by 1 + 1e-6·N(0,1) (3 seeds); regret: transformers' log-prob of its own top token minus that "
+        "multiplied by 1 + 1e-6·N(0,1) (the number of draws in brackets); regret: transformers' log-prob of its own top token minus that "
         "of the engine's, teacher-forced on the engine's reply (the verdict: PASS when ≤ 1 nat). Per-prompt "
         "tokens, texts and regrets: serve-check-*.json beside this file.", "", *lines, "", "Checkpoints:", *made, "",
     ]

@@ -103,7 +103,7 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts) if args.prompts else None  # before anything loads
     if args.json and args.json != "-":
-        _check_writable_file(args.json, "--json", [args.checkpoint])
+        _check_writable_file(args.json, "--json", [args.checkpoint, *([args.prompts] if args.prompts else [])])
     result = serve_check(args.checkpoint, args.engine, new_tokens=args.new_tokens, max_regret=args.max_regret,
                          compile=args.compile, dtype=args.dtype, prompts=prompts,
                          noise_seeds=args.noise_seeds)

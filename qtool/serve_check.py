@@ -98,7 +98,8 @@ class ServeCheck:
         if self.loaded != self.checkpoint:
             lines.append(f"  loaded: {self.loaded}")
         for p in self.prompts:
-            same = "all" if p.first_divergence is None else f"the first {p.first_divergence}"
+            same = ("all" if p.first_divergence is None else "none" if p.first_divergence == 0
+                    else f"the first {p.first_divergence}")
             noise = ("" if p.first_divergence is None else
                      f" (transformers' own reply, its embeddings perturbed by {NOISE_RELATIVE:g}, changes "
                      + ("nowhere)" if p.reference_unstable_at is None else f"at token {p.reference_unstable_at})"))
@@ -203,7 +204,8 @@ def read_prompts(path: str | Path) -> list[str]:
     from qtool.data import read_utf8
 
     text = read_utf8(Path(path).expanduser(), "--prompts", "give a text file with one prompt per line", SpecError)
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = text.removeprefix("\ufeff").split("\n")  # a BOM (Notepad) is no text; only newlines end a prompt
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise SpecError(f"--prompts {path} holds no prompt: give one per line ('#' starts a comment)")
     return prompts
@@ -230,9 +232,13 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
     prompts = list(PROMPTS if prompts is None else prompts)
     if not prompts or not all(p.strip() for p in prompts):
         raise SpecError("serve-check needs at least one prompt, and no empty one")
-    if new_tokens < 1 or not max_regret >= 0 or noise_seeds < 1:
-        raise SpecError(f"--new-tokens and --noise-seeds must be at least 1 and --max-regret at least 0, got "
-                        f"{new_tokens}, {noise_seeds} and {max_regret}")
+    if not 1 <= new_tokens < MAX_CONTEXT:
+        raise SpecError(f"--new-tokens must be from 1 to {MAX_CONTEXT - 1} (serve-check's context is {MAX_CONTEXT} "
+                        f"tokens, prompt included), got {new_tokens}")
+    if noise_seeds < 1:
+        raise SpecError(f"--noise-seeds must be at least 1, got {noise_seeds}")
+    if not max_regret >= 0:
+        raise SpecError(f"--max-regret must be at least 0 nats, got {max_regret}")
     engine = engines.get(engine_name)
     if dtype not in ENGINE_DTYPES:
         raise SpecError(f"--dtype takes one of {', '.join(ENGINE_DTYPES)}, got {dtype!r}")

@@ -92,7 +92,13 @@ def test_serve_check_refuses_what_it_cannot_check(tiny_llama, tmp_path, no_engin
                           "does not exist")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "hf"), "invalid choice")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--max-regret", "-1"),
-                          "--max-regret at least 0")
+                          "--max-regret must be at least 0")
+    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--new-tokens", "5000"),
+                          "--new-tokens must be from 1 to 2047")
+    (tmp_path / "p.txt").write_text("What is 2+2?\n")
+    assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--prompts", tmp_path / "p.txt",
+                                    "--json", tmp_path / "p.txt", env=no_engines), "--json")
+    assert (tmp_path / "p.txt").read_text() == "What is 2+2?\n"
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--noise-seeds", "0"),
                           "--noise-seeds must be at least 1")
     assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "llamacpp", "--dtype", "float32",
@@ -125,8 +131,9 @@ def test_serve_check_refuses_a_bad_prompts_file_before_the_engine_starts(content
 def test_prompts_are_lines_and_must_leave_room_for_the_reply(tmp_path):
     from qtool.serve_check import MAX_CONTEXT, context_for, read_prompts
 
-    (tmp_path / "p.txt").write_text("# checked before deploying\nWhat is 2+2?\n\n  Name a colour.  \n")
-    assert read_prompts(tmp_path / "p.txt") == ["What is 2+2?", "Name a colour."]
+    (tmp_path / "p.txt").write_text("\ufeff# checked before deploying\r\nWhat is 2+2?\n\n  Name a colour.  \n"
+                                    "Translate: a\u2028b\n")
+    assert read_prompts(tmp_path / "p.txt") == ["What is 2+2?", "Name a colour.", "Translate: a\u2028b"]
     assert context_for([[1] * 10, [1] * 40], 32) == 40 + 32 + 16
     assert context_for([[1] * (MAX_CONTEXT - 32)], 32) == MAX_CONTEXT
     with pytest.raises(SpecError, match=f"prompt 2 is {MAX_CONTEXT} tokens .* at most {MAX_CONTEXT - 32} fit"):
