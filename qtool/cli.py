@@ -296,10 +296,7 @@ def _watch_ctrl_c() -> Any:
     a shell's background job, or not the main thread)."""
     def on_ctrl_c(signum: int, frame: Any) -> None:
         _ctrl_c["seen"] = True
-        if _torch_importing():
-            _deliver_again(signum)
-            return
-        raise KeyboardInterrupt
+        _interrupt(signum)
 
     _ctrl_c["seen"] = False
     _ctrl_c.pop("status", None)
@@ -309,6 +306,14 @@ def _watch_ctrl_c() -> Any:
         return signal.signal(signal.SIGINT, on_ctrl_c)
     except ValueError:  # not the main thread
         return None
+
+
+def _interrupt(signum: int) -> None:
+    """Raise KeyboardInterrupt, unless torch is being imported: then the signal comes again once it is."""
+    if _torch_importing():
+        _deliver_again(signum)
+        return
+    raise KeyboardInterrupt
 
 
 def _torch_importing() -> bool:
@@ -346,10 +351,7 @@ def _stop_on_sigterm() -> None:
     def on_sigterm(signum: int, frame: Any) -> None:
         _ctrl_c["seen"] = True
         _ctrl_c["status"] = 128 + signum
-        if _torch_importing():
-            _deliver_again(signum)
-            return
-        raise KeyboardInterrupt
+        _interrupt(signum)
 
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGTERM, on_sigterm)
