@@ -52,7 +52,7 @@ def run(name: str, path: str, dtype: str, prompts: list[str], args: argparse.Nam
     cmd = [sys.executable, "-m", "qtool.cli", "serve-check", path, "--engine", "vllm", "--dtype", dtype,
            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--quiet", "--json", str(result)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if not result.exists():  # a FAIL still writes its JSON (exit 1); an error does not
+    if not result.exists():  # a FAIL still writes its JSON (exit 3); an error does not
         error = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         raise SystemExit(f"{name}: {error} (REPORT/serve-check.md left as it was)")
     return json.loads(result.read_text())

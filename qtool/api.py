@@ -317,6 +317,16 @@ def load(path: str | Path, device: str = "auto", trainable: bool = False) -> Loa
     return LoadedModel(model, tokenizer, device, record, str(path))
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer `load(path)` would give, without the weights: seconds where the model takes
+    tens of them, so input that the tokenizer alone can judge (a prompt's length) is refused first.
+    Raises CheckpointError / ModelNotFoundError (one line) as `load` does."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and read_record(folder) is not None:
+        return _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
+    return resolve_model(str(path)).load_tokenizer()
+
+
 def check_vocabulary(model: nn.Module, tokenizer: Any, name: Any) -> None:
     """CheckpointError when the tokenizer makes ids the model's embedding has no row for."""
     rows = model.get_input_embeddings().num_embeddings

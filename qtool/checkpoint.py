@@ -70,7 +70,8 @@ def check_writable_location(path: Path, what: str = "output") -> None:
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputExistsError(f"{what} {path} cannot be written: {ancestor}: {exc.strerror or exc}") from None
+        raise OutputExistsError(f"{what} {path} cannot be written: no file can be made in {ancestor} "
+                                f"({exc.strerror or exc})") from None
 
 
 def refuse_overlap(out: Path, inputs: Iterable[str | Path], what: str = "output") -> None:

@@ -380,7 +380,7 @@ def _main(argv: list[str]) -> int:
     empty = [name for name, value in vars(args).items()
              if value == "" or (isinstance(value, list) and "" in value)]
     if empty:
-        shown = {"targets": "MODEL/OUT"}.get(empty[0], empty[0].removeprefix(OPTION_DEST).replace("_", "-"))
+        shown = {"targets": "MODEL/OUT"}.get(empty[0]) or _flag_given_empty(argv) or empty[0].replace("_", "-")
         wanted = EMPTY_HINTS.get(empty[0], "a path, name or text")
         parser.error(f"an empty value for {shown}: give {wanted}")
     if args.command == "quantize":
@@ -607,6 +607,14 @@ def _option_flags(args: argparse.Namespace) -> dict[str, str]:
     """The backend options given as flags (see _add_option_flags), as --opt KEY=VALUE strings."""
     return {key.removeprefix(OPTION_DEST): value for key, value in vars(args).items()
             if key.startswith(OPTION_DEST) and value is not None}
+
+
+def _flag_given_empty(argv: list[str]) -> str | None:
+    """The flag as typed that was given an empty value ('--json ""' or '--json='), else None."""
+    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+        if flag.startswith("-") and (flag.endswith("=") or value == ""):
+            return flag.removesuffix("=")
+    return None
 
 
 OPTION_DEST = "option:"

@@ -28,8 +28,9 @@ def add_parsers(sub: Any) -> None:
                     "with transformers, and report per prompt the first token where they differ, with each side's "
                     "dtype and kernel. "
                     "The verdict is the regret: transformers, fed the engine's reply, ranks each of its tokens "
-                    "at most --max-regret nats below its own choice. Exits 0 when the engine loads OUT and passes, "
-                    "1 otherwise.",
+                    "at most --max-regret nats below its own choice. Exit status: 0 PASS; 3 FAIL (the engine ran "
+                    "and disagreed); 1 when the check could not run (bad input, no engine, a checkpoint the engine "
+                    "cannot load), 2 for a bad command line, 130 on Ctrl-C.",
         epilog="examples:\n  qtool serve-check out/gptq4 --engine vllm\n"
                "  qtool serve-check out/w8a8 --engine vllm --dtype float32 --prompts my-prompts.txt --json check.json\n"
                "  qtool serve-check out/gptq4-Q4_0.gguf --engine llamacpp",
@@ -97,6 +98,9 @@ def cmd_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECK_FAILED = 3  # serve-check's FAIL verdict: apart from every error's 1 and 2, so a script can tell them apart
+
+
 def cmd_serve_check(args: argparse.Namespace) -> int:
     from qtool.cli import _check_writable_file
     from qtool.serve_check import read_prompts, serve_check
@@ -115,7 +119,7 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # as `qtool eval --json` does
         write_text_atomic(Path(args.json), json.dumps(result.as_dict(), indent=2) + "\n")
-    return 0 if result.passed else 1
+    return 0 if result.passed else CHECK_FAILED
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -107,7 +107,7 @@ class ServeCheck:
                          f"largest regret {p.max_regret:.2f} nats; engine says {p.engine_text[:60]!r}")
         within = sum(p.within_reference_noise for p in self.prompts)
         lines.append(f"  tokens equal up to where transformers' own reply changes under {NOISE_RELATIVE:g} noise "
-                     f"({self.noise_seeds} seeds): {within} of {len(self.prompts)} prompts")
+                     f"({self.noise_seeds} seed{'s' * (self.noise_seeds != 1)}): {within} of {len(self.prompts)} prompts")
         verdict = (f"PASS: no engine token is more than {self.max_regret:g} nat(s) below transformers' own choice "
                    "(the verdict is this regret: equal tokens are too strict, near-ties flip)"
                    if self.passed else
@@ -253,10 +253,13 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
         raise EngineError(reason)
     if path.is_file() and engine.inputs != "gguf":
         raise SpecError(f"{engine.name} loads checkpoint folders; {checkpoint} is a file")
-    loaded_path = engine.checkpoint_for(path)
-    reference = api.load(reference_of(loaded_path), "cpu")
-    ids = [prompt_ids(reference.tokenizer, p) for p in prompts]
+    reference_path = reference_of(path)  # what the engine's input (or the GGUF exported from it) came from
+    # the tokenizer alone judges the prompts' length: before the GGUF export and the weights load
+    tokenizer = api.load_tokenizer(reference_path)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     context = context_for(ids, new_tokens)
+    loaded_path = engine.checkpoint_for(path)
+    reference = api.load(reference_path, "cpu")
     job = EngineJob(model=str(loaded_path), prompts=ids, new_tokens=new_tokens, max_model_len=context, compile=compile,
                     dtype=dtype)
     # the engine first: one that cannot load the checkpoint fails before the reference's minutes
@@ -265,7 +268,7 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
     run = engine.run(job)
     log.info("transformers (the reference): the same prompts")
     ref_run = engines.get("hf").run(job, loaded=reference)  # type: ignore[call-arg]
-    ref_run.model = str(reference_of(loaded_path))
+    ref_run.model = str(reference_path)
     checks = []
     stops = eos_ids(reference)
     for prompt, ids_, ref, got in zip(prompts, ids, ref_run.tokens, run.tokens, strict=True):

@@ -497,7 +497,7 @@ def test_sweep_cases_in_the_cli(tiny_llama, small_checkpoint, tmp_path):
           tiny_llama, o], "bits: expected a number, got true"),
         (["quantize", "--recipe", write(tmp_path / "s.yaml", "quantize: {method: rtn, seed: 99999999999999999999}\n"),
           tiny_llama, o], "seed: Input should be less than or equal to 4294967295"),
-        (["quantize", "--method", "rtn", tiny_llama, "/proc/qtool-x"], "cannot be written"),
+        (["quantize", "--method", "rtn", tiny_llama, "/proc/qtool-x"], "cannot be written: no file can be made in /proc"),
         (["quantize", "--method", "rtn", tiny_llama, write(tmp_path / "f.txt", "x") / "o"], "is a file, not a folder"),
         (["quantize", "--method", "rtn", tiny_llama, ""], "an empty value"),
         (["eval", tiny_llama, "--ppl", "builtin", "--ctx", "64", "--json", "/proc/qtool-x.json"], "cannot be written"),
@@ -566,7 +566,11 @@ def test_report_only_skips_lines_that_are_not_results(tmp_path):
 def test_an_empty_argument_is_named_as_the_user_knows_it():
     assert_one_line_error(qtool_in_process("quantize", "--method", "rtn", "smollm2-135m", ""), "an empty value for MODEL/OUT")
     assert_one_line_error(qtool_in_process("quantize", "--method", "rtn", "--sym", "", "smollm2-135m", "o"),
-                          "an empty value for sym")
+                          "an empty value for --sym")
+    assert_one_line_error(qtool_in_process("serve-check", "o", "--engine", "vllm", "--json", ""),
+                          "an empty value for --json")
+    assert_one_line_error(qtool_in_process("serve-check", "o", "--engine", "vllm", "--prompts="),
+                          "an empty value for --prompts")
 
 
 def test_results_with_no_record_and_a_record_with_a_bad_method_name_the_problem(tiny_llama, tmp_path):

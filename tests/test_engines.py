@@ -128,6 +128,16 @@ def test_serve_check_refuses_a_bad_prompts_file_before_the_engine_starts(content
                                     env=no_engines), "--prompts", error)
 
 
+def test_a_prompt_too_long_for_the_context_is_refused_before_anything_loads(tiny_llama, tmp_path, broken_vllm):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2+2?\n" + "word " * 3000 + "\n")
+    # broken_vllm: the engine counts as set up, so only the tokenizer's count can stop the run before
+    # the engine (and its failure) or the reference model; without --quiet, no progress line comes first
+    line = assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--prompts", prompts,
+                                           env=broken_vllm), "prompt 2 is ", "tokens as a chat turn", "at most 2016 fit")
+    assert "vllm" not in line
+
+
 def test_prompts_are_lines_and_must_leave_room_for_the_reply(tmp_path):
     from qtool.serve_check import MAX_CONTEXT, context_for, read_prompts
 
