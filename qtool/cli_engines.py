@@ -50,7 +50,8 @@ def add_parsers(sub: Any) -> None:
                         "vLLM-CPU runs INT8 W8A8 in it (oneDNN); with AMX its int8 kernel needs bf16")
     p.add_argument("--noise-seeds", type=int, default=NOISE_SEEDS, metavar="N",
                    help="where tokens differ, transformers' own reply is regenerated N times with 1e-6 noise on its "
-                        "embeddings to find where it changes by itself (default %(default)s; more find more, N times the time)")
+                        "embeddings to find where it changes by itself (default %(default)s; more find more; the draws "
+                        "run 16 at a time, and 16 take about twice as long as one)")
     p.add_argument("--quiet", action="store_true", help="no progress lines or bars, only the result")
     p.add_argument("--prompts", metavar="FILE", help="chat prompts to check, one per line of a UTF-8 text file "
                                                      "(blank lines and '#' lines skipped; default: three fixed ones)")
