@@ -47,9 +47,9 @@ def test_vllm_loads_the_checkpoint_and_says_what_transformers_says(checkpoint, t
     assert proc.returncode == 0 and result["passed"], proc.stdout + proc.stderr
     assert result["engine"]["quantization"] in ("gptq", "auto_gptq", "awq", "awq_marlin")
     assert result["engine"]["dtype"] in ("bfloat16", "float16") and result["engine"]["kernel"]
-    # the first prompt's answer is short and certain (tokens after it may flip on bf16 near-ties,
-    # e.g. "Paris, France." against "Paris, not France." at a regret of 0.11 nats)
-    assert result["prompts"][0]["engine_text"].startswith("The capital of France is Paris"), result["prompts"][0]
+    # what the reply says is the checkpoint's quality, not the engine's: awq from 8 × 128 builtin
+    # calibration tokens answered France with "La femme, the capital of France." on both sides
+    # (every token equal), so only agreement is asserted; a misread checkpoint fails the regret
 
 
 def test_gguf_export_maps_the_codes_and_llamacpp_agrees(checkpoint, tmp_path):
@@ -160,7 +160,7 @@ def test_vllm_refusal_is_one_line_with_its_reason(tmp_path):
     out = tmp_path / "gptq-asym"
     assert run_qtool("quantize", "--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", "false", *CALIB,
                      "smollm2-135m", out, timeout=1200).returncode == 0
-    proc = run_qtool("serve-check", out, "--engine", "vllm", timeout=1200)
+    proc = run_qtool("serve-check", out, "--engine", "vllm", "--quiet", timeout=1200)  # --quiet: no progress line
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "sym=False" in lines[0], proc.stderr
 
