@@ -34,7 +34,7 @@ def variant(text: str) -> tuple[str, str, str]:
     name, _, rest = text.partition("=")
     path, _, dtype = rest.rpartition(":")
     if not name or not path or dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise argparse.ArgumentTypeError(f"--variant takes NAME=PATH:DTYPE (auto, float32, bfloat16, float16), got {text!r}")
+        raise argparse.ArgumentTypeError(f"NAME=PATH:DTYPE expected (DTYPE auto, float32, bfloat16 or float16), got {text!r}")
     return name, path, dtype
 
 
@@ -45,9 +45,16 @@ def slug(name: str) -> str:
 def run(name: str, path: str, dtype: str, prompts: list[str], args: argparse.Namespace) -> dict:
     result = args.report / f"serve-check-{slug(name)}.json"
     if result.exists():
-        check = json.loads(result.read_text())
-        if [p["prompt"] for p in check["prompts"]] != prompts:
-            raise SystemExit(f"{result} holds other prompts than {args.prompts}: delete it to re-measure")
+        try:
+            check = json.loads(result.read_text())
+            asked = check.get("new_tokens") or max(len(p["reference"]) for p in check["prompts"])  # older JSONs
+            same = {"prompts": [p["prompt"] for p in check["prompts"]] == prompts, "checkpoint": check["checkpoint"] == path,
+                    "dtype": dtype == "auto" or check["engine"]["dtype"] == dtype, "--new-tokens": asked == args.new_tokens}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{result} is not a serve-check JSON ({exc!r}): delete it to re-measure") from None
+        if not all(same.values()):
+            other = ", ".join(k for k, v in same.items() if not v)
+            raise SystemExit(f"{result} was measured with another {other} than --variant '{name}' asks: delete it to re-measure")
         return check
     cmd = [sys.executable, "-m", "qtool.cli", "serve-check", path, "--engine", "vllm", "--dtype", dtype,
            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--quiet", "--json", str(result)]
@@ -96,6 +103,8 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=REPO / "reports/smollm2-cpu-formats",
                         help="folder of the JSONs and serve-check.md (default: %(default)s)")
     args = parser.parse_args()
+    if args.report.exists() and not args.report.is_dir():
+        raise SystemExit(f"--report {args.report} is a file; give the folder of the JSONs and serve-check.md")
     args.report.mkdir(parents=True, exist_ok=True)
     head = ["variant", "engine, dtype, kernel", "prompts", "all tokens equal", f"equal for {args.new_tokens} tokens",
             "equal up to the reference's noise", "largest regret (nats)", "verdict"]
@@ -114,7 +123,7 @@ def main() -> None:
         "# serve-check over many prompts", "",
         f"`python benchmarks/serve_check_table.py {shlex.join(sys.argv[1:])}`: each variant through `qtool serve-check "
         f"--engine vllm --dtype DTYPE --prompts {prompts}`; greedy, {args.new_tokens} new tokens, transformers in "
-        "fp32 on CPU as the reference. \"All tokens equal\": up to 32 tokens or the reply's EOS; \"equal for "
+        f"fp32 on CPU as the reference. \"All tokens equal\": up to {args.new_tokens} tokens or the reply's EOS; \"equal for "
         f"{args.new_tokens} tokens\": those of them whose reply is that long; \"equal up to the reference's noise\": "
         "equal up to the first token where transformers' own reply changes when its input embeddings are "
         "multiplied by 1 + 1e-6·N(0,1) (the number of draws in brackets); regret: transformers' log-prob of its own top token minus that "

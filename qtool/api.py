@@ -41,6 +41,7 @@ from qtool.models import (
     parameter_count,
     quantizable_linears,
     resolve_model,
+    tokenizer_of,
 )
 from qtool.request import QuantizeRequest
 from qtool.runtime import (
@@ -324,7 +325,7 @@ def load_tokenizer(path: str | Path) -> Any:
     folder = Path(path).expanduser()
     if folder.is_dir() and read_record(folder) is not None:
         return _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
-    return resolve_model(str(path)).load_tokenizer()
+    return tokenizer_of(str(path))
 
 
 def check_vocabulary(model: nn.Module, tokenizer: Any, name: Any) -> None:

@@ -380,7 +380,7 @@ def _main(argv: list[str]) -> int:
     empty = [name for name, value in vars(args).items()
              if value == "" or (isinstance(value, list) and "" in value)]
     if empty:
-        shown = {"targets": "MODEL/OUT"}.get(empty[0]) or _flag_given_empty(argv) or empty[0].replace("_", "-")
+        shown = {"targets": "MODEL/OUT", "checkpoint": "OUT"}.get(empty[0]) or _flag_given_empty(argv) or empty[0].replace("_", "-")
         wanted = EMPTY_HINTS.get(empty[0], "a path, name or text")
         parser.error(f"an empty value for {shown}: give {wanted}")
     if args.command == "quantize":

@@ -29,8 +29,9 @@ def add_parsers(sub: Any) -> None:
                     "dtype and kernel. "
                     "The verdict is the regret: transformers, fed the engine's reply, ranks each of its tokens "
                     "at most --max-regret nats below its own choice. Exit status: 0 PASS; 3 FAIL (the engine ran "
-                    "and disagreed); 1 when the check could not run (bad input, no engine, a checkpoint the engine "
-                    "cannot load), 2 for a bad command line, 130 on Ctrl-C.",
+                    "and disagreed); 1 when the check could not run (a value out of range, an unreadable file, no engine, "
+                    "a checkpoint the engine cannot load); 2 when the command line does not parse (a missing "
+                    "argument, a value of the wrong type or not among the choices); 130 on Ctrl-C.",
         epilog="examples:\n  qtool serve-check out/gptq4 --engine vllm\n"
                "  qtool serve-check out/w8a8 --engine vllm --dtype float32 --prompts my-prompts.txt --json check.json\n"
                "  qtool serve-check out/gptq4-Q4_0.gguf --engine llamacpp",
@@ -51,7 +52,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--noise-seeds", type=int, default=NOISE_SEEDS, metavar="N",
                    help="where tokens differ, transformers' own reply is regenerated N times with 1e-6 noise on its "
                         "embeddings to find where it changes by itself (default %(default)s; more find more; the draws "
-                        "run 16 at a time, and 16 take about twice as long as one)")
+                        "run in batches of 16, and a batch takes about twice as long as one draw alone)")
     p.add_argument("--quiet", action="store_true", help="no progress lines or bars, only the result")
     p.add_argument("--prompts", metavar="FILE", help="chat prompts to check, one per line of a UTF-8 text file "
                                                      "(blank lines and '#' lines skipped; default: three fixed ones)")

@@ -193,11 +193,34 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _gguf_as_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF into a cached safetensors folder (once per file version)."""
+def tokenizer_of(name: str) -> Any:
+    """The tokenizer of the model `resolve_model(name)` finds, without its weights: a GGUF (or a
+    built-in) not yet converted gives its tokenizer straight from the file, as the conversion would,
+    in seconds instead of the conversion's ~20 s. Raises what resolve_model and load_tokenizer raise."""
+    path = Path(name).expanduser()
+    gguf = path if path.is_file() and path.suffix == ".gguf" else None
+    if not path.exists() and name in BUILTIN_MODELS:
+        gguf = builtin_gguf_path(name)
+    if gguf is None or (_gguf_cache_folder(gguf) / "config.json").is_file():
+        return resolve_model(name).load_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{name}: the tokenizer could not be loaded: {describe_load_error(exc)}") from None
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    """Where _gguf_as_folder keeps this version of the file (its path, size and mtime)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _gguf_as_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF into a cached safetensors folder (once per file version)."""
+    folder = _gguf_cache_folder(gguf)
     if (folder / "config.json").is_file():
         return folder
     from filelock import FileLock

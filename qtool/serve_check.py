@@ -84,6 +84,7 @@ class ServeCheck:
     passed: bool
     notes: list[str] = field(default_factory=list)
     noise_seeds: int = NOISE_SEEDS  # draws of the reference's noise (unstable_at)
+    new_tokens: int = 32  # greedy tokens asked of each side per prompt
 
     def as_dict(self) -> dict[str, Any]:
         result = asdict(self)
@@ -203,7 +204,11 @@ def reference_of(path: Path) -> Path:
         return path
     import gguf
 
-    field_ = gguf.GGUFReader(path).fields.get("qtool.source")
+    try:
+        field_ = gguf.GGUFReader(path).fields.get("qtool.source")
+    except (OSError, ValueError, KeyError, IndexError) as exc:  # not a GGUF, or a damaged one
+        raise CheckpointError(f"{path} is not a readable GGUF file ({exc}); llama.cpp takes a .gguf or a "
+                              "qtool output folder") from None
     source = Path(str(field_.contents())) if field_ is not None else None
     return source if source is not None and source.is_dir() else path
 
@@ -298,7 +303,7 @@ def serve_check(checkpoint: str | Path, engine_name: str, new_tokens: int = 32, 
             check.reference_unstable_at = at
     passed = all(c.max_regret <= max_regret for c in checks)
     return ServeCheck(str(checkpoint), str(loaded_path), run.as_dict(), ref_run.as_dict(), checks, max_regret,
-                      passed, noise_seeds=noise_seeds)
+                      passed, noise_seeds=noise_seeds, new_tokens=new_tokens)
 
 
 def context_for(ids: list[list[int]], new_tokens: int) -> int:
@@ -308,7 +313,8 @@ def context_for(ids: list[list[int]], new_tokens: int) -> int:
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))
     if len(ids[longest]) + new_tokens > MAX_CONTEXT:
         raise SpecError(f"prompt {longest + 1} is {len(ids[longest])} tokens as a chat turn; with --new-tokens "
-                        f"{new_tokens} at most {MAX_CONTEXT - new_tokens} fit in serve-check's {MAX_CONTEXT}")
+                        f"{new_tokens}, prompts of at most {MAX_CONTEXT - new_tokens} tokens fit in serve-check's "
+                        f"{MAX_CONTEXT}-token context")
     return min(MAX_CONTEXT, len(ids[longest]) + new_tokens + 16)
 
 

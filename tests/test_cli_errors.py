@@ -571,6 +571,7 @@ def test_an_empty_argument_is_named_as_the_user_knows_it():
                           "an empty value for --json")
     assert_one_line_error(qtool_in_process("serve-check", "o", "--engine", "vllm", "--prompts="),
                           "an empty value for --prompts")
+    assert_one_line_error(qtool_in_process("serve-check", "", "--engine", "vllm"), "an empty value for OUT")
 
 
 def test_results_with_no_record_and_a_record_with_a_bad_method_name_the_problem(tiny_llama, tmp_path):

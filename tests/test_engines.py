@@ -12,7 +12,7 @@ import pytest
 
 from qtool import engines
 from qtool.engines.external import last_error
-from qtool.errors import EngineError, SpecError
+from qtool.errors import CheckpointError, EngineError, SpecError
 from qtool.evaluate.plan import EvalPlan
 from qtool.report import (
     ReportSettings,
@@ -134,7 +134,8 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_anything_loads(tiny
     # broken_vllm: the engine counts as set up, so only the tokenizer's count can stop the run before
     # the engine (and its failure) or the reference model; without --quiet, no progress line comes first
     line = assert_one_line_error(run_qtool("serve-check", tiny_llama, "--engine", "vllm", "--prompts", prompts,
-                                           env=broken_vllm), "prompt 2 is ", "tokens as a chat turn", "at most 2016 fit")
+                                           env=broken_vllm), "prompt 2 is ", "tokens as a chat turn",
+                                 "prompts of at most 2016 tokens fit in serve-check's 2048-token context")
     assert "vllm" not in line
 
 
@@ -146,7 +147,7 @@ def test_prompts_are_lines_and_must_leave_room_for_the_reply(tmp_path):
     assert read_prompts(tmp_path / "p.txt") == ["What is 2+2?", "Name a colour.", "Translate: a\u2028b"]
     assert context_for([[1] * 10, [1] * 40], 32) == 40 + 32 + 16
     assert context_for([[1] * (MAX_CONTEXT - 32)], 32) == MAX_CONTEXT
-    with pytest.raises(SpecError, match=f"prompt 2 is {MAX_CONTEXT} tokens .* at most {MAX_CONTEXT - 32} fit"):
+    with pytest.raises(SpecError, match=f"prompt 2 is {MAX_CONTEXT} tokens .* at most {MAX_CONTEXT - 32} tokens fit"):
         context_for([[1] * 10, [1] * MAX_CONTEXT], 32)
 
 
@@ -262,3 +263,26 @@ def test_report_without_engines_keeps_its_columns():
     rows = rows_from_results({"base": _record("base", 10.0, hf=12.0), "a-b4": _record("a-b4", 10.5, hf=2.0)})
     assert deployment_engine(rows) == "hf"
     assert "decode tok/s" in [t for t, _ in columns(rows)]
+
+
+def test_a_ggufs_tokenizer_comes_without_converting_its_weights(smollm2, tmp_path, monkeypatch):
+    """serve-check counts prompt tokens before anything loads: an unconverted GGUF gives its tokenizer
+    from the file (the one its conversion saves), and its cache folder is not made."""
+    from qtool.models import builtin_gguf_path, tokenizer_of
+    from qtool.serve_check import prompt_ids
+
+    link = tmp_path / "model.gguf"
+    link.symlink_to(builtin_gguf_path("smollm2-135m"))
+    monkeypatch.setenv("QTOOL_CACHE", str(tmp_path / "cache"))
+    direct = tokenizer_of(str(link))
+    assert not (tmp_path / "cache" / "gguf").exists()
+    for prompt in ("What is the capital of France?", "Écris un haïku 🌊"):
+        assert prompt_ids(direct, prompt) == prompt_ids(smollm2.load_tokenizer(), prompt)
+
+
+def test_a_file_that_is_no_gguf_is_one_line_for_llamacpp(tmp_path):
+    from qtool.serve_check import reference_of
+
+    (tmp_path / "notes.gguf").write_text("not a model\n")
+    with pytest.raises(CheckpointError, match="is not a readable GGUF file"):
+        reference_of(tmp_path / "notes.gguf")

@@ -191,7 +191,7 @@ def test_kl_shortcut_equals_a_full_forward(tiny_llama):
     (["--method", "gptq", "--target-bits", "4", "--mixed-bits", "4,8"], ["cannot meet 4 bits/weight", "4 to 8 bits"]),
     (["--method", "gptq", "--mixed-bits", "4,8"], ["and --mixed-bits only apply"]),
     (["--method", "gptq", "--target-bits", "4.5", "--mixed-bits", "5"], ["its only plan is", "(every layer at 5 bits)"]),
-    (["--method", "gptq", "--target-bits", "4.5", "--mixed-bits="], ["empty value for mixed-bits", "3,4,8"]),
+    (["--method", "gptq", "--target-bits", "4.5", "--mixed-bits="], ["empty value for --mixed-bits", "3,4,8"]),
     (["--method", "gptq", "--target-bits", "4.5", "--mixed-bits", "3,,4"], ["--mixed-bits takes comma-separated"]),
     (["--method", "hqq", "--target-size", "1000"], ["cannot meet 1,000 bytes"]),
     (["--method", "hqq", "--target-bits", "nan"], ["--target-bits", "finite number"]),
