@@ -313,7 +313,7 @@ def load(path: str | Path, device: str = "auto", trainable: bool = False) -> Loa
     backend.require_available(device)
     load_fn = backend.load_for_training if trainable else backend.load
     model = _guarded(lambda: load_fn(folder, device), path)
-    tokenizer = _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
+    tokenizer = _output_tokenizer(folder, path)
     check_vocabulary(model, tokenizer, path)
     return LoadedModel(model, tokenizer, device, record, str(path))
 
@@ -324,8 +324,13 @@ def load_tokenizer(path: str | Path) -> Any:
     Raises CheckpointError / ModelNotFoundError (one line) as `load` does."""
     folder = Path(path).expanduser()
     if folder.is_dir() and read_record(folder) is not None:
-        return _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
+        return _output_tokenizer(folder, path)
     return tokenizer_of(str(path))
+
+
+def _output_tokenizer(folder: Path, path: Any) -> Any:
+    # a qtool output folder's tokenizer: the files it copied from its model
+    return _guarded(lambda: ModelSource(str(folder), "folder", str(folder)).load_tokenizer(), path)
 
 
 def check_vocabulary(model: nn.Module, tokenizer: Any, name: Any) -> None:
